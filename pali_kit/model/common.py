@@ -1,0 +1,88 @@
+"""Small pieces shared by the image encoder and the language model.
+
+Both towers keep their layers *stacked*: every per-layer weight has a leading
+axis of size ``depth`` (big_vision's scan layout, so a released ``.npz`` loads
+without renaming). A layer is a plain Flax module applied to one slice of that
+stack. Two ways to run the stack:
+
+- unrolled (a Python loop, ``scan=False``): each layer reads its slice of the
+  stacked arrays in place. Fastest on CPU, where ``lax.scan`` copies every
+  layer's weights out of the stack at each step.
+- ``lax.scan`` (``scan=True``): one compiled layer, optionally rematerialised;
+  what training uses to keep compile time and activation memory small.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Params = dict[str, Any]
+
+
+def mm(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """``jnp.einsum(eq, x, w)`` with the kit's matmul dtype policy.
+
+    float32 weights: plain float32 math (the reference's numerics).
+    bfloat16 / float16 weights: activations are cast to the weight dtype and
+    the products are accumulated in float32, which is what the accelerators'
+    matrix units (and this CPU's AVX-512 BF16) do fastest; the result is float32.
+    """
+    if w.dtype == jnp.float32:
+        return jnp.einsum(eq, x.astype(jnp.float32), w)
+    return jnp.einsum(eq, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def init_stacked(layer, rng: jax.Array, depth: int, *example_args, **example_kw) -> Params:
+    """Initialise ``depth`` copies of ``layer`` stacked on a new leading axis."""
+
+    def init_one(key):
+        return layer.init(key, *example_args, **example_kw)["params"]
+
+    return jax.vmap(init_one)(jax.random.split(rng, depth))
+
+
+def layer_slice(stacked: Params, i: int) -> Params:
+    """The parameters of layer ``i`` (a static index: no copy in the unrolled loop)."""
+    return jax.tree.map(lambda a: a[i], stacked)
+
+
+def run_stack(
+    apply_layer: Callable,
+    stacked: Params,
+    carry: Any,
+    *,
+    scan: bool = False,
+    remat: bool = False,
+):
+    """Run a carry (activations, and a KV cache if any) through every layer.
+
+    Args:
+      apply_layer: ``(params_i, carry, i) -> carry`` for layer ``i``. ``i`` is a
+        Python int when unrolled and a traced int32 under ``scan``; a KV cache
+        in the carry is updated in place with ``cache.at[i, ...].set(...)``.
+      stacked: parameters with a leading ``depth`` axis.
+      carry: what flows from layer to layer.
+      scan: use ``lax.scan`` over the stack instead of a Python loop.
+      remat: recompute each layer's activations in the backward pass.
+    """
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+    if scan:
+
+        def body(carry, xs):
+            params_i, i = xs
+            return apply_layer(params_i, carry, i), None
+
+        body = jax.checkpoint(body) if remat else body
+        carry, _ = jax.lax.scan(body, carry, (stacked, jnp.arange(depth)))
+        return carry
+
+    for i in range(depth):
+        step = functools.partial(apply_layer, i=i)
+        step = jax.checkpoint(step) if remat else step
+        carry = step(layer_slice(stacked, i), carry)
+    return carry
