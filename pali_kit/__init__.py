@@ -27,9 +27,11 @@ _EXPORTS = {
     "PaliGemma": "model.paligemma",
     "param_shapes": "model.paligemma",
     "init_params": "model.paligemma",
-    "load": "checkpoints",
+    "load": "api",
+    "save": "api",
+    "Model": "api",
+    "Generation": "api",
     "load_params": "checkpoints",
-    "save": "checkpoints",
     "save_params": "checkpoints",
     "export_hf": "hf",
     "CheckpointError": "checkpoints",
@@ -43,7 +45,7 @@ _EXPORTS = {
 }
 
 _SUBMODULES = {
-    "configs", "model", "checkpoints", "hf", "tokenizer", "images", "decode",
+    "api", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
     "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
 }  # fmt: skip
 

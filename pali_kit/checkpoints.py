@@ -1,0 +1,387 @@
+"""Read and write checkpoints in the official big_vision ``.npz`` layout.
+
+An official checkpoint is a zip of ``.npy`` arrays with ``/``-joined keys
+(``img/Transformer/encoder_norm/scale``, ``llm/layers/attn/q_einsum/w``, ...),
+optionally under a leading ``params/``. Arrays are float32, float16, or
+bfloat16 stored as 2-byte void (numpy has no bfloat16; we view the bits).
+
+    params = load_params("paligemma2-3b-pt-224.b16.npz")          # nested dict of jax arrays
+    config = infer_config(params)                                 # from the shapes
+    save_params(params, "mine.npz")                               # atomic; bf16 bit-exact
+
+Loading is leaf by leaf, largest first, each array streamed from the zip in
+small chunks (and cast chunk by chunk when a dtype is asked for), so host
+memory peaks near one copy of the weights. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from .configs import (
+    GEMMA_VARIANTS,
+    GemmaConfig,
+    PaliGemmaConfig,
+    VisionConfig,
+)
+
+CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as it is; the message says why and what to do."""
+
+
+# --- dtypes ----------------------------------------------------------------------
+
+_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+
+
+def as_dtype(dtype) -> np.dtype | None:
+    """``"bf16"``/``jnp.bfloat16``/``np.float32``/... -> numpy dtype (None stays None)."""
+    if dtype is None:
+        return None
+    aliases = {"bf16": "bfloat16", "f16": "float16", "f32": "float32", "fp16": "float16",
+               "fp32": "float32", "half": "float16"}  # fmt: skip
+    if isinstance(dtype, str):
+        dtype = aliases.get(dtype, dtype)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}: use float32, bfloat16 or float16")
+        return _DTYPES[dtype]
+    return np.dtype(dtype)
+
+
+def _stored_dtype(descr: np.dtype, path, key) -> np.dtype:
+    """The dtype an array was saved as; ``|V2`` is bfloat16 (big_vision's convention)."""
+    if descr.hasobject:
+        raise CheckpointError(
+            f"{path}: {key} holds Python objects (a pickle). pali_kit never unpickles; "
+            "re-save the checkpoint with plain numeric arrays."
+        )
+    if descr.kind == "V" and descr.itemsize == 2 and descr.fields is None:
+        return np.dtype(ml_dtypes.bfloat16)
+    if descr.kind not in "fiub":
+        raise CheckpointError(f"{path}: {key} has unsupported dtype {descr}")
+    return descr
+
+
+# --- reading ---------------------------------------------------------------------
+
+
+def _open_zip(path) -> zipfile.ZipFile:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; pk.load reads transformers folders, "
+                              "load_params wants a .npz file")  # fmt: skip
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        what = "a pickle" if head[:1] == b"\x80" else "not a .npz (zip) file"
+        raise CheckpointError(
+            f"{path} is {what}, or a truncated download (no zip directory found). "
+            "Download it again; pali_kit reads .npz checkpoints and never unpickles."
+        ) from None
+
+
+def _member_header(zf: zipfile.ZipFile, member: str, path):
+    with zf.open(member) as f:
+        return _read_header(f, path, member)
+
+
+def _read_header(f, path, key):
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, descr = np.lib.format.read_array_header_1_0(f)
+        else:
+            shape, fortran, descr = np.lib.format.read_array_header_2_0(f)
+    except Exception as e:  # numpy raises ValueError for bad magic/headers
+        raise CheckpointError(f"{path}: {key} is not a valid .npy array ({e})") from None
+    return shape, fortran, descr
+
+
+def _read_member(zf, member, path, key, dtype: np.dtype | None) -> np.ndarray:
+    """Stream one .npy member into a new array, casting chunk by chunk."""
+    with zf.open(member) as f:
+        shape, fortran, descr = _read_header(f, path, key)
+        stored = _stored_dtype(descr, path, key)
+        out_dtype = stored if dtype is None or stored.kind not in "f" else dtype
+        out = np.empty(shape, out_dtype, order="F" if fortran else "C")
+        flat = out.reshape(-1, order="F" if fortran else "C")  # a view, same memory
+        raw = np.dtype(descr.str) if descr.kind != "V" else np.dtype(np.uint16)
+        per_chunk = max(1, CHUNK_BYTES // raw.itemsize)
+        buf = np.empty(min(per_chunk, max(flat.size, 1)), raw)
+        done = 0
+        try:
+            while done < flat.size:
+                n = min(per_chunk, flat.size - done)
+                view = buf[:n]
+                got = f.readinto(memoryview(view).cast("B"))
+                if got != view.nbytes:
+                    raise EOFError
+                flat[done : done + n] = view.view(stored) if stored != raw else view
+                done += n
+        except (EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+            raise CheckpointError(
+                f"{path}: {key} is truncated or corrupt ({type(e).__name__}). "
+                "Download or copy the file again."
+            ) from None
+        return out
+
+
+def _canonical_key(member: str) -> str:
+    key = member[:-4] if member.endswith(".npy") else member
+    return key[len("params/") :] if key.startswith("params/") else key
+
+
+def checkpoint_keys(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """key -> (shape, stored dtype) for every array in a .npz, reading only headers."""
+    with _open_zip(path) as zf:
+        out = {}
+        for member in zf.namelist():
+            if not member.endswith(".npy"):
+                continue
+            shape, _, descr = _member_header(zf, member, path)
+            key = _canonical_key(member)
+            out[key] = (tuple(shape), _stored_dtype(descr, path, key))
+        return out
+
+
+def iter_arrays(path, dtype=None, order: str = "largest") -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(key, numpy array)`` one at a time (``params/`` prefix removed).
+
+    order="largest" yields the biggest arrays first, which keeps the peak of
+    "arrays already converted + the one being read" close to the total.
+    """
+    dtype = as_dtype(dtype)
+    with _open_zip(path) as zf:
+        members = [m for m in zf.namelist() if m.endswith(".npy")]
+        if not members:
+            raise CheckpointError(f"{path} holds no arrays: is this a checkpoint?")
+        if any(m.startswith("params/") for m in members):
+            members = [m for m in members if m.startswith("params/")]  # skip optimizer state
+        if order == "largest":
+            members.sort(key=lambda m: -zf.getinfo(m).file_size)
+        for member in members:
+            key = _canonical_key(member)
+            yield key, _read_member(zf, member, path, key, dtype)
+
+
+def unflatten(flat: dict) -> dict:
+    """{"a/b/c": x} -> {"a": {"b": {"c": x}}}."""
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """{"a": {"b": x}} -> {"a/b": x}."""
+    flat = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + "/"))
+        else:
+            flat[key] = v
+    return flat
+
+
+def load_params(
+    path,
+    dtype=None,
+    *,
+    place: Callable[[str, np.ndarray], jax.Array] | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Load a big_vision .npz as a nested dict of jax arrays (the official tree).
+
+    Args:
+      path: the .npz file.
+      dtype: cast floating arrays to this dtype while reading (None keeps the
+        stored dtype; bfloat16 ``|V2`` arrays come back as bfloat16).
+      place: ``(key, array) -> jax.Array`` to put each leaf where it belongs
+        (e.g. ``jax.device_put`` with a sharding); default ``jnp.asarray``.
+      progress: show a progress bar (default: for files over 200 MB).
+    """
+    place = place or (lambda key, a: jnp.asarray(a))
+    size = Path(path).stat().st_size if Path(path).exists() else 0
+    bar = _progress(size, Path(path).name) if (progress or (progress is None and size > 2e8)) else None
+    flat = {}
+    for key, array in iter_arrays(path, dtype):
+        flat[key] = place(key, array)
+        if bar is not None:
+            bar.update(array.nbytes)
+        del array
+    if bar is not None:
+        bar.close()
+    return unflatten(flat)
+
+
+def _progress(total, desc):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {desc}", leave=False)
+
+
+# --- writing ---------------------------------------------------------------------
+
+
+def _to_storable(array) -> np.ndarray:
+    a = np.asarray(jax.device_get(array)) if isinstance(array, jax.Array) else np.asarray(array)
+    if a.dtype == ml_dtypes.bfloat16:
+        return a.view(np.dtype("V2"))  # big_vision's convention for bfloat16
+    if a.dtype.hasobject:
+        raise TypeError("cannot save Python objects in a checkpoint")
+    return a
+
+
+def save_params(params: dict, path, *, extra: dict | None = None) -> Path:
+    """Write a nested dict of arrays as an official-layout .npz, atomically.
+
+    Keys are ``/``-joined without a ``params/`` prefix (as the reference colab
+    saves). bfloat16 is stored as ``|V2`` and round-trips bit-exactly. The file
+    is written to a temporary name in the same folder, flushed to disk and
+    renamed, so an interrupted save never damages an existing checkpoint.
+    ``extra`` adds more flat arrays (e.g. ``{"opt/...": ...}``) to the same zip.
+    """
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    flat = flatten(params)
+    if extra:
+        flat.update(extra)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw, zipfile.ZipFile(raw, "w", allowZip64=True) as zf:
+            for key, value in flat.items():
+                array = _to_storable(value)
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, array, allow_pickle=False)
+                del array
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+# --- the architecture from the shapes -----------------------------------------------
+
+_IMG = "img/Transformer/encoderblock"
+_REQUIRED = [
+    "img/embedding/kernel", "img/embedding/bias", "img/pos_embedding",
+    f"{_IMG}/LayerNorm_0/scale", f"{_IMG}/MultiHeadDotProductAttention_0/query/kernel",
+    f"{_IMG}/MlpBlock_0/Dense_0/kernel", "img/head/kernel",
+    "llm/embedder/input_embedding", "llm/final_norm/scale",
+    "llm/layers/attn/q_einsum/w", "llm/layers/attn/kv_einsum/w", "llm/layers/mlp/gating_einsum",
+]  # fmt: skip
+
+
+def infer_config(shapes, where: str = "checkpoint") -> PaliGemmaConfig:
+    """The PaliGemmaConfig that fits a tree (or flat dict) of arrays / shapes.
+
+    Reads vision width, depth, heads, patch and resolution; Gemma 1 vs 2 from
+    the post-norm keys; LLM width, depth, heads, kv heads, head dim, MLP dim and
+    vocabulary. A known LLM variant (gemma2_27b, ...) brings its query scale.
+    """
+    flat = flatten(shapes) if any(isinstance(v, dict) for v in shapes.values()) else dict(shapes)
+    shape = {k: tuple(getattr(v, "shape", v)) for k, v in flat.items()}
+    missing = [k for k in _REQUIRED if k not in shape]
+    if missing:
+        raise CheckpointError(
+            f"{where} has no {missing[0]}"
+            + (f" (and {len(missing) - 1} more PaliGemma keys)" if len(missing) > 1 else "")
+            + ": is this a PaliGemma checkpoint in the big_vision layout?"
+        )
+    p, _, _, v_width = shape["img/embedding/kernel"]
+    tokens = shape["img/pos_embedding"][1]
+    grid = int(round(tokens**0.5))
+    if grid * grid != tokens:
+        raise CheckpointError(f"{where}: img/pos_embedding has {tokens} positions, not a square grid")
+    vision = VisionConfig(
+        width=v_width,
+        depth=shape[f"{_IMG}/LayerNorm_0/scale"][0],
+        mlp_dim=shape[f"{_IMG}/MlpBlock_0/Dense_0/kernel"][-1],
+        num_heads=shape[f"{_IMG}/MultiHeadDotProductAttention_0/query/kernel"][2],
+        patch_size=p,
+        image_size=grid * p,
+    )
+    depth, heads, width, head_dim = shape["llm/layers/attn/q_einsum/w"]
+    kv_heads = shape["llm/layers/attn/kv_einsum/w"][2]
+    mlp_dim = shape["llm/layers/mlp/gating_einsum"][-1]
+    vocab = shape["llm/embedder/input_embedding"][0]
+    gemma2 = "llm/layers/post_attention_norm/scale" in shape
+    llm = GemmaConfig(
+        variant="custom", width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads,
+        num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, post_norms=gemma2,
+        attn_logits_softcap=50.0 if gemma2 else 0.0,
+    )  # fmt: skip
+    for name, known in GEMMA_VARIANTS.items():
+        same = dataclasses.replace(known, vocab_size=vocab, variant="custom")
+        if same == llm:
+            llm = dataclasses.replace(known, vocab_size=vocab)
+            break
+    return PaliGemmaConfig(vision=vision, llm=llm)
+
+
+def check_params(params, config: PaliGemmaConfig, where: str = "checkpoint") -> None:
+    """Raise CheckpointError naming any missing, unexpected or mis-shaped parameter."""
+    from .model import param_shapes
+
+    want = flatten(jax.tree.map(lambda s: s.shape, param_shapes(config)))
+    have = {k: tuple(v.shape) for k, v in flatten(params).items()}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(want))
+    if missing:
+        raise CheckpointError(
+            f"missing parameter {missing[0]} in {where}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            + ": is this a PaliGemma checkpoint of this architecture?"
+        )
+    if unexpected:
+        raise CheckpointError(
+            f"unexpected parameter {unexpected[0]} in {where}"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+            + f"; the config ({config.family}, {config.llm.variant}) has no such weight"
+        )
+    for key in sorted(want):
+        if want[key] != have[key]:
+            raise CheckpointError(
+                f"{key} in {where} has shape {have[key]}, the config expects {want[key]}"
+            )
+
+
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")

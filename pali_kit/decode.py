@@ -1,0 +1,426 @@
+"""Generation: prefill a KV cache with image + prompt, then decode token by token.
+
+    logits, cache = prefill(image tokens + prompt)       one bidirectional prefix block
+    repeat:  token = sampler(logits)                      greedy, temperature, nucleus, top_k
+             logits, cache = step(token, cache)           one causal token, cache updated in place
+    until every row has produced EOS or max_new_tokens is reached
+
+Cache layout (no re-alignment needed for ragged batches)::
+
+    slot:  0 .. N-1      N .. N+T-1                 N+T, N+T+1, ...
+           image         prompt (right-padded)      generated tokens, one slot per step
+
+Padding slots are never attended to and do not advance RoPE positions, so a
+padded row decodes exactly as it would alone. Shapes are bucketed (batch to a
+power of two, prompt length to a power of two >= 32, cache to a multiple of
+128) so that a notebook user trying new prompts hits compiled code.
+
+Samplers are spec strings, as in big_vision: ``"greedy"``, ``"temperature(t)"``,
+``"nucleus(p)"`` / ``"nucleus(p, t)"``, ``"top_k(k)"`` / ``"top_k(k, t)"``,
+``"beam(n)"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .configs import PaliGemmaConfig
+from .model import KVCache, PaliGemma
+
+EOS_ID = 1
+PAD_ID = 0
+
+# --- shape buckets ------------------------------------------------------------------
+
+
+def bucket_batch(b: int) -> int:
+    """Batch sizes are padded to a power of two."""
+    return 1 << max(0, math.ceil(math.log2(max(b, 1))))
+
+
+def bucket_length(t: int, minimum: int = 32) -> int:
+    """Prompt lengths are padded to a power of two, at least ``minimum``."""
+    return max(minimum, 1 << math.ceil(math.log2(max(t, 1))))
+
+
+def bucket_cache(n_img: int, text_len: int, max_new_tokens: int, multiple: int = 128) -> int:
+    """Cache slots: image + prompt + new tokens, the text part rounded up to ``multiple``."""
+    return n_img + multiple * math.ceil((text_len + max_new_tokens) / multiple)
+
+
+# --- samplers -------------------------------------------------------------------------
+
+_SAMPLER_RE = re.compile(r"^\s*([a-z_]+)\s*(?:\((.*)\))?\s*$")
+_SAMPLER_ARGS = {"greedy": (0, 0), "temperature": (1, 1), "nucleus": (1, 2), "top_k": (1, 2),
+                 "beam": (1, 1)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A parsed sampler spec; hashable, so it can be a static jit argument."""
+
+    name: str
+    args: tuple[float, ...] = ()
+
+    def __str__(self):
+        return self.name + (f"({', '.join(f'{a:g}' for a in self.args)})" if self.args else "")
+
+
+def parse_sampler(spec: str | Sampler) -> Sampler:
+    """"nucleus(0.9, 0.7)" -> Sampler("nucleus", (0.9, 0.7)); validates names and ranges."""
+    if isinstance(spec, Sampler):
+        return spec
+    m = _SAMPLER_RE.match(str(spec))
+    if not m or m[1] not in _SAMPLER_ARGS:
+        raise ValueError(
+            f"unknown sampler {spec!r}; use one of: greedy, temperature(t), nucleus(p), "
+            "nucleus(p, t), top_k(k), top_k(k, t), beam(n)"
+        )
+    name, raw = m[1], (m[2] or "").strip()
+    try:
+        args = tuple(float(a) for a in raw.split(",")) if raw else ()
+    except ValueError:
+        raise ValueError(f"sampler {spec!r}: arguments must be numbers") from None
+    lo, hi = _SAMPLER_ARGS[name]
+    if not lo <= len(args) <= hi:
+        raise ValueError(f"sampler {name} takes {lo}..{hi} arguments, got {spec!r}")
+    temps = {"temperature": args[:1], "nucleus": args[1:2], "top_k": args[1:2]}.get(name, ())
+    if any(t <= 0 for t in temps):
+        raise ValueError(f"sampler {spec!r}: temperature must be > 0 (use 'greedy' for t -> 0)")
+    if name == "nucleus" and not 0 < args[0] <= 1:
+        raise ValueError(f"sampler {spec!r}: p must be in (0, 1]")
+    if name in ("top_k", "beam") and (args[0] < 1 or args[0] != int(args[0])):
+        raise ValueError(f"sampler {spec!r}: needs a positive integer")
+    return Sampler(name, args)
+
+
+def sample(logits, rng, sampler: Sampler):
+    """float32[B, V] logits -> int32[B] tokens (jit-friendly; ``sampler`` static)."""
+    name, args = sampler.name, sampler.args
+    if name == "greedy" or name == "beam":
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if name == "temperature":
+        return jax.random.categorical(rng, logits / args[0]).astype(jnp.int32)
+    if name == "nucleus":
+        p, t = args[0], (args[1] if len(args) > 1 else 1.0)
+        logits = logits / t
+        ranked = jnp.sort(logits, axis=-1, descending=True)
+        cum = jnp.cumsum(jax.nn.softmax(ranked, axis=-1), axis=-1)
+        cutoff = jnp.take_along_axis(ranked, jnp.sum(cum < p, axis=-1, keepdims=True), axis=-1)
+        logits = jnp.where(logits < cutoff, -1.0e7, logits)
+        return jax.random.categorical(rng, logits).astype(jnp.int32)
+    if name == "top_k":
+        k, t = int(args[0]), (args[1] if len(args) > 1 else 1.0)
+        kth = jax.lax.top_k(logits, k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -1.0e7, logits / t)
+        return jax.random.categorical(rng, logits).astype(jnp.int32)
+    raise ValueError(f"unknown sampler {sampler}")
+
+
+def _choose(logits, rng, sampler, logit_mask):
+    """Sample with an optional allow-mask; the log-prob comes from the unmasked logits."""
+    masked = logits if logit_mask is None else jnp.where(logit_mask, logits, -jnp.inf)
+    tokens = sample(masked, rng, sampler)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)
+    return tokens, logp[:, 0]
+
+
+# --- the jitted pieces -------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, sampler: Sampler):
+    """Compiled prefill / first-sample / step functions for one configuration."""
+    module = PaliGemma(config)
+    dtype = jnp.dtype(cache_dtype)
+
+    def prefill(params, images, text, mask_input, rng, done, logit_mask):
+        logits, cache, valid, pos = module.apply(
+            {"params": params}, images, text, mask_input, cache_size, dtype,
+            method=PaliGemma.prefill,
+        )  # fmt: skip
+        tok, logp = _choose(logits, jax.random.fold_in(rng, 0), sampler, logit_mask)
+        return _finish(tok, logp, done) + (cache, valid, pos)
+
+    def step(params, tok, cache, valid, pos, slot, rng, t, done, logit_mask):
+        logits, cache, valid = module.apply(
+            {"params": params}, tok, cache, valid, pos, slot, method=PaliGemma.decode_step
+        )
+        tok, logp = _choose(logits, jax.random.fold_in(rng, t), sampler, logit_mask)
+        return _finish(tok, logp, done) + (cache, valid)
+
+    return (
+        _count_traces(jax.jit(prefill), "prefill"),
+        _count_traces(jax.jit(step, donate_argnums=(2,)), "step"),
+    )
+
+
+def _finish(tok, logp, done):
+    """Rows already finished emit padding; a row is finished once it emits EOS."""
+    tok = jnp.where(done, PAD_ID, tok)
+    logp = jnp.where(done, 0.0, logp)
+    return tok, logp, jnp.logical_or(done, tok == EOS_ID)
+
+
+COMPILES = {"prefill": 0, "step": 0, "beam": 0}
+
+
+def _count_traces(fn, name):
+    """Wrap a jitted function so tracing it (i.e. compiling a new shape) is counted."""
+    def wrapper(*args):
+        before = fn._cache_size()
+        out = fn(*args)
+        COMPILES[name] += fn._cache_size() - before
+        return out
+
+    return wrapper
+
+
+def compile_count() -> int:
+    """How many generation functions have been compiled in this process."""
+    return sum(COMPILES.values())
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+
+def _pad_rows(x, b):
+    """Pad axis 0 to ``b`` rows by repeating the last row."""
+    x = np.asarray(x)
+    if x.shape[0] == b:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], b - x.shape[0], axis=0)], axis=0)
+
+
+def iter_tokens(
+    config: PaliGemmaConfig,
+    params,
+    images,
+    text,
+    mask_input,
+    *,
+    max_new_tokens: int,
+    sampler="greedy",
+    seed: int = 0,
+    cache_dtype=None,
+    logit_mask=None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(tokens int32[B], logprobs float32[B])`` once per generated position.
+
+    images: float[B, H, W, 3] in [-1, 1] (or [B, F, H, W, 3] frames);
+    text: int32[B, T] right-padded prompts (all prefix); mask_input: bool[B, T].
+    Stops early once every row has produced EOS. Rows that finished emit PAD (0).
+    """
+    sampler = parse_sampler(sampler)
+    if sampler.name == "beam":
+        raise ValueError("beam search returns whole sequences: use generate_tokens")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    text, mask_input = np.asarray(text, np.int32), np.asarray(mask_input, bool)
+    b, t = text.shape
+    if b == 0:
+        raise ValueError("empty batch: give at least one prompt")
+    if np.any(mask_input.sum(axis=1) == 0):
+        raise ValueError("every prompt needs at least one real token (mask_input is all False)")
+    bb, tt = bucket_batch(b), bucket_length(t)
+    n_img = config.vision.num_tokens * (images.shape[1] if np.ndim(images) == 5 else 1)
+    cache_size = bucket_cache(n_img, tt, max_new_tokens)
+    cache_dtype = jnp.dtype(cache_dtype or jnp.float32).name
+    prefill, step = _jitted(config, cache_size, cache_dtype, sampler)
+
+    text = np.pad(_pad_rows(text, bb), ((0, 0), (0, tt - t)))
+    mask_input = np.pad(_pad_rows(mask_input, bb), ((0, 0), (0, tt - t)))
+    images = _pad_rows(images, bb)
+    done = np.arange(bb) >= b  # dummy rows count as finished
+    rng = jax.random.key(seed)
+    mask = None if logit_mask is None else jnp.asarray(logit_mask, bool)
+
+    tok, logp, done, cache, valid, pos = prefill(params, images, text, mask_input, rng, done, mask)
+    yield np.asarray(tok)[:b], np.asarray(logp)[:b]
+    slot = n_img + tt
+    for i in range(1, max_new_tokens):
+        if bool(np.all(np.asarray(done))):
+            return
+        tok, logp, done, cache, valid = step(
+            params, tok, cache, valid, pos + (i - 1), jnp.int32(slot + i - 1), rng,
+            jnp.int32(i), done, mask,
+        )  # fmt: skip
+        yield np.asarray(tok)[:b], np.asarray(logp)[:b]
+
+
+def generate_tokens(
+    config: PaliGemmaConfig,
+    params,
+    images,
+    text,
+    mask_input,
+    *,
+    max_new_tokens: int,
+    sampler="greedy",
+    seed: int = 0,
+    cache_dtype=None,
+    logit_mask=None,
+    best_of: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generate up to ``max_new_tokens`` per row.
+
+    Returns ``(tokens int32[B, max_new_tokens], logprobs float32[B, max_new_tokens])``;
+    positions after a row's EOS (and after an early stop) hold PAD (0) with log-prob 0.
+    ``best_of=n`` samples every row n times and keeps the most likely sequence
+    (sum of log-probs up to and including the first EOS), as big_vision does.
+    """
+    sampler = parse_sampler(sampler)
+    if sampler.name == "beam":
+        return beam_search(
+            config, params, images, text, mask_input, beam_size=int(sampler.args[0]),
+            max_new_tokens=max_new_tokens, cache_dtype=cache_dtype,
+        )  # fmt: skip
+    if best_of > 1:
+        rep = lambda x: np.repeat(np.asarray(x), best_of, axis=0)
+        toks, logps = generate_tokens(
+            config, params, rep(images), rep(text), rep(mask_input),
+            max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+            cache_dtype=cache_dtype, logit_mask=logit_mask,
+        )  # fmt: skip
+        scores = sequence_scores(toks, logps).reshape(-1, best_of)
+        pick = np.arange(scores.shape[0]) * best_of + np.argmax(scores, axis=1)
+        return toks[pick], logps[pick]
+    b = np.shape(text)[0]
+    tokens = np.zeros((b, max_new_tokens), np.int32)
+    logprobs = np.zeros((b, max_new_tokens), np.float32)
+    steps = iter_tokens(
+        config, params, images, text, mask_input, max_new_tokens=max_new_tokens,
+        sampler=sampler, seed=seed, cache_dtype=cache_dtype, logit_mask=logit_mask,
+    )  # fmt: skip
+    for i, (tok, logp) in enumerate(steps):
+        tokens[:, i], logprobs[:, i] = tok, logp
+    return tokens, logprobs
+
+
+def sequence_scores(tokens, logprobs) -> np.ndarray:
+    """Sum of log-probs up to and including each row's first EOS: float32[B]."""
+    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
+    before_eos = np.cumsum(tokens == EOS_ID, axis=1) - (tokens == EOS_ID) == 0
+    return np.sum(np.where(before_eos, logprobs, 0.0), axis=1)
+
+
+# --- beam search -----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, width: int):
+    """Prefill/step that return each beam's top ``width`` log-probs (not all V of them)."""
+    module = PaliGemma(config)
+    dtype = jnp.dtype(cache_dtype)
+
+    def prefill(params, images, text, mask_input):
+        logits, cache, valid, pos = module.apply(
+            {"params": params}, images, text, mask_input, cache_size, dtype,
+            method=PaliGemma.prefill,
+        )  # fmt: skip
+        return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), width), cache, valid, pos
+
+    def step(params, tok, cache, valid, pos, slot, parents):
+        # Reorder the cache so each beam continues from its parent, then extend by one token.
+        cache = KVCache(jnp.take(cache.k, parents, axis=1), jnp.take(cache.v, parents, axis=1))
+        valid, pos = jnp.take(valid, parents, axis=0), jnp.take(pos, parents, axis=0)
+        logits, cache, valid = module.apply(
+            {"params": params}, tok, cache, valid, pos, slot, method=PaliGemma.decode_step
+        )
+        return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), width), cache, valid, pos + 1
+
+    return (
+        _count_traces(jax.jit(prefill), "beam"),
+        _count_traces(jax.jit(step, donate_argnums=(2,)), "beam"),
+    )
+
+
+def beam_search(
+    config, params, images, text, mask_input, *, beam_size: int, max_new_tokens: int,
+    cache_dtype=None,
+):  # fmt: skip
+    """Standard beam search on summed log-probs (no length penalty).
+
+    Each step ranks every (beam, next token) candidate. Candidates ending in
+    EOS that rank among the top ``beam_size`` become finished hypotheses (the
+    best one per row is kept); the best ``beam_size`` non-EOS candidates stay
+    live. The search stops once no live beam scores above the best finished
+    one (scores only fall), or at ``max_new_tokens``. With ``beam_size=1``
+    this is exactly greedy decoding.
+
+    (big_vision's ``beam_decode`` also treats every live beam as finished at
+    every step, which favours short answers and makes beam(1) differ from
+    greedy; the kit uses the standard rule.)
+
+    Returns ``(tokens int32[B, max_new_tokens], logprobs float32[B, max_new_tokens])``.
+    """
+    text, mask_input = np.asarray(text, np.int32), np.asarray(mask_input, bool)
+    b, t = text.shape
+    n = beam_size
+    tt = bucket_length(t)
+    n_img = config.vision.num_tokens * (images.shape[1] if np.ndim(images) == 5 else 1)
+    cache_size = bucket_cache(n_img, tt, max_new_tokens)
+    cache_dt = jnp.dtype(cache_dtype or jnp.float32).name
+    prefill, step = _beam_jitted(config, cache_size, cache_dt, 2 * n)
+
+    # Every row is repeated n times; beam j of row i lives in row i * n + j.
+    rep = lambda x: np.repeat(np.asarray(x), n, axis=0)
+    text = np.pad(rep(text), ((0, 0), (0, tt - t)))
+    mask_input = np.pad(rep(mask_input), ((0, 0), (0, tt - t)))
+    (top_lp, top_tok), cache, valid, pos = prefill(params, rep(images), text, mask_input)
+
+    seqs = np.zeros((b, n, max_new_tokens), np.int32)
+    seq_lp = np.zeros((b, n, max_new_tokens), np.float32)
+    live = np.full((b, n), -np.inf)
+    live[:, 0] = 0.0  # at the start the n copies are one beam
+    best = np.zeros((b, max_new_tokens), np.int32)
+    best_lp = np.zeros((b, max_new_tokens), np.float32)
+    best_score = np.full((b,), -np.inf)
+
+    for i in range(max_new_tokens):
+        lp = np.asarray(top_lp, np.float64).reshape(b, n, 2 * n)
+        tok = np.asarray(top_tok).reshape(b, n, 2 * n)
+        cand = (live[:, :, None] + lp).reshape(b, -1)
+        order = np.argsort(-cand, axis=1, kind="stable")
+        new_live = np.full((b, n), -np.inf)
+        parent = np.zeros((b, n), np.int64)
+        new_tok = np.zeros((b, n), np.int32)
+        new_lp = np.zeros((b, n), np.float32)
+        for r in range(b):
+            k = 0
+            for rank, c in enumerate(order[r]):
+                if k == n or not np.isfinite(cand[r, c]):
+                    break
+                j, w = divmod(int(c), 2 * n)
+                if tok[r, j, w] != EOS_ID:  # stays live
+                    new_live[r, k], parent[r, k] = cand[r, c], j
+                    new_tok[r, k], new_lp[r, k] = tok[r, j, w], lp[r, j, w]
+                    k += 1
+                elif rank < n and cand[r, c] > best_score[r]:  # a finished hypothesis
+                    best_score[r] = cand[r, c]
+                    best[r], best_lp[r] = seqs[r, j], seq_lp[r, j]
+                    best[r, i], best_lp[r, i] = EOS_ID, lp[r, j, w]
+        seqs = np.take_along_axis(seqs, parent[:, :, None], axis=1)
+        seq_lp = np.take_along_axis(seq_lp, parent[:, :, None], axis=1)
+        seqs[:, :, i], seq_lp[:, :, i] = new_tok, new_lp
+        live = new_live
+        if i + 1 == max_new_tokens or np.all(best_score >= live.max(axis=1)):
+            break
+        parents = (np.arange(b)[:, None] * n + parent).reshape(-1)
+        (top_lp, top_tok), cache, valid, pos = step(
+            params, jnp.asarray(new_tok.reshape(-1)), cache, valid, pos,
+            jnp.int32(n_img + tt + i), jnp.asarray(parents, jnp.int32),
+        )  # fmt: skip
+    # Rows that never finished return their best live beam.
+    open_rows = live.max(axis=1) > best_score
+    j = np.argmax(live, axis=1)
+    best[open_rows], best_lp[open_rows] = seqs[open_rows, j[open_rows]], seq_lp[open_rows, j[open_rows]]
+    return best, best_lp
