@@ -223,7 +223,9 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
     if _CACHE_ENABLED or os.environ.get("PALI_KIT_COMPILATION_CACHE", "1") == "0":
         return
     if jax.config.jax_compilation_cache_dir is None:
-        default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pali_kit" / "jax"
+        default = (
+            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pali_kit" / "jax"
+        )
         jax.config.update("jax_compilation_cache_dir", str(path or default))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     _CACHE_ENABLED = True
@@ -255,7 +257,7 @@ def _demo(dtype, overrides):
         stacklevel=3,
     )
     config = demo_config().replace(**overrides)
-    params = init_params(config, jax.random.key(0), dtype)
+    params = init_params(config, 0, dtype)
     return Model(params, config, tok, name="random demo-size model", text_len=32)
 
 
@@ -283,8 +285,10 @@ def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **override
         model = _demo(dtype, overrides)
     else:
         name = None
-        if isinstance(source, str) and not Path(source).exists() and (
-            source in CHECKPOINTS or source.startswith(("paligemma-", "paligemma2-"))
+        if (
+            isinstance(source, str)
+            and not Path(source).exists()
+            and (source in CHECKPOINTS or source.startswith(("paligemma-", "paligemma2-")))
         ):
             info = checkpoint_info(source)
             from . import hub

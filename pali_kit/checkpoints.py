@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -229,7 +228,11 @@ def load_params(
     """
     place = place or (lambda key, a: jnp.asarray(a))
     size = Path(path).stat().st_size if Path(path).exists() else 0
-    bar = _progress(size, Path(path).name) if (progress or (progress is None and size > 2e8)) else None
+    bar = (
+        _progress(size, Path(path).name)
+        if (progress or (progress is None and size > 2e8))
+        else None
+    )
     flat = {}
     for key, array in iter_arrays(path, dtype):
         flat[key] = place(key, array)
@@ -330,7 +333,9 @@ def infer_config(shapes, where: str = "checkpoint") -> PaliGemmaConfig:
     tokens = shape["img/pos_embedding"][1]
     grid = int(round(tokens**0.5))
     if grid * grid != tokens:
-        raise CheckpointError(f"{where}: img/pos_embedding has {tokens} positions, not a square grid")
+        raise CheckpointError(
+            f"{where}: img/pos_embedding has {tokens} positions, not a square grid"
+        )
     vision = VisionConfig(
         width=v_width,
         depth=shape[f"{_IMG}/LayerNorm_0/scale"][0],
@@ -349,10 +354,11 @@ def infer_config(shapes, where: str = "checkpoint") -> PaliGemmaConfig:
         num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab, post_norms=gemma2,
         attn_logits_softcap=50.0 if gemma2 else 0.0,
     )  # fmt: skip
-    for name, known in GEMMA_VARIANTS.items():
-        same = dataclasses.replace(known, vocab_size=vocab, variant="custom")
-        if same == llm:
-            llm = dataclasses.replace(known, vocab_size=vocab)
+    shape_fields = ("width", "depth", "mlp_dim", "num_heads", "num_kv_heads", "head_dim",
+                    "post_norms")  # fmt: skip
+    for known in GEMMA_VARIANTS.values():
+        if all(getattr(known, f) == getattr(llm, f) for f in shape_fields):
+            llm = dataclasses.replace(known, vocab_size=vocab)  # brings e.g. the 27B query scale
             break
     return PaliGemmaConfig(vision=vision, llm=llm)
 
@@ -382,6 +388,3 @@ def check_params(params, config: PaliGemmaConfig, where: str = "checkpoint") -> 
             raise CheckpointError(
                 f"{key} in {where} has shape {have[key]}, the config expects {want[key]}"
             )
-
-
-_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")

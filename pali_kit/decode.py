@@ -75,7 +75,7 @@ class Sampler:
 
 
 def parse_sampler(spec: str | Sampler) -> Sampler:
-    """"nucleus(0.9, 0.7)" -> Sampler("nucleus", (0.9, 0.7)); validates names and ranges."""
+    """ "nucleus(0.9, 0.7)" -> Sampler("nucleus", (0.9, 0.7)); validates names and ranges."""
     if isinstance(spec, Sampler):
         return spec
     m = _SAMPLER_RE.match(str(spec))
@@ -137,30 +137,37 @@ def _choose(logits, rng, sampler, logit_mask):
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, sampler: Sampler):
-    """Compiled prefill / first-sample / step functions for one configuration."""
+def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str):
+    """Compiled prefill and one-token step for one model config and cache size."""
     module = PaliGemma(config)
     dtype = jnp.dtype(cache_dtype)
 
-    def prefill(params, images, text, mask_input, rng, done, logit_mask):
-        logits, cache, valid, pos = module.apply(
+    def prefill(params, images, text, mask_input):
+        return module.apply(
             {"params": params}, images, text, mask_input, cache_size, dtype,
             method=PaliGemma.prefill,
         )  # fmt: skip
-        tok, logp = _choose(logits, jax.random.fold_in(rng, 0), sampler, logit_mask)
-        return _finish(tok, logp, done) + (cache, valid, pos)
 
-    def step(params, tok, cache, valid, pos, slot, rng, t, done, logit_mask):
-        logits, cache, valid = module.apply(
+    def step(params, tok, cache, valid, pos, slot):
+        return module.apply(
             {"params": params}, tok, cache, valid, pos, slot, method=PaliGemma.decode_step
         )
-        tok, logp = _choose(logits, jax.random.fold_in(rng, t), sampler, logit_mask)
-        return _finish(tok, logp, done) + (cache, valid)
 
     return (
         _count_traces(jax.jit(prefill), "prefill"),
         _count_traces(jax.jit(step, donate_argnums=(2,)), "step"),
     )
+
+
+@functools.lru_cache(maxsize=64)
+def _sampler_fn(sampler: Sampler):
+    """Compiled: logits -> (token, its log-prob, finished rows); small and quick to build."""
+
+    def choose(logits, rng, t, done, logit_mask):
+        tok, logp = _choose(logits, jax.random.fold_in(rng, t), sampler, logit_mask)
+        return _finish(tok, logp, done)
+
+    return _count_traces(jax.jit(choose), "sample")
 
 
 def _finish(tok, logp, done):
@@ -170,11 +177,12 @@ def _finish(tok, logp, done):
     return tok, logp, jnp.logical_or(done, tok == EOS_ID)
 
 
-COMPILES = {"prefill": 0, "step": 0, "beam": 0}
+COMPILES = {"prefill": 0, "step": 0, "sample": 0, "beam": 0}
 
 
 def _count_traces(fn, name):
     """Wrap a jitted function so tracing it (i.e. compiling a new shape) is counted."""
+
     def wrapper(*args):
         before = fn._cache_size()
         out = fn(*args)
@@ -234,7 +242,8 @@ def iter_tokens(
     n_img = config.vision.num_tokens * (images.shape[1] if np.ndim(images) == 5 else 1)
     cache_size = bucket_cache(n_img, tt, max_new_tokens)
     cache_dtype = jnp.dtype(cache_dtype or jnp.float32).name
-    prefill, step = _jitted(config, cache_size, cache_dtype, sampler)
+    prefill, step = _jitted(config, cache_size, cache_dtype)
+    choose = _sampler_fn(sampler)
 
     text = np.pad(_pad_rows(text, bb), ((0, 0), (0, tt - t)))
     mask_input = np.pad(_pad_rows(mask_input, bb), ((0, 0), (0, tt - t)))
@@ -243,17 +252,17 @@ def iter_tokens(
     rng = jax.random.key(seed)
     mask = None if logit_mask is None else jnp.asarray(logit_mask, bool)
 
-    tok, logp, done, cache, valid, pos = prefill(params, images, text, mask_input, rng, done, mask)
-    yield np.asarray(tok)[:b], np.asarray(logp)[:b]
+    logits, cache, valid, pos = prefill(params, images, text, mask_input)
     slot = n_img + tt
-    for i in range(1, max_new_tokens):
+    for i in range(max_new_tokens):
+        if i > 0:
+            logits, cache, valid = step(
+                params, tok, cache, valid, pos + (i - 1), jnp.int32(slot + i - 1)
+            )
+        tok, logp, done = choose(logits, rng, jnp.int32(i), done, mask)
+        yield np.asarray(tok)[:b], np.asarray(logp)[:b]
         if bool(np.all(np.asarray(done))):
             return
-        tok, logp, done, cache, valid = step(
-            params, tok, cache, valid, pos + (i - 1), jnp.int32(slot + i - 1), rng,
-            jnp.int32(i), done, mask,
-        )  # fmt: skip
-        yield np.asarray(tok)[:b], np.asarray(logp)[:b]
 
 
 def generate_tokens(
@@ -422,5 +431,8 @@ def beam_search(
     # Rows that never finished return their best live beam.
     open_rows = live.max(axis=1) > best_score
     j = np.argmax(live, axis=1)
-    best[open_rows], best_lp[open_rows] = seqs[open_rows, j[open_rows]], seq_lp[open_rows, j[open_rows]]
+    best[open_rows], best_lp[open_rows] = (
+        seqs[open_rows, j[open_rows]],
+        seq_lp[open_rows, j[open_rows]],
+    )
     return best, best_lp

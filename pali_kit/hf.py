@@ -23,6 +23,8 @@ layer so host memory stays near one copy of the weights.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import os
@@ -273,7 +275,9 @@ def _rules(config: PaliGemmaConfig) -> list[Rule]:
     ]  # fmt: skip
     norms = GEMMA2_NORMS if config.llm.post_norms else GEMMA1_NORMS
     for kit, hf in norms.items():
-        rules.append(Rule(f"llm/layers/{kit}/scale", (f"{tl}.{hf}.weight",), copy_to_kit, copy_to_hf))
+        rules.append(
+            Rule(f"llm/layers/{kit}/scale", (f"{tl}.{hf}.weight",), copy_to_kit, copy_to_hf)
+        )
     return rules
 
 
@@ -285,11 +289,16 @@ def _depth(rule: Rule, config: PaliGemmaConfig) -> int:
     return config.vision.depth if rule.kit.startswith("img/") else config.llm.depth
 
 
-def _hf_shapes(config: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor name (short form, per layer) -> its shape under ``config``."""
+@functools.lru_cache(maxsize=8)
+def _kit_shapes(config: PaliGemmaConfig) -> dict[str, jax.ShapeDtypeStruct]:
     from .model import param_shapes
 
-    kit = flatten(param_shapes(config))
+    return flatten(param_shapes(config))
+
+
+def _hf_shapes(config: PaliGemmaConfig) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor name (short form, per layer) -> its shape under ``config``."""
+    kit = _kit_shapes(config)
     out = {}
     for rule in _rules(config):
         if rule.kit == "llm/embedder/input_embedding":
@@ -332,9 +341,11 @@ def read_header(path) -> dict:
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise CheckpointError(f"{path} has a corrupt safetensors header: download it again") from None
+            raise CheckpointError(
+                f"{path} has a corrupt safetensors header: download it again"
+            ) from None
     header.pop("__metadata__", None)
-    for key, info in header.items():
+    for info in header.values():
         info["_start"] = 8 + n + info["data_offsets"][0]
     return header
 
@@ -378,7 +389,9 @@ class SafetensorsFolder:
                 "language_model / vision_tower / multi_modal_projector / lm_head weights"
             )
         if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file.name}: {key} has dtype {info['dtype']}; expected F32, BF16 or F16")
+            raise CheckpointError(
+                f"{file.name}: {key} has dtype {info['dtype']}; expected F32, BF16 or F16"
+            )
         if short in self.tensors:
             raise CheckpointError(
                 f"{file.name}: {key} and {self.tensors[short].key} are the same weight "
@@ -388,15 +401,27 @@ class SafetensorsFolder:
         self.tensors[short] = Tensor(file, key, tuple(info["shape"]), dtype, info)
 
     def read(self, short: str) -> np.ndarray:
+        """The whole tensor; bf16 comes back as ml_dtypes.bfloat16."""
         t = self.tensors[short]
         try:
-            if t.file not in self._open:
-                from safetensors import safe_open
-
-                self._open[t.file] = safe_open(str(t.file), framework="numpy")
-            return self._open[t.file].get_tensor(t.key)
+            return self._handle(t.file).get_tensor(t.key)
         except (TypeError, ValueError):  # an old safetensors whose numpy backend lacks bf16
             return read_raw(t.file, t.info)
+
+    def read_rows(self, short: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a tensor, without reading the rest."""
+        t = self.tensors[short]
+        try:
+            return self._handle(t.file).get_slice(t.key)[start:stop]
+        except (TypeError, ValueError):
+            return read_raw(t.file, t.info)[start:stop]
+
+    def _handle(self, file: Path):
+        if file not in self._open:
+            from safetensors import safe_open
+
+            self._open[file] = safe_open(str(file), framework="numpy")
+        return self._open[file]
 
     def close(self):
         self._open.clear()
@@ -421,7 +446,9 @@ def _weight_files(folder: Path) -> list[Path]:
         return [folder / "model.safetensors"]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
-        found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt"))
+        found = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+            p.name for p in folder.glob("*.pt")
+        )
         hint = (
             f" It has {found[0]}: pali_kit reads safetensors only (never pickles); "
             "re-save with save_pretrained(..., safe_serialization=True)."
@@ -491,15 +518,22 @@ def config_from_hf(hf: dict, tensors: dict[str, Tensor], where: str) -> PaliGemm
         attn_cap = text.get("attn_logit_softcapping", 50.0)
         llm["attn_logits_softcap"] = float(attn_cap or 0.0)
         llm["query_pre_attn_norm"] = _query_norm(text.get("query_pre_attn_scalar", 256), llm, where)
-    llm = _named_variant(GemmaConfig(variant="custom", **llm))
+    try:
+        llm = _named_variant(GemmaConfig(variant="custom", **llm))
+    except ValueError as e:  # e.g. heads not a multiple of kv heads
+        raise CheckpointError(f"{where}/config.json: text_config is inconsistent: {e}") from None
 
     tokens = need("vision.embeddings.position_embedding.weight")[0]
     patch_shape = need("vision.embeddings.patch_embedding.weight")
     patch = _first(vis, "patch_size", default=patch_shape[-1])
-    vision = VisionConfig(
+    vision = VisionConfig(  # no checks in __post_init__: the tensor shapes check it
         width=_first(vis, "hidden_size", default=patch_shape[0]),
-        depth=_first(vis, "num_hidden_layers", default=_count_layers(shape, "vision.encoder.layers.")),
-        mlp_dim=_first(vis, "intermediate_size", default=need("vision.encoder.layers.0.mlp.fc1.weight")[0]),
+        depth=_first(
+            vis, "num_hidden_layers", default=_count_layers(shape, "vision.encoder.layers.")
+        ),
+        mlp_dim=_first(
+            vis, "intermediate_size", default=need("vision.encoder.layers.0.mlp.fc1.weight")[0]
+        ),
         num_heads=_first(vis, "num_attention_heads", default=16),
         patch_size=patch,
         image_size=_first(vis, "image_size", default=math.isqrt(tokens) * patch),
@@ -529,7 +563,7 @@ def _named_variant(llm: GemmaConfig) -> GemmaConfig:
             "query_pre_attn_norm")  # fmt: skip
     for name, known in GEMMA_VARIANTS.items():
         if all(getattr(known, f) == getattr(llm, f) for f in arch):
-            return GemmaConfig(**{**llm.__dict__, "variant": name})
+            return dataclasses.replace(llm, variant=name)
     return llm
 
 
@@ -587,6 +621,11 @@ def load_hf(folder, dtype=None) -> tuple[dict, PaliGemmaConfig]:
       ``PaliGemma(config)`` takes, exactly the tree of the official ``.npz``.
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise CheckpointError(
+            f"{folder} is a file; load_hf reads a transformers folder (config.json + "
+            "model.safetensors). For a big_vision .npz use checkpoints.load_params."
+        )
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
     config_file = folder / "config.json"
@@ -605,7 +644,7 @@ def load_hf(folder, dtype=None) -> tuple[dict, PaliGemmaConfig]:
         config = config_from_hf(hf_config, tensors.tensors, str(folder))
         _check_shapes(tensors, config, str(folder))
         flat = {rule.kit: _load_rule(tensors, rule, config, dtype) for rule in _rules(config)}
-        _check_head(tensors, config, dtype)
+        _check_head(tensors, config)
     finally:
         tensors.close()
     params = unflatten(flat)
@@ -632,15 +671,20 @@ def _load_rule(tensors: SafetensorsFolder, rule: Rule, config, dtype) -> jax.Arr
     return array
 
 
-def _check_head(tensors: SafetensorsFolder, config, dtype) -> None:
+def _check_head(tensors: SafetensorsFolder, config: PaliGemmaConfig) -> None:
     """The kit ties the output layer to the embedding: lm_head must be absent or equal."""
     if "lm_head.weight" not in tensors.tensors:
         return
     t = tensors.tensors["lm_head.weight"]
-    v = config.llm.vocab_size
-    head = tensors.read("lm_head.weight")
-    table = tensors.read("text.embed_tokens.weight")
-    if head.shape[1] != table.shape[1] or head.shape[0] < v or not np.array_equal(head[:v], table[:v]):
+    v, width = config.llm.vocab_size, config.llm.width
+    same = t.shape[0] >= v and t.shape[1:] == (width,)
+    for start in range(0, v, 8192):  # a block of rows at a time: no second full table
+        if not same:
+            break
+        stop = min(start + 8192, v)
+        head = tensors.read_rows("lm_head.weight", start, stop)
+        same = np.array_equal(head, tensors.read_rows("text.embed_tokens.weight", start, stop))
+    if not same:
         raise CheckpointError(
             f"{t.file.name}: {t.key} differs from the embedding. PaliGemma ties the output "
             "layer to the input embedding and so does pali_kit; an untied head cannot be loaded."
@@ -662,7 +706,9 @@ def _check_config(params: dict, config: PaliGemmaConfig, where: str) -> None:
     }
     for name, (from_shapes, stated) in fields.items():
         if from_shapes != stated:
-            raise CheckpointError(f"{where}: config.json {name}={stated}, the weights say {from_shapes}")
+            raise CheckpointError(
+                f"{where}: config.json {name}={stated}, the weights say {from_shapes}"
+            )
 
 
 # --- export ----------------------------------------------------------------------------
@@ -703,11 +749,11 @@ def export_hf(params_or_model, folder, config: PaliGemmaConfig | None = None, *,
 def _check_exportable(config: PaliGemmaConfig) -> None:
     c = config.llm
     if not c.post_norms and c.attn_logits_softcap:
-        raise ValueError("transformers' Gemma 1 has no attention softcap; set attn_logits_softcap=0")
+        raise ValueError(
+            "transformers' Gemma 1 has no attention softcap; set attn_logits_softcap=0"
+        )
     if not c.post_norms and c.query_scale != c.head_dim**-0.5:
         raise ValueError("transformers' Gemma 1 scales queries by head_dim ** -0.5 only")
-    if c.norm_eps != 1e-6 and not c.post_norms:
-        pass  # written to rms_norm_eps; fine for both
 
 
 class _Out(NamedTuple):
@@ -722,29 +768,31 @@ def _export_layout(flat: dict, config: PaliGemmaConfig) -> Iterator[_Out]:
     for rule in _rules(config):
         kit = flat[rule.kit]
         dtype = np.dtype(kit.dtype)
-        one = kit[0] if _layered(rule) else kit
-        one = jax.ShapeDtypeStruct(one.shape, one.dtype)
+        one = jax.ShapeDtypeStruct(kit.shape[1:] if _layered(rule) else kit.shape, kit.dtype)
         if rule.kit == "llm/embedder/input_embedding":
             shapes = [(hf_rows(config.llm.vocab_size), config.llm.width)]
         else:
-            shapes = [tuple(s.shape) for s in jax.eval_shape(lambda a, r=rule: r.to_hf(a, config), one)]
+            shapes = [
+                tuple(s.shape) for s in jax.eval_shape(lambda a, r=rule: r.to_hf(a, config), one)
+            ]
         for i in range(_depth(rule, config) if _layered(rule) else 1):
-            compute = _once(rule, kit, i if _layered(rule) else None, config)
+            take = _once(rule, kit, i if _layered(rule) else None, config)
             for j, (name, shape) in enumerate(zip(rule.hf, shapes)):
-                yield _Out(export_name(name.format(i=i)), shape, dtype, lambda c=compute, j=j: c()[j])
+                yield _Out(export_name(name.format(i=i)), shape, dtype, lambda t=take, j=j: t(j))
 
 
-def _once(rule: Rule, kit, layer: int | None, config):
-    """to_hf of one layer, computed once for all the tensors it yields (k and v, ...)."""
-    cache = {}
+def _once(rule: Rule, kit, layer: int | None, config) -> Callable[[int], np.ndarray]:
+    """``take(j)``: the j-th HF tensor of one layer's to_hf, computed once (k and v
+    come from one kv_einsum slice) and forgotten as soon as it has been taken."""
+    outs: dict[int, np.ndarray] = {}
 
-    def compute():
-        if "out" not in cache:
+    def take(j: int) -> np.ndarray:
+        if not outs:
             a = np.asarray(jax.device_get(kit if layer is None else kit[layer]))
-            cache["out"] = rule.to_hf(a, config)
-        return cache["out"]
+            outs.update(enumerate(rule.to_hf(a, config)))
+        return outs.pop(j)
 
-    return compute
+    return take
 
 
 def _split(layout: list[_Out], max_bytes: int) -> list[list[_Out]]:
@@ -835,11 +883,8 @@ def _remove_stale(folder: Path, written: list[str]) -> None:
 
 
 def _dtype_name(flat: dict) -> str:
-    dtypes = {np.dtype(a.dtype) for a in flat.values()}
-    for name in ("float32", "bfloat16", "float16"):
-        if np.dtype(as_dtype(name)) in dtypes:
-            return name
-    return "float32"
+    """The dtype config.json announces: the embedding's (the bulk of the weights)."""
+    return np.dtype(flat["llm/embedder/input_embedding"].dtype).name
 
 
 def hf_config(config: PaliGemmaConfig, dtype: str = "float32") -> dict:
@@ -874,13 +919,14 @@ def hf_config(config: PaliGemmaConfig, dtype: str = "float32") -> dict:
         **special,
     }
     if c.post_norms:
+        per_head = (
+            c.width // c.num_heads if c.query_pre_attn_norm == "rsqrt_emb_per_head" else c.head_dim
+        )
         text.update(
-            query_pre_attn_scalar=c.query_scale**-2 if c.query_pre_attn_norm != "rsqrt_head_dim" else c.head_dim,
+            query_pre_attn_scalar=per_head,
             attn_logit_softcapping=c.attn_logits_softcap or None,
             sliding_window=4096,  # as the Hub's PaliGemma 2 repos; see docs/differences.md
-            cache_implementation="hybrid",
         )
-        text["query_pre_attn_scalar"] = int(round(text["query_pre_attn_scalar"]))
     vision = {
         "model_type": "siglip_vision_model",
         "hidden_size": v.width,
@@ -909,6 +955,5 @@ def hf_config(config: PaliGemmaConfig, dtype: str = "float32") -> dict:
         "tie_word_embeddings": True,
         "torch_dtype": dtype,
         "dtype": dtype,
-        "transformers_version": "4.50.0",
         **special,
     }

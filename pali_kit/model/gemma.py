@@ -151,7 +151,9 @@ class FeedForward(nn.Module):
         cfg = self.config
         init = nn.initializers.normal(cfg.width**-0.5)
         w_gating = self.param("gating_einsum", init, (2, cfg.width, cfg.mlp_dim))
-        w_linear = self.param("linear", nn.initializers.normal(cfg.mlp_dim**-0.5), (cfg.mlp_dim, cfg.width))
+        w_linear = self.param(
+            "linear", nn.initializers.normal(cfg.mlp_dim**-0.5), (cfg.mlp_dim, cfg.width)
+        )
         gate = nn.gelu(mm("btd,df->btf", x, w_gating[0]), approximate=True)
         up = mm("btd,df->btf", x, w_gating[1])
         return mm("btf,fd->btd", gate * up, w_linear)
@@ -222,7 +224,9 @@ class Embedder(nn.Module):
 
     def setup(self):
         self.input_embedding = self.param(
-            "input_embedding", nn.initializers.normal(self.width**-0.5), (self.vocab_size, self.width)
+            "input_embedding",
+            nn.initializers.normal(self.width**-0.5),
+            (self.vocab_size, self.width),
         )
 
     def encode(self, tokens):

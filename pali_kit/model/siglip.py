@@ -40,7 +40,10 @@ class Dense(nn.Module):
         kernel = self.param("kernel", _dense_init, (*in_shape, *self.features))
         bias = self.param("bias", nn.initializers.zeros, self.features)
         letters = "abcdefgh"
-        ins, outs = letters[: self.contract], letters[self.contract : self.contract + len(self.features)]
+        ins, outs = (
+            letters[: self.contract],
+            letters[self.contract : self.contract + len(self.features)],
+        )
         y = mm(f"...{ins},{ins}{outs}->...{outs}", x, kernel)
         return y + bias.astype(jnp.float32)
 
