@@ -253,7 +253,7 @@ def iter_tokens(
     mask = None if logit_mask is None else jnp.asarray(logit_mask, bool)
 
     logits, cache, valid, pos = prefill(params, images, text, mask_input)
-    slot = n_img + tt
+    slot, tok = n_img + tt, None
     for i in range(max_new_tokens):
         if i > 0:
             logits, cache, valid = step(
