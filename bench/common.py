@@ -1,0 +1,105 @@
+"""Helpers shared by the benchmarks: random full-size checkpoints, timers, floors."""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+BENCH_DIR = Path(os.environ.get("PALI_KIT_BENCH_DIR", "/tmp/pali_kit_bench"))
+
+
+def random_leaf(rng: np.random.Generator, key: str, shape, dtype) -> np.ndarray:
+    """Random weights of a sensible scale (norm scales 0, biases 0, matrices 1/sqrt(fan_in))."""
+    if key.endswith(("scale", "bias")):
+        return np.zeros(shape, dtype)
+    if key.endswith("input_embedding"):
+        std = shape[-1] ** -0.5
+    elif "attn_vec_einsum" in key or key.endswith("out/kernel"):
+        std = (shape[-3] * shape[-2]) ** -0.5
+    elif key.endswith("mlp/linear"):
+        std = shape[-2] ** -0.5
+    elif key.endswith("embedding/kernel"):
+        std = (shape[0] * shape[1] * shape[2]) ** -0.5
+    elif "einsum" in key:  # q (L, N, W, H), kv (L, 2, K, W, H), gating (L, 2, W, F)
+        std = shape[-2] ** -0.5
+    else:  # ViT kernels (L, in, ...) and the head (in, out)
+        std = shape[-3 if key.endswith(("query/kernel", "key/kernel", "value/kernel")) else -2] ** -0.5
+    out = np.empty(shape, np.float32)
+    flat = out.reshape(-1)
+    step = 1 << 26
+    for i in range(0, flat.size, step):  # chunks keep the float64 scratch small
+        n = min(step, flat.size - i)
+        flat[i : i + n] = rng.standard_normal(n, dtype=np.float32) * std
+    return out.astype(dtype)
+
+
+def random_checkpoint(name: str, dtype: str = "float32", folder: Path = BENCH_DIR) -> Path:
+    """A full-size random checkpoint of a registry model in the official layout (cached)."""
+    import ml_dtypes
+
+    from pali_kit.checkpoints import flatten, save_arrays
+    from pali_kit.model import param_shapes
+
+    np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    path = folder / f"{name}.{dtype}.npz"
+    if path.exists():
+        return path
+    shapes = flatten(param_shapes(name))
+    rng = np.random.default_rng(0)
+    items = ((k, random_leaf(rng, k, s.shape, np_dtype)) for k, s in shapes.items())
+    print(f"writing {path} ...", flush=True)
+    return save_arrays(items, path)
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, in GB (10^9 bytes).
+
+    Reads VmHWM (Linux), which starts afresh at exec; ru_maxrss would carry the
+    parent's peak into a child process.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def memory_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Read bandwidth measured with a large reduction (what decoding does to weights)."""
+    a = np.ones(nbytes // 4, np.float32)
+    a.sum()
+    t = median_time(lambda: a.sum(), repeat=5)
+    return nbytes / t / 1e9
+
+
+def table(rows: list[dict], title: str = "") -> str:
+    """Format rows of dicts as a fixed-width text table."""
+    if title:
+        print(f"\n{title}")
+    cols = list(rows[0])
+    width = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    line = "  ".join(c.ljust(width[c]) for c in cols)
+    out = [line, "  ".join("-" * width[c] for c in cols)]
+    out += ["  ".join(str(r[c]).ljust(width[c]) for c in cols) for r in rows]
+    text = "\n".join(out)
+    print(text)
+    return text
