@@ -29,7 +29,7 @@ import numpy as np
 from . import checkpoints, decode
 from .configs import CHECKPOINTS, PaliGemmaConfig, checkpoint_info, paligemma_config
 from .images import preprocess
-from .model import PaliGemma, count_params, init_params
+from .model import PaliGemma, count_params, inference_params, init_params
 from .tokenizer import Tokenizer, data_dir
 
 
@@ -63,11 +63,29 @@ class Model:
 
     def __init__(self, params, config: PaliGemmaConfig, tokenizer: Tokenizer | None = None,
                  name: str | None = None, text_len: int | None = None):  # fmt: skip
-        self.params = params
+        self.params = params  # the official stacked tree (a property: see below)
         self.config = config
         self.tokenizer = tokenizer
         self.name = name or f"{config.family} ({config.llm.variant})"
         self.text_len = text_len  # the prompt budget the checkpoint was trained with, if known
+
+    @property
+    def params(self):
+        """The weights: the official big_vision tree, layers stacked."""
+        return self._params
+
+    @params.setter
+    def params(self, value):
+        self._params = value
+        self._run = None
+
+    @property
+    def run_params(self):
+        """The same weights as handed to compiled inference code: on CPU the layer
+        stacks are split into per-layer views of the same memory (no copy)."""
+        if self._run is None:
+            self._run = inference_params(self._params)
+        return self._run
 
     # --- facts -------------------------------------------------------------------------
     @property
@@ -106,7 +124,7 @@ class Model:
 
     def embed_image(self, images) -> jax.Array:
         """Images -> image tokens float32[B, N, W] (not scaled), the LLM's prefix."""
-        return _embed_fn(self.config)(self.params, self.preprocess(images))
+        return _embed_fn(self.config)(self.run_params, self.preprocess(images))
 
     def logits(self, images, text, mask_ar, mask_input=None) -> jax.Array:
         """Text logits float32[B, T, V] of one full prefix-LM forward pass.
@@ -117,7 +135,7 @@ class Model:
         text = jnp.asarray(text, jnp.int32)
         mask_input = jnp.ones(text.shape, bool) if mask_input is None else jnp.asarray(mask_input)
         return _logits_fn(self.config)(
-            self.params, self.preprocess(images), text, jnp.asarray(mask_ar), mask_input
+            self.run_params, self.preprocess(images), text, jnp.asarray(mask_ar), mask_input
         )
 
     def generate_tokens(self, images, text, mask_input, *, max_new_tokens: int,
@@ -129,7 +147,7 @@ class Model:
         Keywords: ``cache_dtype``, ``logit_mask`` (bool[V] allowed tokens), ``best_of``.
         """
         return decode.generate_tokens(
-            self.config, self.params, self.preprocess(images), text, mask_input,
+            self.config, self.run_params, self.preprocess(images), text, mask_input,
             max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, **kw,
         )  # fmt: skip
 
@@ -167,7 +185,7 @@ class Model:
         """
         pixels, prompts, enc = self._encode(images, prompts, text_len or self.text_len)
         tokens, logprobs = decode.generate_tokens(
-            self.config, self.params, pixels, enc["text"], enc["mask_input"],
+            self.config, self.run_params, pixels, enc["text"], enc["mask_input"],
             max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, **kw,
         )  # fmt: skip
         return [self._result(p, t, lp) for p, t, lp in zip(prompts, tokens, logprobs)]
@@ -182,7 +200,7 @@ class Model:
         """Yield the answer's text in pieces as tokens are produced (one image, one prompt)."""
         pixels, _, enc = self._encode(image, [prompt], self.text_len)
         steps = decode.iter_tokens(
-            self.config, self.params, pixels, enc["text"], enc["mask_input"],
+            self.config, self.run_params, pixels, enc["text"], enc["mask_input"],
             max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, **kw,
         )  # fmt: skip
         tokens: list[int] = []

@@ -170,7 +170,9 @@ def paligemma_config(variant: str = "gemma_2b", resolution: int = 224) -> PaliGe
     try:
         llm = GEMMA_VARIANTS[variant]
     except KeyError:
-        raise ValueError(f"unknown LLM variant {variant!r}; known: {list(GEMMA_VARIANTS)}") from None
+        raise ValueError(
+            f"unknown LLM variant {variant!r}; known: {list(GEMMA_VARIANTS)}"
+        ) from None
     return PaliGemmaConfig(vision=VisionConfig(image_size=resolution), llm=llm)
 
 

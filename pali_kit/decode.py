@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .configs import PaliGemmaConfig
-from .model import KVCache, PaliGemma
+from .model import PaliGemma
 
 EOS_ID = 1
 PAD_ID = 0
@@ -339,7 +339,7 @@ def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, wid
 
     def step(params, tok, cache, valid, pos, slot, parents):
         # Reorder the cache so each beam continues from its parent, then extend by one token.
-        cache = KVCache(jnp.take(cache.k, parents, axis=1), jnp.take(cache.v, parents, axis=1))
+        cache = cache.take(parents)
         valid, pos = jnp.take(valid, parents, axis=0), jnp.take(pos, parents, axis=0)
         logits, cache, valid = module.apply(
             {"params": params}, tok, cache, valid, pos, slot, method=PaliGemma.decode_step

@@ -239,3 +239,20 @@ def test_bfloat16_weights_give_close_logits(ref):
     assert _rel(logits, expect["text_logits"]) < 0.1
     agree = np.mean(np.argmax(logits, -1) == np.argmax(expect["text_logits"], -1))
     assert agree > 0.9
+
+
+def test_inference_views_share_memory_and_match_the_stacked_forward(ref):
+    from pali_kit.model import inference_params
+
+    model, expect = ref
+    views = inference_params(model.params)
+    layers = views["llm"]["layers"]
+    assert isinstance(layers, tuple) and len(layers) == model.config.llm.depth
+    stacked_q = model.params["llm"]["layers"]["attn"]["q_einsum"]["w"]
+    head = layers[1]["attn"]["q_einsum"]["w"][0]  # layer 1, head 0: a view, not a copy
+    offset = stacked_q[0].size * stacked_q.dtype.itemsize
+    assert head.unsafe_buffer_pointer() == stacked_q.unsafe_buffer_pointer() + offset
+    args = (expect["image"], expect["text"], expect["mask_ar"])
+    a = PaliGemma(model.config).apply({"params": views}, *args)
+    b = PaliGemma(model.config).apply({"params": model.params}, *args)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

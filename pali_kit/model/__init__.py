@@ -4,6 +4,7 @@ from .gemma import Gemma, KVCache
 from .paligemma import (
     PaliGemma,
     count_params,
+    inference_params,
     init_params,
     make_attn_mask,
     param_shapes,
@@ -12,6 +13,6 @@ from .paligemma import (
 from .siglip import SigLIP
 
 __all__ = [
-    "Gemma", "KVCache", "PaliGemma", "SigLIP", "count_params", "init_params",
+    "Gemma", "KVCache", "PaliGemma", "SigLIP", "count_params", "inference_params", "init_params",
     "make_attn_mask", "param_shapes", "positions_from_mask",
 ]  # fmt: skip

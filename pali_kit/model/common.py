@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = dict[str, Any]
 
@@ -46,6 +47,18 @@ def init_stacked(layer, rng: jax.Array, depth: int, *example_args, **example_kw)
     return jax.vmap(init_one)(jax.random.split(rng, depth))
 
 
+def stacked_param(module, name: str, init_fn):
+    """Declare a stacked-layers parameter (a whole tree) in a Flax module's ``setup``.
+
+    When the parameter already exists it is returned as given, without Flax's
+    shape check, so the same module also accepts the per-layer views made by
+    ``split_layers``.
+    """
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init_fn)
+
+
 def layer_slice(stacked: Params, i: int) -> Params:
     """The parameters of layer ``i`` (a static index: no copy in the unrolled loop)."""
     return jax.tree.map(lambda a: a[i], stacked)
@@ -70,6 +83,13 @@ def run_stack(
       scan: use ``lax.scan`` over the stack instead of a Python loop.
       remat: recompute each layer's activations in the backward pass.
     """
+    if isinstance(stacked, (list, tuple)):  # already split into layers (see split_layers)
+        if scan:
+            raise ValueError("scan=True needs the stacked parameters, not per-layer views")
+        for i, params_i in enumerate(stacked):
+            step = functools.partial(apply_layer, i=i)
+            carry = (jax.checkpoint(step) if remat else step)(params_i, carry)
+        return carry
     depth = jax.tree.leaves(stacked)[0].shape[0]
     if scan:
 
@@ -86,3 +106,53 @@ def run_stack(
         step = jax.checkpoint(step) if remat else step
         carry = step(layer_slice(stacked, i), carry)
     return carry
+
+
+def split_leading(a: jax.Array) -> tuple[jax.Array, ...] | None:
+    """Views ``a[0], a[1], ...`` sharing ``a``'s memory, or None where that's impossible.
+
+    On CPU a JAX array's buffer is host memory: numpy can view it, and JAX can
+    adopt any 64-byte-aligned piece of it without copying (``may_alias``). On
+    GPU/TPU (or for arrays JAX won't alias) this returns None.
+    """
+    if not _on_one_cpu(a):
+        return None
+    host = np.asarray(a)  # no copy for a CPU array
+    if host.ctypes.data != a.unsafe_buffer_pointer():
+        return None
+    try:
+        parts = tuple(jax.device_put(host[i], may_alias=True) for i in range(a.shape[0]))
+    except TypeError:  # JAX without may_alias
+        return None
+    if any(p.unsafe_buffer_pointer() != host[i].ctypes.data for i, p in enumerate(parts)):
+        return None  # JAX copied (misaligned piece): not worth keeping
+    return parts
+
+
+def split_layers(stacked: Params) -> tuple[Params, ...] | Params:
+    """Per-layer views of a stacked tree that share its memory (CPU only).
+
+    Inside ``jit``, XLA:CPU copies ``w[i]`` out of a stacked weight before each
+    matmul (for every layer, every call). Handing the compiled function one
+    array per layer avoids that, and on CPU those arrays alias the stacked
+    buffer, so nothing is copied and no memory is added. Elsewhere (GPU/TPU)
+    the stacked tree is returned unchanged.
+    """
+    leaves, treedef = jax.tree.flatten(stacked)
+    parts = [split_leading(a) for a in leaves]
+    if not leaves or any(p is None for p in parts):
+        return stacked
+    return tuple(jax.tree.unflatten(treedef, layer) for layer in zip(*parts))
+
+
+def _on_one_cpu(a) -> bool:
+    try:
+        return (
+            isinstance(a, jax.Array)
+            and a.is_fully_addressable
+            and len(a.devices()) == 1
+            and next(iter(a.devices())).platform == "cpu"
+            and a.ndim >= 1
+        )
+    except Exception:  # deleted or unusual arrays: just don't split
+        return False

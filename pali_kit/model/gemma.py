@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from ..configs import GemmaConfig
-from .common import init_stacked, mm, run_stack
+from .common import init_stacked, layer_slice, mm, run_stack, split_leading, stacked_param
 
 # big_vision masks attention logits with this value (not -inf: a row with no
 # visible key, e.g. a padding query, stays finite).
@@ -45,16 +45,23 @@ BIG_NEG = -2.3819763e38
 class KVCache(NamedTuple):
     """Keys and values of every layer, written in place as decoding advances.
 
-    k, v: float[L, B, S, K, H]  (S = cache slots: prompt slots, then one per new token)
+    k, v: tuples of L arrays float[B, S, K, H] (S = cache slots: prompt slots,
+    then one per new token). One array per layer, so writing a layer's new
+    entries never copies the other layers' entries.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: tuple
+    v: tuple
 
     @classmethod
     def zeros(cls, config: GemmaConfig, batch: int, size: int, dtype=jnp.float32) -> KVCache:
-        shape = (config.depth, batch, size, config.num_kv_heads, config.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        shape = (batch, size, config.num_kv_heads, config.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.depth))
+        return cls(zeros(), zeros())
+
+    def take(self, rows) -> KVCache:
+        """Reorder/select batch rows (beam search): every array indexed by ``rows``."""
+        return KVCache(*jax.tree.map(lambda a: jnp.take(a, rows, axis=0), (self.k, self.v)))
 
 
 def apply_rope(x, positions, base: float = 10_000.0):
@@ -74,6 +81,45 @@ def apply_rope(x, positions, base: float = 10_000.0):
 def softcap(x, cap: float):
     """cap * tanh(x / cap); cap == 0 disables."""
     return cap * jnp.tanh(x / cap) if cap else x
+
+
+def heads_mm(x, w):
+    """x float[B, T, D] times each matrix w[n] (D, H) -> float[B, T, n, H].
+
+    ``w`` is the stored (n, D, H) array, or a tuple of its n (D, H) views (the
+    CPU inference layout, see ``split_for_inference``): then each head is one
+    plain matmul that reads its weights in place.
+    """
+    if isinstance(w, (tuple, list)):
+        return jnp.stack([mm("btd,dh->bth", x, w_n) for w_n in w], axis=2)
+    return mm("btd,ndh->btnh", x, w)
+
+
+def split_for_inference(layer):
+    """One layer's params with q/kv/gating weights as tuples of zero-copy views (CPU).
+
+    q_einsum/w (Nh, W, H) -> Nh views (W, H); kv_einsum/w (2, K, W, H) -> (K keys, K values);
+    gating_einsum (2, W, F) -> (gate, up). XLA:CPU then runs plain matmuls on the
+    weights where they lie instead of transposing or slicing (copying) them.
+    """
+    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+    q = split_leading(attn["q_einsum"]["w"])
+    kv = split_leading(attn["kv_einsum"]["w"])
+    kv = kv and tuple(split_leading(half) for half in kv)
+    gating = split_leading(mlp["gating_einsum"])
+    if q is None or kv is None or None in kv or gating is None:
+        return layer
+    attn["q_einsum"] = {"w": q}
+    attn["kv_einsum"] = {"w": kv}
+    mlp["gating_einsum"] = gating
+    return {**layer, "attn": attn, "mlp": mlp}
+
+
+def _weight(module: nn.Module, name: str, init, shape):
+    """``module.param`` that also accepts a weight given as a tuple of views."""
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init, shape)
 
 
 class RMSNorm(nn.Module):
@@ -96,19 +142,19 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self):
         fan_in = self.shape[-2] if len(self.shape) >= 2 else self.shape[-1]
-        return self.param("w", nn.initializers.normal(fan_in**-0.5), self.shape)
+        return _weight(self, "w", nn.initializers.normal(fan_in**-0.5), self.shape)
 
 
 class Attention(nn.Module):
     config: GemmaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, layer=None, slot=None):
+    def __call__(self, x, positions, mask, cache=None, slot=None):
         """One attention layer.
 
         x: float[B, T, W]; positions: int32[B, T]; mask: bool[B, T, S].
-        Without a cache S == T. With ``cache=(k, v)`` of shape [L, B, S, K, H],
-        this layer's keys/values are written at ``cache[layer, :, slot:slot+T]``
+        Without a cache S == T. With ``cache=(k, v)``, this layer's arrays of shape
+        [B, S, K, H], the new keys/values are written at slots ``slot .. slot+T-1``
         and attention reads all S slots. Returns (float[B, T, W], cache).
         """
         cfg = self.config
@@ -116,19 +162,21 @@ class Attention(nn.Module):
         w_kv = Einsum((2, cfg.num_kv_heads, cfg.width, cfg.head_dim), name="kv_einsum")()
         w_o = Einsum((cfg.num_heads, cfg.head_dim, cfg.width), name="attn_vec_einsum")()
 
-        q = mm("btd,ndh->btnh", x, w_q)
-        k = mm("btd,kdh->btkh", x, w_kv[0])
-        v = mm("btd,kdh->btkh", x, w_kv[1])
+        q = heads_mm(x, w_q)  # [B, T, Nh, H]
+        if isinstance(w_kv, tuple):
+            k, v = heads_mm(x, w_kv[0]), heads_mm(x, w_kv[1])  # [B, T, K, H] each
+        else:
+            k, v = mm("btd,ckdh->cbtkh", x, w_kv)
         q = apply_rope(q, positions, cfg.rope_base) * cfg.query_scale
         k = apply_rope(k, positions, cfg.rope_base)
 
         if cache is not None:
-            k_all, v_all = cache
-            start = (layer, 0, slot, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
-            cache = (k_all, v_all)
-            k, v = k_all[layer].astype(jnp.float32), v_all[layer].astype(jnp.float32)
+            k_cache, v_cache = cache
+            start = (0, slot, 0, 0)
+            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
+            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
+            cache = (k_cache, v_cache)
+            k, v = k_cache.astype(jnp.float32), v_cache.astype(jnp.float32)
 
         b, t = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads  # query heads per kv head
@@ -137,8 +185,10 @@ class Attention(nn.Module):
         logits = softcap(logits, cfg.attn_logits_softcap)
         logits = jnp.where(mask[:, None, None, :, :], logits, BIG_NEG)
         probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        return mm("btnh,nhd->btd", out, w_o), cache
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b * t, -1)  # [B*T, Nh*H]
+        # (Nh, H, W) -> (Nh*H, W) is free; the einsum form would transpose w_o first.
+        out = mm("sm,md->sd", out, w_o.reshape(-1, cfg.width))
+        return out.reshape(b, t, cfg.width), cache
 
 
 class FeedForward(nn.Module):
@@ -150,12 +200,15 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         cfg = self.config
         init = nn.initializers.normal(cfg.width**-0.5)
-        w_gating = self.param("gating_einsum", init, (2, cfg.width, cfg.mlp_dim))
+        w_gating = _weight(self, "gating_einsum", init, (2, cfg.width, cfg.mlp_dim))
         w_linear = self.param(
             "linear", nn.initializers.normal(cfg.mlp_dim**-0.5), (cfg.mlp_dim, cfg.width)
         )
-        gate = nn.gelu(mm("btd,df->btf", x, w_gating[0]), approximate=True)
-        up = mm("btd,df->btf", x, w_gating[1])
+        if isinstance(w_gating, tuple):
+            gate, up = (mm("btd,df->btf", x, w) for w in w_gating)
+        else:
+            gate, up = mm("btd,cdf->cbtf", x, w_gating)  # both [B, T, F]
+        gate = nn.gelu(gate, approximate=True)
         return mm("btf,fd->btd", gate * up, w_linear)
 
 
@@ -163,10 +216,10 @@ class Block(nn.Module):
     config: GemmaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache=None, layer=None, slot=None):
+    def __call__(self, x, positions, mask, cache=None, slot=None):
         cfg = self.config
         y = RMSNorm(cfg.norm_eps, name="pre_attention_norm")(x)
-        y, cache = Attention(cfg, name="attn")(y, positions, mask, cache, layer, slot)
+        y, cache = Attention(cfg, name="attn")(y, positions, mask, cache, slot)
         if cfg.post_norms:
             y = RMSNorm(cfg.norm_eps, name="post_attention_norm")(y)
         x = x + y
@@ -188,8 +241,8 @@ class Gemma(nn.Module):
         block = Block(cfg, parent=None)  # a detached template, applied per layer
         ex_x = jnp.zeros((1, 1, cfg.width), jnp.float32)
         ex_pos, ex_mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1, 1), bool)
-        self.layers = self.param(
-            "layers", lambda rng: init_stacked(block, rng, cfg.depth, ex_x, ex_pos, ex_mask)
+        self.layers = stacked_param(
+            self, "layers", lambda rng: init_stacked(block, rng, cfg.depth, ex_x, ex_pos, ex_mask)
         )
         self.final_norm = RMSNorm(cfg.norm_eps)
 
@@ -201,17 +254,27 @@ class Gemma(nn.Module):
         """Run every layer, then the final norm.
 
         x: float[B, T, W] embeddings; positions: int32[B, T]; mask: bool[B, T, S].
+        cache: a KVCache to write at ``slot`` (decoding; layers unrolled) or None.
         Returns (pre_logits float32[B, T, W], updated cache or None).
         """
         block = Block(self.config, parent=None)
 
-        def apply_layer(params, carry, i):
-            x, cache = carry
-            x, cache = block.apply({"params": params}, x, positions, mask, cache, i, slot)
-            return x, cache
+        def apply_layer(params, x, i):
+            return block.apply({"params": params}, x, positions, mask)[0]
 
-        x, cache = run_stack(apply_layer, self.layers, (x, cache), scan=scan, remat=remat)
-        return self.final_norm(x), cache
+        if cache is None:
+            x = run_stack(apply_layer, self.layers, x, scan=scan, remat=remat)
+            return self.final_norm(x), None
+
+        layers = self.layers
+        if not isinstance(layers, (list, tuple)):
+            layers = [layer_slice(layers, i) for i in range(self.config.depth)]
+        new_k, new_v = [], []
+        for params, k, v in zip(layers, cache.k, cache.v):
+            x, (k, v) = block.apply({"params": params}, x, positions, mask, (k, v), slot)
+            new_k.append(k)
+            new_v.append(v)
+        return self.final_norm(x), KVCache(tuple(new_k), tuple(new_v))
 
     def logits(self, pre_logits):
         """float[..., W] -> float32[..., V]: tied output projection + optional final softcap."""

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from ..configs import PaliGemmaConfig, resolve_config
-from .gemma import Gemma, KVCache
+from .common import split_layers
+from .gemma import Gemma, KVCache, split_for_inference
 from .siglip import SigLIP
 
 
@@ -99,10 +100,10 @@ class PaliGemma(nn.Module):
         mask = jnp.logical_and(input_mask[:, :, None], valid[:, None, :])
         cache = KVCache.zeros(self.config.llm, b, cache_size, cache_dtype)
         positions = positions_from_mask(input_mask)
-        pre_logits, cache = self.llm(x, positions, mask, tuple(cache), 0, scan=self.scan)
+        pre_logits, cache = self.llm(x, positions, mask, cache, 0)
         last = jnp.sum(input_mask, axis=1) - 1  # index of each row's last real token
         h = jnp.take_along_axis(pre_logits, last[:, None, None], axis=1)[:, 0]
-        return self.llm.logits(h), KVCache(*cache), valid, last + 1
+        return self.llm.logits(h), cache, valid, last + 1
 
     def decode_step(self, tokens, cache: KVCache, valid, positions, slot):
         """Feed one new token per row.
@@ -114,10 +115,8 @@ class PaliGemma(nn.Module):
         valid = valid.at[:, slot].set(True)
         x = self.embed_text(tokens[:, None])
         mask = valid[:, None, :]
-        pre_logits, cache = self.llm(
-            x, positions[:, None], mask, tuple(cache), slot, scan=self.scan
-        )
-        return self.llm.logits(pre_logits[:, 0]), KVCache(*cache), valid
+        pre_logits, cache = self.llm(x, positions[:, None], mask, cache, slot)
+        return self.llm.logits(pre_logits[:, 0]), cache, valid
 
 
 def _with_image_masks(n_img, text, mask_ar, mask_input):
@@ -150,6 +149,24 @@ def init_params(config, rng=0, dtype=None):
         return params if dtype is None else jax.tree.map(lambda a: a.astype(dtype), params)
 
     return init(rng)
+
+
+def inference_params(params):
+    """The same tree with each layer stack split into per-layer views.
+
+    On CPU the views share the stacked arrays' memory (see ``split_layers``), so
+    this costs nothing and lets the unrolled forward pass read every weight in
+    place. Only for inference: training and saving use the stacked tree.
+    """
+    img, llm = dict(params["img"]), dict(params["llm"])
+    transformer = dict(img["Transformer"])
+    transformer["encoderblock"] = split_layers(transformer["encoderblock"])
+    img["Transformer"] = transformer
+    layers = split_layers(llm["layers"])
+    if isinstance(layers, tuple):
+        layers = tuple(split_for_inference(layer) for layer in layers)
+    llm["layers"] = layers
+    return {**params, "img": img, "llm": llm}
 
 
 def param_shapes(name_or_config, dtype=jnp.float32):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from ..configs import VisionConfig
-from .common import init_stacked, mm, run_stack
+from .common import init_stacked, mm, run_stack, stacked_param
 
 _dense_init = nn.initializers.lecun_normal()
 
@@ -127,8 +127,8 @@ class Transformer(nn.Module):
         cfg = self.config
         block = Encoder1DBlock(cfg, parent=None)  # a detached template, applied per layer
         example = jnp.zeros((1, 1, cfg.width), jnp.float32)
-        self.encoderblock = self.param(
-            "encoderblock", lambda rng: init_stacked(block, rng, cfg.depth, example)
+        self.encoderblock = stacked_param(
+            self, "encoderblock", lambda rng: init_stacked(block, rng, cfg.depth, example)
         )
         self.encoder_norm = LayerNorm()
 
