@@ -4,7 +4,8 @@
     python bench/train.py --full     # the full PaliGemma 2 3B at 224 px (what a GPU runs)
 
 Both implementations train the attention weights only (``llm/layers/attn/*``)
-with plain SGD, frozen weights in float16, trainable ones in float32, batch 8,
+with plain SGD, frozen weights in float16 on a T4 (the colab), bfloat16 on
+newer GPUs, float32 on CPU (see --frozen-dtype), trainable ones in float32, batch 8,
 text 128, random weights, the same batch; each runs in a fresh process so its
 peak memory is its own:
 
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import peak_rss_gb, random_leaf, table  # noqa: E402
+from common import peak_rss_gb, table  # noqa: E402
 
 NAME = "paligemma2-3b-pt-224"
 
@@ -42,19 +43,31 @@ def bench_config(full: bool):
     return config if full else config.replace(llm_depth=2, img_depth=2)
 
 
+def _std(key: str, shape) -> float:
+    """A sensible scale for random weights: 0 for norms and biases, else 1/sqrt(fan-in)."""
+    if key.endswith(("scale", "bias")):
+        return 0.0
+    if key.endswith("input_embedding"):
+        return shape[-1] ** -0.5
+    return shape[-3 if key.endswith(("query/kernel", "key/kernel", "value/kernel")) else -2] ** -0.5
+
+
 def random_params(config, mask_flat: dict, frozen_dtype):
-    """Random weights leaf by leaf: trainable float32, frozen ``frozen_dtype``, on device."""
+    """Random weights made on the device leaf by leaf (trainable float32, frozen
+    ``frozen_dtype``): host memory stays small, so peak RSS shows the step."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
 
     from pali_kit.checkpoints import flatten, unflatten
     from pali_kit.model import param_shapes
 
-    rng = np.random.default_rng(0)
     out = {}
-    for key, shape in flatten(param_shapes(config)).items():
-        dtype = np.float32 if mask_flat[key] else frozen_dtype
-        out[key] = jax.device_put(random_leaf(rng, key, shape.shape, dtype))
+    for i, (key, shape) in enumerate(flatten(param_shapes(config)).items()):
+        dtype = jnp.float32 if mask_flat[key] else jnp.dtype(frozen_dtype)
+        std = np.float32(_std(key, shape.shape))
+        make = jax.jit(lambda k, s=shape.shape, d=dtype, std=std: jax.random.normal(k, s, d) * std)
+        out[key] = make(jax.random.key(i, impl="rbg"))
     return unflatten(out)
 
 
@@ -112,6 +125,15 @@ def colab_update_fn(config, mask_flat: dict):
     return jax.jit(update_fn, donate_argnums=(0,))
 
 
+def resolve_frozen(name: str):
+    from pali_kit import checkpoints
+    from pali_kit import train as pt
+
+    if name == "auto":
+        return pt.default_frozen_dtype()
+    return checkpoints.as_dtype(name)
+
+
 def device_peak_gb():
     import jax
 
@@ -130,7 +152,7 @@ def run_child(impl: str, full: bool, steps: int, batch_size: int, text_len: int,
     from pali_kit.model import param_shapes
 
     config = bench_config(full)
-    frozen_dtype = checkpoints.as_dtype(frozen)
+    frozen_dtype = resolve_frozen(frozen)
     mask, _ = pt.trainable_mask(param_shapes(config), "attention")
     mask_flat = checkpoints.flatten(mask)
     params = random_params(config, mask_flat, frozen_dtype)
@@ -197,7 +219,12 @@ def main():
     ap.add_argument("--steps", type=int, default=3, help="timed steps after a warm-up step")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--text-len", type=int, default=128)
-    ap.add_argument("--frozen-dtype", default="float16")
+    ap.add_argument(
+        "--frozen-dtype", default="auto",
+        help="auto: the kit's choice for the device (float16 on a T4 as the colab, "
+        "bfloat16 on newer GPUs/TPUs, float32 on CPU: XLA:CPU runs the backward pass of "
+        "float16/bfloat16 matmuls through a slow path)",
+    )  # fmt: skip
     ap.add_argument("--child", choices=["kit", "colab"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -209,8 +236,9 @@ def main():
     config = bench_config(args.full)
     what = "PaliGemma 2 3B-224" + ("" if args.full else " at full width, 2 + 2 layers")
     results = [spawn(impl, args) for impl in ("kit", "colab")]
-    plan = pt.plan(config, batch_size=args.batch, text_len=args.text_len,
-                   frozen_dtype=args.frozen_dtype, tpu=False)  # fmt: skip
+    frozen = resolve_frozen(args.frozen_dtype).name
+    plan = pt.plan(config, batch_size=args.batch, text_len=args.text_len, frozen_dtype=frozen,
+                   tpu=False)  # fmt: skip
     device = results[0]["device"]
     on_device = results[0]["device_peak_gb"] is not None
     rows = []
@@ -227,7 +255,7 @@ def main():
         })  # fmt: skip
     kit, colab = results
     table(rows, f"{what}: attention-only SGD, batch {args.batch}, text {args.text_len}, "
-                f"frozen {args.frozen_dtype}, on {device}")  # fmt: skip
+                f"frozen {frozen}, on {device}")  # fmt: skip
     print(f"\nstep time kit / colab: {kit['step_s'] / colab['step_s']:.2f}; "
           f"XLA temp kit / colab: {kit['temp_gb'] / colab['temp_gb']:.2f}; "
           f"train.plan() estimate for this setup: {plan.total / 1e9:.2f} GB on one device "

@@ -280,11 +280,11 @@ def _demo(dtype, overrides):
 
 
 def demo_config(vocab_size: int = 2176) -> PaliGemmaConfig:
-    """The demo model's architecture: a tiny PaliGemma 2 (64 px, patch 8, 2+2 layers)."""
+    """The demo model's architecture: a tiny PaliGemma 2 (64 px, patch 8 -> 64 image tokens)."""
     return paligemma_config("gemma2_2b", 224).replace(
-        img_width=128, img_depth=3, img_mlp_dim=512, img_num_heads=4, patch_size=8,
-        image_size=64, llm_width=192, llm_depth=3, llm_mlp_dim=768, llm_num_heads=4,
-        num_kv_heads=2, llm_head_dim=48, vocab_size=vocab_size,
+        img_width=128, img_depth=2, img_mlp_dim=512, img_num_heads=4, patch_size=8,
+        image_size=64, llm_width=128, llm_depth=3, llm_mlp_dim=512, llm_num_heads=4,
+        num_kv_heads=2, llm_head_dim=32, vocab_size=vocab_size,
     )  # fmt: skip
 
 

@@ -45,9 +45,12 @@ Pieces, each usable on its own in a notebook:
 - ``Evaluator``: greedy decoding of a validation split, the task metric
   (CIDEr, BLEU, VQA accuracy, ANLS, exact match, detection IoU/mAP or your
   function) and previews (image, prompt, prediction, reference).
-- ``save_checkpoint`` / ``Trainer.restore``: one ``.npz`` with ``params/...``
-  (loads with ``pk.load`` like an official checkpoint), ``opt/...`` and
-  ``train/step``; a resumed run reproduces the uninterrupted one.
+- ``save_checkpoint`` / ``Trainer.restore`` / ``Trainer.load``: one ``.npz``
+  with ``params/...`` (loads with ``pk.load`` like an official checkpoint),
+  ``opt/...`` and ``train/step``. A resumed run reproduces the uninterrupted
+  one: the step uses no randomness (no dropout in the released configs) and a
+  ``data.Batcher`` makes batch k from (seed, k) alone, so ``fit`` restarts it
+  at the checkpoint's step.
 - ``plan(...)``: how much device memory a configuration needs (XLA's own
   analysis of the compiled step) and whether it fits a T4, L4, A100 or TPU.
 
@@ -100,7 +103,7 @@ from jax.sharding import PartitionSpec as P
 
 from . import checkpoints, decode
 from .configs import PaliGemmaConfig, resolve_config
-from .model import PaliGemma, count_params, param_shapes
+from .model import PaliGemma, count_params, inference_params, param_shapes
 
 __all__ = [
     "TRAINABLE", "trainable_mask", "split_params", "merge_params", "default_frozen_dtype",
@@ -1082,13 +1085,14 @@ def evaluate(
     if max_examples is not None:
         dataset = [data.get_example(dataset, i) for i in range(min(max_examples, len(dataset)))]
     size = config.resolution
+    run_params = inference_params(params)  # on CPU: per-layer views, no copies
     predictions, examples, previews = [], [], []
     batches = data.eval_batches(
         dataset, tokenizer, batch_size=batch_size, image_size=size, text_len=text_len
     )
     for batch, exs in batches:
         tokens, _ = decode.generate_tokens(
-            config, params, batch["image"], batch["text"], batch["mask_input"],
+            config, run_params, batch["image"], batch["text"], batch["mask_input"],
             max_new_tokens=max_new_tokens,
         )  # fmt: skip
         for i, ex in enumerate(exs):

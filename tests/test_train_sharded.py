@@ -55,6 +55,10 @@ for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
                                                min_shard_bytes=0)
         again = loaded["llm"]["embedder"]["input_embedding"]
         out["eight/loaded_shard_rows"] = np.asarray(again.addressable_shards[0].data.shape[0])
+        # decoding (the evaluator) runs on the sharded weights too
+        result = pt.evaluate(trainer.params, config, examples[:2], Tokenizer.demo(),
+                             metric="exact_match", batch_size=2, max_new_tokens=3)
+        out["eight/predictions"] = np.asarray(len(result.predictions))
         out["eight/loaded_equal"] = np.asarray(all(
             np.array_equal(np.asarray(a), np.asarray(b))
             for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(trainer.params))))
@@ -84,3 +88,4 @@ def test_step_sharded_over_8_devices_equals_one_device(tmp_path):
     assert res["eight/mu_shard_rows"] == 2176 // 8
     assert res["eight/loaded_shard_rows"] == 2176 // 8
     assert res["eight/loaded_equal"]
+    assert res["eight/predictions"] == 2

@@ -1,0 +1,122 @@
+"""The ``pali-kit`` command.
+
+    pali-kit demo                                   the embedded demo model on the sample images
+    pali-kit generate IMAGE "caption en" [--model demo|NAME|PATH] [--sampler ...]
+    pali-kit info [NAME]                            registry entries, parameter counts
+    pali-kit export-hf MODEL FOLDER                 a folder transformers loads
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _demo(args) -> int:
+    import pali_kit as pk
+    from pali_kit import viz
+    from pali_kit.tokenizer import data_dir
+
+    model = pk.load("demo")
+    images = sorted((data_dir() / "images").glob("shapes_*"))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = ["caption en", "answer en how many shapes", "answer en what color is the circle",
+               "detect circle ; square ; triangle"]  # fmt: skip
+    t0 = time.perf_counter()
+    for path in images:
+        print(f"\n{path.name}")
+        results = model.generate(path, prompts, max_new_tokens=48)
+        for r in results:
+            print(f"  {r.prompt:<40} -> {r.text!r}")
+        picture = pk.images.load_image(path)
+        h, w = picture.shape[:2]
+        dets = pk.parse_detections(results[-1].text, w, h)
+        drawn = viz.draw_detections(picture, dets)
+        drawn = viz.draw_caption(drawn, results[0].text)
+        target = out / f"{path.stem}_demo.png"
+        drawn.save(target)
+        print(f"  {len(dets)} objects drawn -> {target}")
+    print(f"\n{len(images)} images x {len(prompts)} prompts in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _generate(args) -> int:
+    import pali_kit as pk
+
+    model = pk.load(args.model, dtype=args.dtype)
+    if args.stream:
+        for piece in model.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                                  sampler=args.sampler, seed=args.seed):  # fmt: skip
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    [out] = model.generate(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
+                           sampler=args.sampler, seed=args.seed)  # fmt: skip
+    print(out.text)
+    return 0
+
+
+def _info(args) -> int:
+    import pali_kit as pk
+    from pali_kit.model import count_params
+
+    names = [args.name] if args.name else sorted(pk.CHECKPOINTS)
+    for name in names:
+        info = pk.configs.checkpoint_info(name)
+        n = count_params(pk.param_shapes(info.config)) if args.name else None
+        extra = f"  {n:,} params" if n else ""
+        print(f"{info.name:<36} {info.resolution:>4} px  text {info.text_len:>3}  "
+              f"kaggle {info.kaggle_handle}/{info.kaggle_file}  hf {info.hf_repo}{extra}")  # fmt: skip
+    return 0
+
+
+def _export(args) -> int:
+    import pali_kit as pk
+
+    model = pk.load(args.model)
+    folder = pk.export_hf(model, args.folder)
+    print(f"wrote {folder}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="pali-kit", description="PaliGemma on JAX, for notebooks.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the embedded demo model on the sample images")
+    d.add_argument("--out", default="out/demo_run", help="where to write the rendered images")
+    d.set_defaults(func=_demo)
+
+    g = sub.add_parser("generate", help="answer one prompt about one image")
+    g.add_argument("image")
+    g.add_argument("prompt")
+    g.add_argument("--model", default="demo", help="'demo', a pk.CHECKPOINTS name, .npz or folder")
+    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    g.add_argument("--sampler", default="greedy")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--stream", action="store_true")
+    g.set_defaults(func=_generate)
+
+    i = sub.add_parser("info", help="list the official checkpoints")
+    i.add_argument("name", nargs="?")
+    i.set_defaults(func=_info)
+
+    e = sub.add_parser("export-hf", help="write a transformers folder")
+    e.add_argument("model")
+    e.add_argument("folder")
+    e.set_defaults(func=_export)
+
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"pali-kit: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
