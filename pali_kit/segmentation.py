@@ -99,7 +99,7 @@ def load_vae(source: str | os.PathLike | Mapping[str, np.ndarray] = "demo") -> M
     if not path.is_file():
         hint = (
             "the demo VAE is missing from the data folder (set PALI_KIT_DATA or create it"
-            " with scripts/make_random_vae.py)"
+            " with scripts/train_demo_vae.py)"
             if str(source) == "demo"
             else "download gs://big_vision/paligemma/vae-oid.npz"
         )
