@@ -6,7 +6,7 @@
     config = pk.CHECKPOINTS["paligemma2-3b-pt-224"].config
     trainer = pt.Trainer.load("paligemma2-3b-pt-224.b16.npz", config,
                               trainable="attention", num_steps=64)    # the reference colab
-    print(trainer.summary)           # 368,050,176 of 3,032,... params trainable (12.1 %) ...
+    print(trainer.summary)   # 368,050,176 of 3,032,094,960 parameters trainable (12.1 %), ...
     train = pdata.Batcher(pdata.JsonlDataset("train.jsonl"), tok, batch_size=8,
                           text_len=128, image_size=224)
     val = pt.Evaluator(pdata.JsonlDataset("val.jsonl"), tok, metric="cider")
@@ -68,7 +68,7 @@ devices form a 1-D mesh with the axis ``"data"`` (``make_mesh()``):
 
 ``load_for_training`` reads a checkpoint leaf by leaf and puts each leaf on
 its devices with its sharding and training dtype as it is read, so host
-memory peaks near one copy of the largest leaf.
+memory beyond what the devices hold peaks near one leaf.
 
 Multi-host (a TPU pod slice, several GPU hosts): call
 ``jax.distributed.initialize()`` first thing in every process, then run the
@@ -148,8 +148,8 @@ def trainable_mask(params: Params, trainable="attention") -> tuple[Params, str]:
         regex that must match the whole ``/``-joined key (``"llm/layers/mlp/.*"``),
         a predicate ``(key, shape) -> bool``, or a bool tree (returned as is).
     Returns:
-      ``(mask, summary)``; e.g. summary ``"368,050,176 of 3,032,... parameters
-      trainable (12.1 %), 3 of 28 arrays: llm/layers/attn/.*"``.
+      ``(mask, summary)``; e.g. summary ``"368,050,176 of 3,032,094,960
+      parameters trainable (12.1 %), 3 of 34 arrays: llm/layers/attn/.*"``.
     """
     if isinstance(trainable, Mapping):
         mask, what = trainable, "a given mask"
@@ -604,7 +604,7 @@ def make_train_step(
     def step(state: TrainState, frozen: Params, batch) -> tuple[TrainState, dict]:
         batch = {k: v for k, v in batch.items() if not k.startswith("_")}
         loss, grads = loss_and_grads(state.params, frozen, batch)
-        grad_norm = optax.tree.norm(grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
         ok = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
