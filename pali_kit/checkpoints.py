@@ -68,6 +68,11 @@ def as_dtype(dtype) -> np.dtype | None:
     return np.dtype(dtype)
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """float16/32/64 or bfloat16 (whose numpy kind is "V", not "f")."""
+    return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
+
+
 def _stored_dtype(descr: np.dtype, path, key) -> np.dtype:
     """The dtype an array was saved as; ``|V2`` is bfloat16 (big_vision's convention)."""
     if descr.hasobject:
@@ -190,7 +195,7 @@ def _read_member(zf, info, path, key, dtype: np.dtype | None) -> np.ndarray:
             header_len = f.tell() - start
             f.seek(start)
             crc = _Crc(f.read(header_len))
-        out_dtype = stored if dtype is None or stored.kind != "f" else dtype
+        out_dtype = dtype if dtype is not None and _is_float(stored) else stored
         out = _aligned_empty(shape[::-1] if fortran else shape, out_dtype)
         flat = out.reshape(-1)
         raw_dtype = np.dtype(np.uint16) if descr.kind == "V" else np.dtype(descr.str)

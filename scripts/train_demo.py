@@ -29,7 +29,7 @@ from pali_kit.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "out" / "demo"
-TEXT_LEN = 48
+TEXT_LEN = 32
 TASKS = ("caption", "count", "color", "detect", "detect", "detect_all")
 
 

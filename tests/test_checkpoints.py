@@ -67,6 +67,16 @@ def test_cast_while_loading(tmp_path, tiny_params, dtype):
     _leaves_equal(loaded, ref)
 
 
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
+def test_half_precision_files_upcast_while_loading(tmp_path, tiny_params, stored):
+    params = jax.tree.map(lambda a: a.astype(stored), tiny_params)
+    path = save_params(params, tmp_path / "half.npz")
+    loaded = load_params(path, dtype="float32")
+    for leaf in jax.tree.leaves(loaded):
+        assert leaf.dtype == jnp.float32
+    _leaves_equal(loaded, jax.tree.map(lambda a: a.astype(jnp.float32), params))
+
+
 def test_reference_fixture_loads_and_config_is_inferred():
     path, _ = reference("pub_gemma2")
     params = load_params(path)
