@@ -36,6 +36,11 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check pali_kit tests bench
+	$(BIN)/python scripts/make_notebooks.py --check
+
+notebooks: $(VENV)/.installed-test
+	$(BIN)/python scripts/make_notebooks.py
+	$(BIN)/python -m pytest -q -m notebooks tests/test_notebooks.py
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/load.py

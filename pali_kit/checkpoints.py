@@ -27,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -37,6 +36,7 @@ from .configs import (
     PaliGemmaConfig,
     VisionConfig,
 )
+from .model.common import to_device
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
 
@@ -224,14 +224,6 @@ def _read_member(zf, info, path, key, dtype: np.dtype | None) -> np.ndarray:
     finally:
         f.close()
     return out.T if fortran else out
-
-
-def to_device(array: np.ndarray) -> jax.Array:
-    """numpy -> jax without a copy when the memory allows it (CPU, page-aligned)."""
-    try:
-        return jax.device_put(array, may_alias=True)
-    except TypeError:  # older JAX without may_alias
-        return jnp.asarray(array)
 
 
 def _canonical_key(member: str) -> str:

@@ -1,9 +1,9 @@
 """The ``pali-kit`` command.
 
-    pali-kit demo                                   the embedded demo model on the sample images
-    pali-kit generate IMAGE "caption en" [--model demo|NAME|PATH] [--sampler ...]
-    pali-kit info [NAME]                            registry entries, parameter counts
-    pali-kit export-hf MODEL FOLDER                 a folder transformers loads
+pali-kit demo                                   the embedded demo model on the sample images
+pali-kit generate IMAGE "caption en" [--model demo|NAME|PATH] [--sampler ...]
+pali-kit info [NAME]                            registry entries, parameter counts
+pali-kit export-hf MODEL FOLDER                 a folder transformers loads
 """
 
 from __future__ import annotations

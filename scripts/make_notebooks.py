@@ -28,8 +28,9 @@ def md(text: str) -> tuple[str, str]:
     return ("markdown", textwrap.dedent(text).strip("\n"))
 
 
-def code(text: str) -> tuple[str, str]:
-    return ("code", textwrap.dedent(text).strip("\n"))
+def code(*parts: str) -> tuple[str, str]:
+    """A code cell; several parts (each dedented on its own) are joined line after line."""
+    return ("code", "\n".join(textwrap.dedent(part).strip("\n") for part in parts))
 
 
 def header(file: str, title: str, goal: str, runtime: str) -> tuple[str, str]:
@@ -66,16 +67,16 @@ SETUP_CODE = code(
     import importlib.util, os, subprocess, sys
 
     if "COLAB_TPU_ADDR" in os.environ:  # Colab's legacy remote TPU, which JAX no longer supports
-        raise RuntimeError("Colab's legacy TPU runtime is not supported: choose a T4 GPU or a TPU v2 runtime")
+        raise RuntimeError("Colab's legacy TPU runtime is not supported: use a T4 GPU or a TPU v2 runtime")
     if importlib.util.find_spec("pali_kit") is None:  # Colab / Kaggle: install once
-        if not os.path.isdir("pali_kit_repo"):
-            subprocess.run(["git", "clone", "-q", "--depth=1", "{GITHUB}", "pali_kit_repo"], check=True)
+        REPO = "{GITHUB}"
+        if not os.path.isdir("pali_kit_repo"):  # the clone holds data/: images, demo model, tokenizer
+            subprocess.run(["git", "clone", "-q", "--depth=1", REPO, "pali_kit_repo"], check=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "pali_kit_repo"], check=True)
-        sys.path.insert(0, os.path.abspath("pali_kit_repo"))  # this kernel; a restarted one finds it anyway
+        sys.path.insert(0, os.path.abspath("pali_kit_repo"))  # now; after a restart via the install
 
     import jax
     import pali_kit as pk
-
     print(f"jax {{jax.__version__}} | {{jax.default_backend()}} ({{jax.devices()[0].device_kind}}) "
           f"| {{jax.device_count()}} device(s) | pali_kit {{pk.__version__}}")
     """
@@ -113,14 +114,24 @@ CREDENTIALS_MD = md(
     """
 )
 
+TOKENIZER_FIX = """
+    if model.tokenizer is None:  # Kaggle's weights come without it: fetch big_vision's (public)
+        import urllib.request
+        url = "https://storage.googleapis.com/big_vision/paligemma_tokenizer.model"
+        model.tokenizer = pk.Tokenizer(urllib.request.urlretrieve(url, "paligemma_tokenizer.model")[0])
+"""
+
 LOAD_CODE = code(
     f"""
     {MODEL_LINE}
 
     model = pk.load(MODEL, dtype=None if MODEL == "demo" else "bfloat16")  # prints model.summary()
+    """,
+    TOKENIZER_FIX,
+    """
     IMAGES = sorted((pk.tokenizer.data_dir() / "images").glob("shapes_*"))
     print([p.name for p in IMAGES])
-    """
+    """,
 )
 
 
@@ -156,7 +167,8 @@ INFERENCE = [
     code(
         """
         pictures = [pk.images.load_image(p) for p in IMAGES]  # uint8 [H, W, 3], upright
-        pk.viz.show(pictures, titles=[f"{p.name} {a.shape[1]}x{a.shape[0]}" for p, a in zip(IMAGES, pictures)])
+        titles = [f"{p.name} {a.shape[1]}x{a.shape[0]}" for p, a in zip(IMAGES, pictures)]
+        pk.viz.show(pictures, titles=titles)
         """
     ),
     md(
@@ -240,10 +252,9 @@ INFERENCE = [
     ),
     code(
         """
-        pairs = [(IMAGES[1], ptok.answer("how many shapes")), (IMAGES[2], ptok.answer("what color is the square")),
-                 (IMAGES[3], ptok.caption("en"))]
-        images, prompts = zip(*pairs)
-        for im, out in zip(images, model.generate(list(images), list(prompts), max_new_tokens=24)):
+        images = [IMAGES[1], IMAGES[2], IMAGES[3]]
+        prompts = [ptok.answer("how many shapes"), ptok.answer("what color is the square"), ptok.caption("en")]
+        for im, out in zip(images, model.generate(images, prompts, max_new_tokens=24)):
             print(f"{im.name:18} {out.prompt:35} -> {out.text!r}")
         """
     ),
@@ -448,7 +459,7 @@ DETECTION = [
                 urllib.request.urlretrieve(
                     "https://storage.googleapis.com/big_vision/paligemma/vae-oid.npz", VAE_FILE)
             vae = pk.load_vae(VAE_FILE)
-        print(f"{vae.source}: {vae.num_codes} codes of width {vae.codebook_dim}, encoder: {vae.has_encoder}")
+        print(f"{vae.source}: {vae.num_codes} codes of width {vae.codebook_dim}, encoder {vae.has_encoder}")
         """
     ),
     md(
@@ -600,7 +611,8 @@ DETECTION = [
         labels = [o.label for o in scene.objects]
         target = pdet.detections_to_text([(o.label, o.box) for o in scene.objects], S, S)
         print(repr(ptok.detect(*labels)), "->", repr(target))
-        seg_target = pdet.detections_to_text([(obj.label, obj.box, pseg.mask_to_codes(vae, obj.mask, obj.box))], S, S)
+        obj_codes = pseg.mask_to_codes(vae, obj.mask, obj.box)  # crop, resize, encode: 16 ints
+        seg_target = pdet.detections_to_text([(obj.label, obj.box, obj_codes)], S, S)
         print(repr(ptok.segment(obj.label)), "->", repr(seg_target))
         example = shapes[0]
         print("ShapesDataset example 0:", repr(example.prefix), "->", repr(example.suffix))
@@ -651,7 +663,8 @@ DETECTION = [
         outs = model.generate([s.image for s in scenes], [ptok.segment(t.label) for t in targets],
                               max_new_tokens=32)
         found = [pseg.parse_segments(o.text, vae, S, S) for o in outs]
-        masks = [f[0].binary_mask if f and f[0].binary_mask is not None else np.zeros((S, S), bool) for f in found]
+        empty = np.zeros((S, S), bool)  # when the answer holds no mask
+        masks = [f[0].binary_mask if f and f[0].binary_mask is not None else empty for f in found]
         for i, (t, m) in enumerate(zip(targets, masks)):
             print(f"scene {i} {t.label:9} mask IoU {float(metrics.mask_iou(m, t.mask)):.2f}")
         pk.viz.show([t.mask for t in targets] + masks, titles=["true mask"] * 4 + ["model"] * 4, size=2.5)
@@ -704,7 +717,7 @@ FINETUNING = [
         `MODEL = "demo"` trains the kit's tiny shapes model on CPU in a minute or two. On
         a T4, set `"paligemma2-3b-pt-224"` (the pretrained checkpoint, made for
         fine-tuning; Kaggle credentials: see chapter 1). A real model is loaded in
-        float16 on a GPU: its frozen weights stay in that dtype (a T4 has no bfloat16).
+        float16, the dtype its frozen weights keep on a T4 (which has no bfloat16).
         """
     ),
     code(
@@ -713,7 +726,8 @@ FINETUNING = [
 
         DEMO = MODEL == "demo"
         model = pk.load(MODEL, dtype=None if DEMO else "float16")  # prints model.summary()
-        """
+        """,
+        TOKENIZER_FIX,
     ),
     md(
         """
@@ -818,8 +832,8 @@ FINETUNING = [
         """
         ## The recipe
 
-        The demo model is tiny and trained from scratch, so it learns quickly with Adam
-        and all its weights trainable. For a real model the cell uses the reference
+        The demo model is tiny, so training all of its weights with AdamW is cheap and
+        quick. For a real model the cell uses the reference
         colab's recipe: attention only, SGD with learning rate 0.03, 10 % warm-up then a
         cosine decay, batch 8, 128 tokens. The evaluator greedy-decodes a few validation
         examples and scores them with a metric: here a small one written for this
@@ -905,8 +919,7 @@ FINETUNING = [
         an interrupted save never leaves half a checkpoint): the weights under
         `params/...` in the official layout, plus the optimizer state and the step, so
         `pt.Trainer.load(path)` could resume the run. `pk.load` reads it like any
-        official checkpoint. (With a 3B model on a T4, run `del trainer` before loading
-        another copy of the weights.)
+        official checkpoint.
         """
     ),
     code(
@@ -918,16 +931,25 @@ FINETUNING = [
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         trainer.save(checkpoint)
         print(f"{checkpoint}: {checkpoint.stat().st_size / 2**20:.1f} MiB")
-        tuned = pk.load(checkpoint, tokenizer=model.tokenizer, dtype=model.dtype)
+        """
+    ),
+    md(
+        """
+        Load it back as a new model and run the same evaluation on it: the evaluator is a
+        plain function of the weights and the config. The trainer and the original model
+        are deleted first, which frees their memory (a T4 holds only one more copy of a 3B
+        model). Before training, after training, and the reference answer:
         """
     ),
     code(
         """
-        ex = val[0]
-        for name, m in [("before", model), ("after", tuned)]:
-            answers = m.generate(ex.image, [e.prefix for e in val[:4]], max_new_tokens=24)
-            print(name, [a.text for a in answers])
-        print("reference", [e.suffix for e in val[:4]])
+        tok = model.tokenizer
+        del trainer, model  # free the weights they hold
+        tuned = pk.load(checkpoint, tokenizer=tok, dtype=None if DEMO else "float16")
+        after = evaluator(tuned.params, tuned.config)
+        print(before.scores, "->", after.scores)
+        for ex, b, a in zip(after.examples, before.predictions, after.predictions):
+            print(f"{ex.prefix:37} {b!r:28.28} -> {a!r:28.28} reference {ex.suffix!r}")
         """
     ),
     md(
@@ -1024,7 +1046,7 @@ UNDER_THE_HOOD = [
     ),
     code(
         """
-        shapes = checkpoints.flatten(pk.param_shapes(cfg_3b))  # {"llm/layers/attn/q_einsum/w": ShapeDtypeStruct}
+        shapes = checkpoints.flatten(pk.param_shapes(cfg_3b))  # {"llm/layers/...": ShapeDtypeStruct}
         parts = Counter()
         for key, s in shapes.items():
             parts["/".join(key.split("/")[:2])] += math.prod(s.shape)
@@ -1059,7 +1081,8 @@ UNDER_THE_HOOD = [
         print("this model:", pixels.shape, "->", model.embed_image(pixels).shape, "(batch, tokens, width)")
         embed = lambda p, x: pk.PaliGemma(cfg_3b).apply({"params": p}, x, method="embed_image")
         x_3b = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
-        print("PaliGemma 2 3B:", x_3b.shape, "->", jax.eval_shape(embed, pk.param_shapes(cfg_3b), x_3b).shape)
+        z_3b = jax.eval_shape(embed, pk.param_shapes(cfg_3b), x_3b)  # shapes in, shapes out
+        print("PaliGemma 2 3B:", x_3b.shape, "->", z_3b.shape)
         """
     ),
     md(
@@ -1084,7 +1107,8 @@ UNDER_THE_HOOD = [
         tok = model.tokenizer
         ex = tok.encode_example(ptok.caption("en"), "a red circle", text_len=15)  # 16 columns
         fig, ax = plt.subplots(figsize=(10, 2.2))
-        ax.imshow(np.stack([ex["mask_ar"], ex["mask_loss"], ex["mask_input"]]), cmap="Blues", vmin=0, vmax=1.4)
+        masks = np.stack([ex["mask_ar"], ex["mask_loss"], ex["mask_input"]])  # [3, T]
+        ax.imshow(masks, cmap="Blues", vmin=0, vmax=1.4)
         ax.set_yticks(range(3), ["mask_ar", "mask_loss", "mask_input"])
         ax.set_xticks(range(len(ex["text"])), tok.pieces(ex["text"]), rotation=60)
         plt.show()
@@ -1111,7 +1135,8 @@ UNDER_THE_HOOD = [
         ax.imshow(attn, cmap="Greys", interpolation="nearest")
         n_prefix = N + int((ex["mask_ar"] == 0).sum())
         for edge in (N - 0.5, n_prefix - 0.5):
-            ax.axhline(edge, color="tab:red", lw=0.8); ax.axvline(edge, color="tab:red", lw=0.8)
+            ax.axhline(edge, color="tab:red", lw=0.8)
+            ax.axvline(edge, color="tab:red", lw=0.8)
         ax.set(title=f"image | prefix | suffix + padding  ({N} image tokens)", xlabel="key", ylabel="query")
         plt.show()
         """
@@ -1131,10 +1156,11 @@ UNDER_THE_HOOD = [
               f"<seg> ids {tok.seg_ids.start}..{tok.seg_ids.stop - 1}")
         answer = "<loc0102><loc0250><loc0870><loc0990> circle"
         print(answer, "->", tok.encode(answer))
-        batch = tok.encode_prompts([ptok.caption("en"), ptok.answer("what color is the circle")], bucket=None)
+        two = [ptok.caption("en"), ptok.answer("what color is the circle")]
+        batch = tok.encode_prompts(two, bucket=None)  # right-padded to the longer prompt
         mask = np.concatenate([np.ones((2, N), bool), batch["mask_input"]], axis=1)
         print("mask_input:\\n", batch["mask_input"].astype(int))
-        print("positions of the text tokens (after the image's 0..N-1):\\n", positions_from_mask(mask)[:, N:])
+        print("their positions (the image has 0..N-1):\\n", positions_from_mask(mask)[:, N:])
         """
     ),
     md(
@@ -1156,7 +1182,7 @@ UNDER_THE_HOOD = [
         prefill = jax.jit(lambda p, x, t, m: module.apply({"params": p}, x, t, m, CACHE, method="prefill"))
         step = jax.jit(lambda p, *a: module.apply({"params": p}, *a, method="decode_step"))
         logits, cache, valid, pos = prefill(model.params, pixels, enc["text"], enc["mask_input"])
-        print(f"{len(cache.k)} layers of keys and values, each {cache.k[0].shape} (batch, slots, kv heads, head dim)")
+        print(f"{len(cache.k)} layers of keys and values, each {cache.k[0].shape}: (batch, slots, kv heads, H)")
         print(f"slots filled: {int(valid.sum())} of {CACHE}; the next token's position: {pos}")
         """
     ),
@@ -1168,9 +1194,11 @@ UNDER_THE_HOOD = [
             tokens.append(int(next_token[0]))
             if tokens[-1] == tok.eos_id:
                 break
-            logits, cache, valid = step(model.params, next_token, cache, valid, pos + i, jnp.int32(N + T + i))
+            slot = jnp.int32(N + T + i)  # the next free cache slot
+            logits, cache, valid = step(model.params, next_token, cache, valid, pos + i, slot)
         print("cached decoding:", tokens, repr(tok.decode(tokens)))
-        print("model.generate: ", model.generate(IMAGE, ptok.caption("en"), max_new_tokens=NEW)[0].tokens.tolist())
+        [out] = model.generate(IMAGE, ptok.caption("en"), max_new_tokens=NEW)
+        print("model.generate: ", out.tokens.tolist())
         """
     ),
     md(
@@ -1212,11 +1240,17 @@ UNDER_THE_HOOD = [
         text = np.concatenate([enc["text"][0], ans])[None]  # prompt + answer: int32 [1, T + A]
         text_ar = np.array([0] * T + [1] * len(ans))[None]  # the answer is causal
         S = N + text.shape[1]  # the sequence: image, prompt, answer
-        seq_mask = make_attn_mask(np.ones((1, S), bool), np.concatenate([np.zeros((1, N), int), text_ar], 1))
+        full_ar = np.concatenate([np.zeros((1, N), int), text_ar], axis=1)  # image tokens: prefix
+        seq_mask = make_attn_mask(np.ones((1, S), bool), full_ar)  # bool [1, S, S]
         positions = positions_from_mask(np.ones((1, S), bool))  # 0 .. S-1
         embed_text = module.apply({"params": model.params}, text, method="embed_text")
         x = jnp.concatenate([model.embed_image(pixels), embed_text], axis=1)  # float32 [1, S, W]
-        layer = lambda i: jax.tree.map(lambda a: a[i], model.params["llm"]["layers"])  # layer i of the stack
+        print(f"{N} image + {T} prompt + {len(ans)} answer tokens: x {x.shape}, mask {seq_mask.shape}")
+        """
+    ),
+    code(
+        """
+        layer = lambda i: jax.tree.map(lambda a: a[i], model.params["llm"]["layers"])  # slice layer i
         run_layer = jax.jit(lambda p, x: Block(cfg).apply({"params": p}, x, positions, seq_mask)[0])
         for i in range(LAYER):
             x = run_layer(layer(i), x)  # the residual stream entering layer LAYER
@@ -1248,11 +1282,12 @@ UNDER_THE_HOOD = [
         w_k = p["attn"]["kv_einsum"]["w"][0].astype(jnp.float32)  # [kv heads, W, H]
         q = apply_rope(jnp.einsum("bsd,ndh->bsnh", h, w_q), positions, cfg.rope_base) * cfg.query_scale
         k = apply_rope(jnp.einsum("bsd,kdh->bskh", h, w_k), positions, cfg.rope_base)
-        k = jnp.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2)  # a kv head serves a group of query heads
+        k = jnp.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2)  # a kv head serves several q heads
         scores = softcap(jnp.einsum("bqnh,bknh->bnqk", q, k), cfg.attn_logits_softcap)
         probs = jax.nn.softmax(jnp.where(seq_mask[:, None], scores, -jnp.inf), axis=-1)  # [1, heads, S, S]
         to_image = probs[0, :, N + T:, :N].mean(axis=0)  # answer tokens -> image tokens, mean over heads
-        print(f"layer {LAYER}: the answer's attention goes {float(to_image.sum(-1).mean()):.0%} to the image")
+        share = float(to_image.sum(-1).mean())
+        print(f"layer {LAYER}: {share:.0%} of the answer tokens' attention goes to the image")
         """
     ),
     md(

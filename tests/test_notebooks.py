@@ -86,7 +86,9 @@ def test_notebook_has_the_idempotent_setup_cell(name):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_uses_the_demo_model_by_default(name):
-    lines = [ln for c in code_cells(read(name)) for ln in c.splitlines() if ln.startswith("MODEL =")]
+    lines = [
+        ln for c in code_cells(read(name)) for ln in c.splitlines() if ln.startswith("MODEL =")
+    ]
     assert lines == [MODEL_LINE], "exactly one MODEL line, the demo model"
 
 
@@ -99,7 +101,9 @@ def test_notebook_has_no_outputs_committed(name):
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_code_cells_are_short(name):
-    long = [c.splitlines()[0] for c in code_cells(read(name)) if len(c.splitlines()) > MAX_CELL_LINES]
+    long = [
+        c.splitlines()[0] for c in code_cells(read(name)) if len(c.splitlines()) > MAX_CELL_LINES
+    ]
     assert not long, f"code cells longer than {MAX_CELL_LINES} lines start with: {long}"
 
 
@@ -113,7 +117,9 @@ def test_finetuning_sets_the_gpu_memory_fraction_before_jax_loads():
 def test_notebooks_never_print_kaggle_keys():
     for name in NOTEBOOKS:
         for cell in code_cells(read(name)):
-            assert "KAGGLE_KEY" not in cell, f"{name}: credentials are read by the kit, not by cells"
+            assert "KAGGLE_KEY" not in cell, (
+                f"{name}: credentials are read by the kit, not by cells"
+            )
 
 
 # ----------------------------------------------------------------------------- execution

@@ -38,6 +38,61 @@ def mm(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum(eq, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
+def to_device(array: np.ndarray) -> jax.Array:
+    """numpy -> jax without a copy when the memory allows it (CPU, aligned)."""
+    try:
+        return jax.device_put(array, may_alias=True)
+    except TypeError:  # older JAX without may_alias
+        return jnp.asarray(array)
+
+
+@jax.tree_util.register_pytree_node_class
+class OutIn:
+    """A weight matrix kept as (out, in): y = x @ w.T.
+
+    Weights are stored (in, out). For one token at a time, XLA:CPU multiplies
+    a bfloat16 (in, out) matrix by a slow generic path, but reads an (out, in)
+    one at full memory speed; the CPU inference layout keeps such copies.
+    """
+
+    def __init__(self, w):
+        self.w = w
+
+    def tree_flatten(self):
+        return (self.w,), None
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children)
+
+
+def dense(x, w):
+    """x float[..., in] -> float[..., out] for w (in, out), or OutIn of (out, in).
+
+    Always a plain 2-D matmul (leading axes flattened): XLA:CPU picks slow
+    generic kernels for 3-D operands. For an OutIn weight and one row, the
+    ``x @ w.T`` form maps to XLA:CPU's fast row-major matrix-vector kernel;
+    for several rows the direct contraction is the fast one.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not isinstance(w, OutIn):
+        y = _matmul(x2, w)
+    elif x2.shape[0] == 1:
+        y = _matmul(x2, w.w.T)
+    else:
+        y = _matmul(x2, w.w, contract_rhs=1)
+    return y.reshape(*lead, y.shape[-1])
+
+
+def _matmul(x, w, contract_rhs: int = 0):
+    """2-D x @ w (or x @ w.T when contract_rhs=1) with the dtype policy of ``mm``."""
+    dims = (((1,), (contract_rhs,)), ((), ()))
+    if w.dtype == jnp.float32:
+        return jax.lax.dot_general(x.astype(jnp.float32), w, dims)
+    return jax.lax.dot_general(x.astype(w.dtype), w, dims, preferred_element_type=jnp.float32)
+
+
 def init_stacked(layer, rng: jax.Array, depth: int, *example_args, **example_kw) -> Params:
     """Initialise ``depth`` copies of ``layer`` stacked on a new leading axis."""
 

@@ -33,9 +33,20 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..configs import GemmaConfig
-from .common import init_stacked, layer_slice, mm, run_stack, split_leading, stacked_param
+from .common import (
+    OutIn,
+    dense,
+    init_stacked,
+    layer_slice,
+    mm,
+    run_stack,
+    split_leading,
+    stacked_param,
+    to_device,
+)
 
 # big_vision masks attention logits with this value (not -inf: a row with no
 # visible key, e.g. a padding query, stays finite).
@@ -86,21 +97,25 @@ def softcap(x, cap: float):
 def heads_mm(x, w):
     """x float[B, T, D] times each matrix w[n] (D, H) -> float[B, T, n, H].
 
-    ``w`` is the stored (n, D, H) array, or a tuple of its n (D, H) views (the
+    ``w`` is the stored (n, D, H) array, or a tuple of n per-head matrices (the
     CPU inference layout, see ``split_for_inference``): then each head is one
-    plain matmul that reads its weights in place.
+    plain matmul on weights that need no transposing or slicing.
     """
     if isinstance(w, (tuple, list)):
-        return jnp.stack([mm("btd,dh->bth", x, w_n) for w_n in w], axis=2)
+        return jnp.stack([dense(x, w_n) for w_n in w], axis=2)
     return mm("btd,ndh->btnh", x, w)
 
 
-def split_for_inference(layer):
-    """One layer's params with q/kv/gating weights as tuples of zero-copy views (CPU).
+def split_for_inference(layer, out_in: bool = False):
+    """One layer's params in the CPU inference layout.
 
-    q_einsum/w (Nh, W, H) -> Nh views (W, H); kv_einsum/w (2, K, W, H) -> (K keys, K values);
-    gating_einsum (2, W, F) -> (gate, up). XLA:CPU then runs plain matmuls on the
-    weights where they lie instead of transposing or slicing (copying) them.
+    q_einsum/w (Nh, W, H) -> Nh matrices (W, H); kv_einsum/w (2, K, W, H) -> (K keys,
+    K values); gating_einsum (2, W, F) -> (gate, up). By default these are
+    zero-copy views of the stacked arrays, so XLA:CPU runs plain matmuls on the
+    weights where they lie. With ``out_in`` (bfloat16/float16 weights), every
+    matrix is instead copied once as (out, in) (``OutIn``), the layout that
+    XLA:CPU reads at full speed for one token at a time; this costs one extra
+    copy of the layer's matrices.
     """
     attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
     q = split_leading(attn["q_einsum"]["w"])
@@ -109,6 +124,13 @@ def split_for_inference(layer):
     gating = split_leading(mlp["gating_einsum"])
     if q is None or kv is None or None in kv or gating is None:
         return layer
+    if out_in:
+        flip = lambda m: OutIn(to_device(np.ascontiguousarray(np.asarray(m).T)))
+        q, gating = tuple(map(flip, q)), tuple(map(flip, gating))
+        kv = tuple(tuple(map(flip, half)) for half in kv)
+        w_o = np.asarray(attn["attn_vec_einsum"]["w"])
+        attn["attn_vec_einsum"] = {"w": flip(w_o.reshape(-1, w_o.shape[-1]))}
+        mlp["linear"] = flip(mlp["linear"])
     attn["q_einsum"] = {"w": q}
     attn["kv_einsum"] = {"w": kv}
     mlp["gating_einsum"] = gating
@@ -187,7 +209,9 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b * t, -1)  # [B*T, Nh*H]
         # (Nh, H, W) -> (Nh*H, W) is free; the einsum form would transpose w_o first.
-        out = mm("sm,md->sd", out, w_o.reshape(-1, cfg.width))
+        if not isinstance(w_o, OutIn):
+            w_o = w_o.reshape(-1, cfg.width)
+        out = dense(out, w_o)
         return out.reshape(b, t, cfg.width), cache
 
 
@@ -201,15 +225,15 @@ class FeedForward(nn.Module):
         cfg = self.config
         init = nn.initializers.normal(cfg.width**-0.5)
         w_gating = _weight(self, "gating_einsum", init, (2, cfg.width, cfg.mlp_dim))
-        w_linear = self.param(
-            "linear", nn.initializers.normal(cfg.mlp_dim**-0.5), (cfg.mlp_dim, cfg.width)
+        w_linear = _weight(
+            self, "linear", nn.initializers.normal(cfg.mlp_dim**-0.5), (cfg.mlp_dim, cfg.width)
         )
         if isinstance(w_gating, tuple):
-            gate, up = (mm("btd,df->btf", x, w) for w in w_gating)
+            gate, up = (dense(x, w) for w in w_gating)
         else:
             gate, up = mm("btd,cdf->cbtf", x, w_gating)  # both [B, T, F]
         gate = nn.gelu(gate, approximate=True)
-        return mm("btf,fd->btd", gate * up, w_linear)
+        return dense(gate * up, w_linear)
 
 
 class Block(nn.Module):
@@ -298,4 +322,6 @@ class Embedder(nn.Module):
         return x.astype(jnp.float32)
 
     def decode(self, x):
-        return mm("...d,vd->...v", x, self.input_embedding)
+        # The table is (V, W): an (out, in) matrix, the layout XLA:CPU's fast
+        # one-row kernels read.
+        return dense(x, OutIn(self.input_embedding))

@@ -21,9 +21,10 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..configs import VisionConfig
-from .common import init_stacked, mm, run_stack, stacked_param
+from .common import dense, init_stacked, run_stack, stacked_param
 
 _dense_init = nn.initializers.lecun_normal()
 
@@ -39,13 +40,10 @@ class Dense(nn.Module):
         in_shape = x.shape[x.ndim - self.contract :]
         kernel = self.param("kernel", _dense_init, (*in_shape, *self.features))
         bias = self.param("bias", nn.initializers.zeros, self.features)
-        letters = "abcdefgh"
-        ins, outs = (
-            letters[: self.contract],
-            letters[self.contract : self.contract + len(self.features)],
-        )
-        y = mm(f"...{ins},{ins}{outs}->...{outs}", x, kernel)
-        return y + bias.astype(jnp.float32)
+        # One 2-D matmul: (..., in...) @ (in..., out...) with the axes flattened.
+        lead = x.shape[: x.ndim - self.contract]
+        y = dense(x.reshape(*lead, -1), kernel.reshape(-1, int(np.prod(self.features))))
+        return y.reshape(*lead, *self.features) + bias.astype(jnp.float32)
 
 
 class LayerNorm(nn.Module):
@@ -117,7 +115,8 @@ class PatchEmbed(nn.Module):
         b, h, w, c = images.shape
         patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, (h // p) * (w // p), p, p, c)  # row-major over the grid
-        return mm("bnijc,ijcd->bnd", patches, kernel) + bias.astype(jnp.float32)
+        flat = patches.reshape(b, -1, p * p * c)
+        return dense(flat, kernel.reshape(-1, self.width)) + bias.astype(jnp.float32)
 
 
 class Transformer(nn.Module):
