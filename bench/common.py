@@ -28,7 +28,10 @@ def random_leaf(rng: np.random.Generator, key: str, shape, dtype) -> np.ndarray:
     elif "einsum" in key:  # q (L, N, W, H), kv (L, 2, K, W, H), gating (L, 2, W, F)
         std = shape[-2] ** -0.5
     else:  # ViT kernels (L, in, ...) and the head (in, out)
-        std = shape[-3 if key.endswith(("query/kernel", "key/kernel", "value/kernel")) else -2] ** -0.5
+        std = (
+            shape[-3 if key.endswith(("query/kernel", "key/kernel", "value/kernel")) else -2]
+            ** -0.5
+        )
     out = np.empty(shape, np.float32)
     flat = out.reshape(-1)
     step = 1 << 26

@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -175,7 +174,9 @@ def main():
     ap.add_argument("--name", default="paligemma-3b-pt-224")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--llm-depth", type=int, default=None, help="shallower model, to test the script")
+    ap.add_argument(
+        "--llm-depth", type=int, default=None, help="shallower model, to test the script"
+    )
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     args = ap.parse_args()
 
@@ -240,7 +241,9 @@ def _shallow(source: Path, depth: int) -> Path:
 
     out = BENCH_DIR / f"{source.stem}.depth{depth}.npz"
     if not out.exists():
-        items = ((k, a[:depth] if k.startswith("llm/layers/") else a) for k, a in iter_arrays(source))
+        items = (
+            (k, a[:depth] if k.startswith("llm/layers/") else a) for k, a in iter_arrays(source)
+        )
         save_arrays(items, out)
     return out
 

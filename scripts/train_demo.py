@@ -104,13 +104,17 @@ def evaluate(params, config, tok, vae, n: int = 150, size: int = 64):
     examples = [ds[i] for i in range(len(ds))]
     for start in range(0, len(examples), 32):
         chunk = examples[start : start + 32]
-        outs = model.generate([e.image for e in chunk], [e.prefix for e in chunk], max_new_tokens=TEXT_LEN)
+        outs = model.generate(
+            [e.image for e in chunk], [e.prefix for e in chunk], max_new_tokens=TEXT_LEN
+        )
         for ex, out in zip(chunk, outs):
             task = ex.meta["task"]
             if task in ("detect", "segment"):
                 want = ex.meta["objects"][0]
                 got = detection.parse_detections(out.text, size, size)
-                iou = float(metrics.box_iou(np.array(got[0].box), np.array(want.box))) if got else 0.0
+                iou = (
+                    float(metrics.box_iou(np.array(got[0].box), np.array(want.box))) if got else 0.0
+                )
                 scores[task].append(iou >= 0.5)
             else:
                 scores[task].append(out.text.strip() == ex.suffix)
@@ -125,7 +129,9 @@ def main():
     ap.add_argument("--sigma", type=float, default=6.0, help="loc label smoothing, in bins")
     ap.add_argument("--eval-every", type=int, default=2000)
     ap.add_argument("--save-every", type=int, default=500)
-    ap.add_argument("--segment", action="store_true", help="add the segment task (needs data/vae.npz)")
+    ap.add_argument(
+        "--segment", action="store_true", help="add the segment task (needs data/vae.npz)"
+    )
     args = ap.parse_args()
 
     tok = Tokenizer.demo()

@@ -256,3 +256,43 @@ def test_inference_views_share_memory_and_match_the_stacked_forward(ref):
     a = PaliGemma(model.config).apply({"params": views}, *args)
     b = PaliGemma(model.config).apply({"params": model.params}, *args)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_out_in_blocks_multiply_like_the_plain_matrix(rows, dtype):
+    from pali_kit.model.common import OutIn, dense
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2 * OutIn.BLOCK + 100, 48)).astype(np.float32)  # 3 blocks
+    w = np.asarray(jnp.asarray(w).astype(dtype))
+    x = jnp.asarray(rng.standard_normal((rows, 1, w.shape[0])), jnp.float32)
+    blocked = OutIn.from_in_out(w)
+    assert len(blocked.blocks) == 3 and all(b.shape[1] <= OutIn.BLOCK for b in blocked.blocks)
+    got = jax.jit(dense)(x, blocked)
+    want = jax.jit(dense)(x, jnp.asarray(w))
+    assert got.shape == (rows, 1, 48)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), rtol=2e-2, atol=2e-2 * np.abs(want).max()
+    )
+    # and it is really the product, not just self-consistent
+    exact = np.asarray(x, np.float64).reshape(rows, -1) @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(
+        np.asarray(got).reshape(rows, -1), exact, rtol=0, atol=5e-2 * np.abs(exact).max()
+    )
+
+
+def test_out_in_inference_layout_gives_the_same_logits(ref):
+    from pali_kit.model import inference_params
+
+    model, expect = ref
+    bf16 = model.astype("bfloat16")
+    views = inference_params(bf16.params, out_in=True)
+    from pali_kit.model.common import OutIn
+
+    leaves = jax.tree.leaves(views["llm"]["layers"][0], is_leaf=lambda v: isinstance(v, OutIn))
+    assert any(isinstance(leaf, OutIn) for leaf in leaves)
+    args = (expect["image"], expect["text"], expect["mask_ar"])
+    a = PaliGemma(model.config).apply({"params": views}, *args)
+    b = PaliGemma(model.config).apply({"params": bf16.params}, *args)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3 * float(np.abs(b).max()))

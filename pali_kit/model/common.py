@@ -48,40 +48,59 @@ def to_device(array: np.ndarray) -> jax.Array:
 
 @jax.tree_util.register_pytree_node_class
 class OutIn:
-    """A weight matrix kept as (out, in): y = x @ w.T.
+    """A weight matrix kept transposed, (out, in), as column blocks: y = x @ w.T.
 
     Weights are stored (in, out). For one token at a time, XLA:CPU multiplies
-    a bfloat16 (in, out) matrix by a slow generic path, but reads an (out, in)
-    one at full memory speed; the CPU inference layout keeps such copies.
+    a bfloat16 (in, out) matrix through a slow generic kernel, but reads an
+    (out, in) one at full memory speed, provided ``in`` is at most ~3000
+    (longer rows fall back to the slow kernel). So the CPU inference layout
+    keeps such copies, split along ``in`` into blocks of at most ``BLOCK``.
     """
 
-    def __init__(self, w):
-        self.w = w
+    BLOCK = 2304
+
+    def __init__(self, blocks):
+        self.blocks = tuple(blocks)  # each (out, in_block), contiguous
+
+    @classmethod
+    def from_in_out(cls, w: np.ndarray) -> OutIn:
+        """Copy a host (in, out) matrix into transposed blocks (out, <= BLOCK)."""
+        n = -(-w.shape[0] // cls.BLOCK)
+        return cls(to_device(np.ascontiguousarray(part.T)) for part in np.array_split(w, n))
 
     def tree_flatten(self):
-        return (self.w,), None
+        return self.blocks, None
 
     @classmethod
     def tree_unflatten(cls, aux, children):
-        return cls(*children)
+        return cls(children)
 
 
 def dense(x, w):
-    """x float[..., in] -> float[..., out] for w (in, out), or OutIn of (out, in).
+    """x float[..., in] -> float[..., out] for w (in, out), or an ``OutIn``.
 
-    Always a plain 2-D matmul (leading axes flattened): XLA:CPU picks slow
-    generic kernels for 3-D operands. For an OutIn weight and one row, the
-    ``x @ w.T`` form maps to XLA:CPU's fast row-major matrix-vector kernel;
-    for several rows the direct contraction is the fast one.
+    Always plain 2-D matmuls (leading axes flattened): XLA:CPU picks slow
+    generic kernels for 3-D operands. For an OutIn and one row, ``x @ w.T``
+    maps to XLA:CPU's fast row-major matrix-vector kernel; for several rows
+    the direct contraction is the fast form.
     """
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    # The barrier gives each matmul its own copy of the input as far as XLA can
+    # tell; otherwise XLA's dot-merger pass fuses matmuls that share an input
+    # (gate and up, the heads of q) by concatenating their weights: a copy of
+    # those weights on every call.
+    x2 = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]))
     if not isinstance(w, OutIn):
         y = _matmul(x2, w)
-    elif x2.shape[0] == 1:
-        y = _matmul(x2, w.w.T)
     else:
-        y = _matmul(x2, w.w, contract_rhs=1)
+        parts, start = [], 0
+        for block in w.blocks:
+            part = x2[:, start : start + block.shape[1]]
+            start += block.shape[1]
+            parts.append(_matmul(part, block.T) if x2.shape[0] == 1 else _matmul(part, block, 1))
+        # Summing behind a barrier keeps each product a separate matmul kernel
+        # (an add fused into it would make XLA:CPU convert the block first).
+        y = sum(jax.lax.optimization_barrier(tuple(parts))) if len(parts) > 1 else parts[0]
     return y.reshape(*lead, y.shape[-1])
 
 

@@ -45,7 +45,6 @@ from .common import (
     run_stack,
     split_leading,
     stacked_param,
-    to_device,
 )
 
 # big_vision masks attention logits with this value (not -inf: a row with no
@@ -125,7 +124,7 @@ def split_for_inference(layer, out_in: bool = False):
     if q is None or kv is None or None in kv or gating is None:
         return layer
     if out_in:
-        flip = lambda m: OutIn(to_device(np.ascontiguousarray(np.asarray(m).T)))
+        flip = lambda m: OutIn.from_in_out(np.asarray(m))
         q, gating = tuple(map(flip, q)), tuple(map(flip, gating))
         kv = tuple(tuple(map(flip, half)) for half in kv)
         w_o = np.asarray(attn["attn_vec_einsum"]["w"])
@@ -324,4 +323,4 @@ class Embedder(nn.Module):
     def decode(self, x):
         # The table is (V, W): an (out, in) matrix, the layout XLA:CPU's fast
         # one-row kernels read.
-        return dense(x, OutIn(self.input_embedding))
+        return dense(x, OutIn([self.input_embedding]))
