@@ -608,13 +608,15 @@ def _check_shapes(folder: SafetensorsFolder, config: PaliGemmaConfig, where: str
 # --- loading ---------------------------------------------------------------------------
 
 
-def load_hf(folder, dtype=None) -> tuple[dict, PaliGemmaConfig]:
+def load_hf(folder, dtype=None, progress: bool | None = None) -> tuple[dict, PaliGemmaConfig]:
     """Read a transformers PaliGemma 1 or 2 folder into the big_vision tree.
 
     Args:
       folder: holds ``config.json`` and ``model.safetensors`` (or shards listed
         in ``model.safetensors.index.json``).
       dtype: cast floating weights to this dtype (None keeps the stored one).
+      progress: show a progress bar over the arrays (default: for folders whose
+        safetensors files exceed 200 MB).
 
     Returns:
       (params, config): params is the nested dict of jax arrays that
@@ -643,7 +645,13 @@ def load_hf(folder, dtype=None) -> tuple[dict, PaliGemmaConfig]:
     try:
         config = config_from_hf(hf_config, tensors.tensors, str(folder))
         _check_shapes(tensors, config, str(folder))
-        flat = {rule.kit: _load_rule(tensors, rule, config, dtype) for rule in _rules(config)}
+        rules = list(_rules(config))
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        if progress or (progress is None and size > 2e8):
+            from tqdm.auto import tqdm
+
+            rules = tqdm(rules, desc=f"loading {folder.name}", unit="array", leave=False)
+        flat = {rule.kit: _load_rule(tensors, rule, config, dtype) for rule in rules}
         _check_head(tensors, config)
     finally:
         tensors.close()

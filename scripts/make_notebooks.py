@@ -1316,7 +1316,8 @@ UNDER_THE_HOOD = [
     next_md(
         "Back to [1. Inference](01_inference.ipynb), or try the prompt panel with your own "
         "images. The code behind every cell lives in `pali_kit/`: `model/` (the Flax "
-        "modules), `decode.py` (the cache and the samplers), `train.py` (the step)."
+        "modules), `decode.py` (the cache and the samplers), `train/` (fine-tuning; "
+        "`train/step.py` holds the step)."
     ),
 ]
 

@@ -235,3 +235,11 @@ def test_checkpoint_keys_reads_headers_only(tmp_path, tiny_params):
     )
     keys = checkpoints.checkpoint_keys(path)
     assert keys["llm/embedder/input_embedding"] == ((2176, 32), np.dtype(ml_dtypes.bfloat16))
+
+
+def test_loading_can_show_a_progress_bar(tmp_path, tiny_params, capsys):
+    path = save_params(tiny_params, tmp_path / "bar.npz")
+    load_params(path, progress=True)
+    assert "loading bar.npz" in capsys.readouterr().err
+    load_params(path)  # small files: no bar by default
+    assert "loading" not in capsys.readouterr().err

@@ -280,3 +280,29 @@ def test_every_registry_handle_parses_and_names_its_model_page():
         handle, _ = hub.split_handle(info.kaggle_handle)
         assert hub.model_page(handle).startswith("https://www.kaggle.com/models/google/paligemma")
         assert info.kaggle_file.endswith(".npz")
+
+
+# ------------------------------------------------------------------ pk.load(<name>)
+
+
+def test_pk_load_of_a_registry_name_reads_the_cached_download(tiny_params, tmp_path, capsys):
+    import pali_kit as pk
+
+    put_in_cache(tiny_params, tmp_path / "cache")
+    model = pk.load(NAME)
+    out = capsys.readouterr().out
+    assert NAME in out and f"{model.num_params():,}" in out  # the one-line summary
+    assert model.config.llm.vocab_size == TINY.llm.vocab_size  # architecture from the file
+    assert model.config.llm.post_norms  # Gemma 2, as the file says
+    loaded = flatten(model.params)
+    for key, value in flatten(tiny_params).items():
+        np.testing.assert_array_equal(np.asarray(loaded[key]), value)
+    assert model.logits(np.zeros((1, 8, 8, 3), np.float32), np.ones((1, 4), np.int32),
+                        np.zeros((1, 4), np.int32)).shape == (1, 4, 64)  # fmt: skip
+
+
+def test_pk_load_of_a_registry_name_without_cache_or_credentials_says_what_to_do(tmp_path):
+    import pali_kit as pk
+
+    with pytest.raises(Exception, match="(?i)credential|kaggle.json|KAGGLE_KEY"):
+        pk.load(NAME)

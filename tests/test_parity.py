@@ -349,3 +349,28 @@ def test_a_wrong_norm_name_fails_parity(references, monkeypatch, family):
     for kit, hf_name in wrong.items():
         monkeypatch.setitem(getattr(hf, table), kit, hf_name)
     assert _parity_error(folder, ref) > 100 * TOLERANCE
+
+
+def test_pk_load_of_the_folder_decodes_like_transformers_generate(saved, capsys):
+    """The user's path: pk.load(folder) and the kit's cached decoder (not the uncached loop)."""
+    import pali_kit as pk
+    from pali_kit import decode
+
+    name, model, folder = saved
+    kit = pk.load(str(folder))
+    assert folder.name in capsys.readouterr().out  # the one-line summary
+    pixels, text, _ = inputs(seed=1)
+    prompt, steps = text[:, :PREFIX], SUFFIX
+    allowed = np.ones(V_KIT, bool)
+    allowed[[s for s in SUPPRESSED if s < V_KIT]] = False
+    mine, _ = decode.generate_tokens(
+        kit.config, kit.run_params, pixels.transpose(0, 2, 3, 1), prompt, np.ones(prompt.shape, bool),
+        max_new_tokens=steps, logit_mask=allowed,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(mine), hf_greedy(model, pixels, prompt, steps))
+
+
+def test_loading_a_folder_can_show_a_progress_bar(saved, capsys):
+    _, _, folder = saved
+    hf.load_hf(folder, progress=True)
+    assert f"loading {folder.name}" in capsys.readouterr().err

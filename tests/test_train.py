@@ -348,3 +348,25 @@ def test_plan_says_paligemma2_3b_attention_only_fits_a_t4():
     assert plan.num_trainable == 368_050_176
     assert plan.fits("T4 16 GB"), plan.table()
     assert 5e9 < plan.frozen_bytes < 6e9
+
+
+def test_t4_advice_names_the_largest_subset_and_batch_that_fit(config, monkeypatch):
+    from pali_kit.train import memory
+
+    kw = dict(text_len=8, frozen_dtype="float16", optimizer="sgd", tpu=False)
+    plans = {s: pt.plan(config, trainable=s, batch_size=1, **kw) for s in ("all", "llm", "attention")}
+    assert plans["all"].num_trainable > plans["llm"].num_trainable > plans["attention"].num_trainable
+    # a device that holds the 'llm' subset at batch 1 but not 'all'
+    need = {s: p.need("T4 16 GB") for s, p in plans.items()}
+    assert need["all"] > need["llm"]
+    capacity = (need["llm"] + need["all"]) / 2 / memory.HEADROOM
+    monkeypatch.setitem(memory.DEVICES, "tiny device", (capacity, 1))
+    advice = pt.t4_advice(config, subsets=("all", "llm", "attention"), device="tiny device",
+                          batch_sizes=(1, 2, 4, 8), **{k: kw[k] for k in ("text_len", "frozen_dtype")})  # fmt: skip
+    assert "'llm'" in advice, advice
+    batch = int(advice.split("largest batch is ")[1].split()[0])
+    assert pt.plan(config, trainable="llm", batch_size=batch, **kw).fits("tiny device")
+    if batch < 8:
+        assert not pt.plan(config, trainable="llm", batch_size=2 * batch, **kw).fits("tiny device")
+    monkeypatch.setitem(memory.DEVICES, "tiny device", (1.0, 1))
+    assert "nothing fits" in pt.t4_advice(config, device="tiny device", text_len=8)

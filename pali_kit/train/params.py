@@ -1,0 +1,162 @@
+"""Which weights train, and in which dtype: trainable masks, split/merge, casting.
+
+- ``trainable_mask(params, "attention")`` -> (bool tree, one-line summary).
+  Presets: ``"attention"`` (``llm/layers/attn/.*``, the colab), ``"llm"``,
+  ``"img"``, ``"all"``; or a regex over the ``/``-joined key (full match), or
+  a predicate ``(key, shape) -> bool``.
+- ``split_params(params, mask)`` -> (trainable, frozen), two nested dicts
+  holding only their own leaves; ``merge_params`` puts them back together.
+- Dtypes: trainable weights float32; frozen ones float16 on GPUs without
+  bfloat16 (T4, V100, P100), bfloat16 on TPUs and newer GPUs, float32 on CPU
+  (``default_frozen_dtype``). The model's matmuls cast activations to each
+  weight's dtype and accumulate in float32. ``cast_params`` applies this to
+  a tree.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from .. import checkpoints
+
+Params = dict[str, Any]
+
+
+# ============================================================================ trainable subsets
+
+TRAINABLE = {
+    "attention": r"llm/layers/attn/.*",  # the reference colab: q, kv and output projections
+    "llm": r"llm/.*",
+    "img": r"img/.*",
+    "all": r".*",
+    "none": r"(?!)",
+}
+
+
+def _leaf_key(path) -> str:
+    """A tree path -> the ``/``-joined checkpoint key (``llm/layers/attn/q_einsum/w``)."""
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                parts.append(str(getattr(p, attr)))
+                break
+    return "/".join(parts)
+
+
+def trainable_mask(params: Params, trainable="attention") -> tuple[Params, str]:
+    """Which weights to train: a bool tree like ``params`` and a one-line summary.
+
+    Args:
+      params: the nested parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+      trainable: a preset (``"attention"``, ``"llm"``, ``"img"``, ``"all"``), a
+        regex that must match the whole ``/``-joined key (``"llm/layers/mlp/.*"``),
+        a predicate ``(key, shape) -> bool``, or a bool tree (returned as is).
+    Returns:
+      ``(mask, summary)``; e.g. summary ``"368,050,176 of 3,032,094,960
+      parameters trainable (12.1 %), 3 of 34 arrays: llm/layers/attn/.*"``.
+    """
+    if isinstance(trainable, Mapping):
+        mask, what = trainable, "a given mask"
+    else:
+        predicate, what = _predicate(trainable)
+        mask = jax.tree_util.tree_map_with_path(
+            lambda path, x: bool(predicate(_leaf_key(path), tuple(x.shape))), params
+        )
+    flags = jax.tree.leaves(mask)
+    sizes = [math.prod(x.shape) for x in jax.tree.leaves(params)]
+    if len(flags) != len(sizes):
+        raise ValueError("the trainable mask does not have the parameters' tree structure")
+    n_train = sum(s for s, f in zip(sizes, flags) if f)
+    if not any(flags) and trainable != "none":
+        raise ValueError(
+            f"trainable={trainable!r} matches no parameter. Keys look like "
+            "'llm/layers/attn/q_einsum/w' and a regex must match a whole key "
+            "(end it with '.*'); presets: " + ", ".join(TRAINABLE)
+        )
+    total = sum(sizes)
+    summary = (
+        f"{n_train:,} of {total:,} parameters trainable ({100 * n_train / max(total, 1):.1f} %), "
+        f"{sum(flags)} of {len(flags)} arrays: {what}"
+    )
+    return mask, summary
+
+
+def _predicate(trainable) -> tuple[Callable[[str, tuple], bool], str]:
+    if callable(trainable):
+        return trainable, getattr(trainable, "__name__", "a predicate")
+    if not isinstance(trainable, str):
+        raise TypeError(
+            f"trainable must be a preset name, a regex, a predicate or a bool tree, "
+            f"got {type(trainable).__name__}"
+        )
+    pattern = TRAINABLE.get(trainable, trainable)
+    if pattern.startswith("/"):
+        raise ValueError(f"trainable={trainable!r}: keys never start with '/' (llm/..., img/...)")
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f"trainable={trainable!r} is neither a preset nor a valid regex: {e}"
+        ) from None
+    return (lambda key, shape: regex.fullmatch(key) is not None), pattern
+
+
+def split_params(params: Params, mask: Params) -> tuple[Params, Params]:
+    """(trainable, frozen): two nested dicts holding only their own leaves."""
+    flat, flags = checkpoints.flatten(params), checkpoints.flatten(mask)
+    trainable = {k: v for k, v in flat.items() if flags[k]}
+    frozen = {k: v for k, v in flat.items() if not flags[k]}
+    return checkpoints.unflatten(trainable), checkpoints.unflatten(frozen)
+
+
+def merge_params(*trees: Params) -> Params:
+    """The union of nested dicts with disjoint leaves (the inverse of ``split_params``)."""
+    flat = {}
+    for tree in trees:
+        flat.update(checkpoints.flatten(tree))
+    return checkpoints.unflatten(flat)
+
+
+# ============================================================================ dtypes
+
+# GPUs without bfloat16 arithmetic: frozen weights go to float16 there (the colab's choice).
+NO_BF16_GPUS = ("T4", "V100", "P100", "P40", "P4", "K80", "M60", "GTX 10", "RTX 20")
+
+
+def default_frozen_dtype(device=None, *, cpu="float32") -> np.dtype:
+    """The dtype for frozen weights on a device (default: the first JAX device).
+
+    T4 / V100 / P100 (no bfloat16): float16. TPUs, A100, H100, L4, ...: bfloat16.
+    CPU: ``cpu`` (float32 by default; "bfloat16" halves memory and is faster
+    on CPUs with AVX-512 BF16).
+    """
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return checkpoints.as_dtype(cpu)
+    kind = device.device_kind
+    if any(name in kind for name in NO_BF16_GPUS):
+        return np.dtype(np.float16)
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _training_dtype(trainable: bool, frozen_dtype, current) -> np.dtype:
+    if not jnp.issubdtype(current, jnp.floating):
+        return np.dtype(current)
+    return np.dtype(np.float32) if trainable else np.dtype(frozen_dtype)
+
+
+def cast_params(params: Params, mask: Params, frozen_dtype=None) -> Params:
+    """Trainable leaves to float32, frozen ones to ``frozen_dtype`` (default: the device's)."""
+    frozen_dtype = checkpoints.as_dtype(frozen_dtype) or default_frozen_dtype()
+    return jax.tree.map(
+        lambda x, t: x.astype(_training_dtype(t, frozen_dtype, x.dtype)), params, mask
+    )
