@@ -354,8 +354,12 @@ def test_t4_advice_names_the_largest_subset_and_batch_that_fit(config, monkeypat
     from pali_kit.train import memory
 
     kw = dict(text_len=8, frozen_dtype="float16", optimizer="sgd", tpu=False)
-    plans = {s: pt.plan(config, trainable=s, batch_size=1, **kw) for s in ("all", "llm", "attention")}
-    assert plans["all"].num_trainable > plans["llm"].num_trainable > plans["attention"].num_trainable
+    plans = {
+        s: pt.plan(config, trainable=s, batch_size=1, **kw) for s in ("all", "llm", "attention")
+    }
+    assert (
+        plans["all"].num_trainable > plans["llm"].num_trainable > plans["attention"].num_trainable
+    )
     # a device that holds the 'llm' subset at batch 1 but not 'all'
     need = {s: p.need("T4 16 GB") for s, p in plans.items()}
     assert need["all"] > need["llm"]
