@@ -176,6 +176,11 @@ def _decode(raw: bytes, what: str) -> Image.Image:
             f"{what} ({len(raw)} bytes) is not in an image format PIL knows "
             "(PNG, JPEG, GIF, BMP, TIFF, WebP, ...)"
         ) from error
+    except Exception as error:  # a header cut short: PIL raises OSError, SyntaxError, ...
+        raise ImageError(
+            f"could not read the header of {what} ({len(raw)} bytes): {error} "
+            f"({type(error).__name__}). The file is truncated or corrupt: re-download or re-save it."
+        ) from error
     return _upright(_load(image, what))
 
 

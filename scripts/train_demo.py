@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pali_kit import checkpoints, data, detection, metrics
+from pali_kit import checkpoints, data
 from pali_kit.api import Model, demo_config
 from pali_kit.model import PaliGemma, init_params
 from pali_kit.tokenizer import Tokenizer
@@ -95,30 +95,10 @@ def load_state(path: Path, params, opt_state):
     return params, jax.tree.unflatten(treedef, opt_leaves), step
 
 
-def evaluate(params, config, tok, vae, n: int = 150, size: int = 64):
-    """Greedy answers on held-out scenes (seed 12345): per-task scores."""
-    model = Model(params, config, tok)
+def evaluate(params, config, tok, vae, n: int = 150):
+    """Greedy answers on held-out scenes (seed 12345): per-task scores (``data.score_shapes``)."""
     tasks = ["caption", "count", "color", "detect"] + (["segment"] * (vae is not None))
-    ds = data.ShapesDataset(n, size=size, seed=12345, tasks=tasks, vae=vae)
-    scores = {t: [] for t in tasks}
-    examples = [ds[i] for i in range(len(ds))]
-    for start in range(0, len(examples), 32):
-        chunk = examples[start : start + 32]
-        outs = model.generate(
-            [e.image for e in chunk], [e.prefix for e in chunk], max_new_tokens=TEXT_LEN
-        )
-        for ex, out in zip(chunk, outs):
-            task = ex.meta["task"]
-            if task in ("detect", "segment"):
-                want = ex.meta["objects"][0]
-                got = detection.parse_detections(out.text, size, size)
-                iou = (
-                    float(metrics.box_iou(np.array(got[0].box), np.array(want.box))) if got else 0.0
-                )
-                scores[task].append(iou >= 0.5)
-            else:
-                scores[task].append(out.text.strip() == ex.suffix)
-    return {t: float(np.mean(v)) for t, v in scores.items()}
+    return data.score_shapes(Model(params, config, tok), n, seed=12345, tasks=tasks, vae=vae)
 
 
 def main():

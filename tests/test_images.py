@@ -402,3 +402,13 @@ def test_images_and_videos_mixed():
 
 def test_image_error_is_a_value_error():
     assert issubclass(ImageError, ValueError)
+
+
+@pytest.mark.parametrize("cut", [8, 12, 20, 33])
+def test_file_cut_inside_the_header_is_reported(tmp_path, cut):
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
+    path = tmp_path / "header.png"
+    path.write_bytes(buffer.getvalue()[:cut] + b"not really")
+    with pytest.raises(ImageError, match=r"header.png.*(truncated or corrupt|not in an image format)"):
+        pk.preprocess(path, 16)
