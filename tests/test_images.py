@@ -410,5 +410,7 @@ def test_file_cut_inside_the_header_is_reported(tmp_path, cut):
     Image.new("RGB", (8, 8), "red").save(buffer, "PNG")
     path = tmp_path / "header.png"
     path.write_bytes(buffer.getvalue()[:cut] + b"not really")
-    with pytest.raises(ImageError, match=r"header.png.*(truncated or corrupt|not in an image format)"):
+    with pytest.raises(
+        ImageError, match=r"header.png.*(truncated or corrupt|not in an image format)"
+    ):
         pk.preprocess(path, 16)
