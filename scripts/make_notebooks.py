@@ -88,12 +88,12 @@ CREDENTIALS_MD = md(
     """
     ## The model
 
-    `MODEL = "demo"` is the tiny PaliGemma 2 that ships with the kit (1.3 M
+    `MODEL = "demo"` is the tiny PaliGemma 2 that ships with the kit (1.46 M
     parameters, 64 px input). It was trained only on synthetic pictures of
     circles, squares and triangles in four colours, so it captions, counts,
     names colours, detects and segments those shapes, and nothing else. Its
     answers are whatever it says: this notebook shows them, it never checks them.
-    (While `data/demo_model.npz` is missing, `pk.load("demo")` warns and uses a
+    (Should `data/demo_model.npz` be missing, `pk.load("demo")` warns and uses a
     random model of the same size: every cell still runs, the answers are noise.)
 
     To use a real checkpoint, change that one line on a GPU runtime (a free T4
