@@ -51,8 +51,9 @@ from typing import Any
 import numpy as np
 
 from pali_kit import images as pimages
+from pali_kit import metrics
 from pali_kit import tokenizer as ptok
-from pali_kit.detection import detections_to_text
+from pali_kit.detection import detections_to_text, parse_detections
 
 __all__ = [
     "DataError",
@@ -859,9 +860,6 @@ def score_shapes(
     the decoded mask's IoU >= 0.5 with the drawn shape.
     Returns ``{task: fraction}``.
     """
-    from pali_kit import metrics
-    from pali_kit.detection import parse_detections
-
     size = model.resolution
     scores = {}
     for task in tasks:
@@ -872,12 +870,13 @@ def score_shapes(
             outs = model.generate([e.image for e in chunk], [e.prefix for e in chunk],
                                   max_new_tokens=max_new_tokens)  # fmt: skip
             for ex, out in zip(chunk, outs):
-                hits.append(_shape_hit(task, out.text, ex, size, vae, metrics, parse_detections))
+                hits.append(_shape_hit(task, out.text, ex, size, vae))
         scores[task] = float(np.mean(hits))
     return scores
 
 
-def _shape_hit(task, text, ex, size, vae, metrics, parse_detections) -> bool:
+def _shape_hit(task: str, text: str, ex: Example, size: int, vae) -> bool:
+    """Is one answer right? (the rules of ``score_shapes``)"""
     if task not in ("detect", "segment"):
         return text.strip() == ex.suffix
     want = ex.meta["objects"][0]
