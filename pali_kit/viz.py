@@ -6,9 +6,10 @@
     viz.draw_caption(image, "a red circle")           # -> PIL.Image with the text below
     viz.show([image, model_input], titles=["original", "[-1, 1] input"])  # -> matplotlib Figure
 
-Images may be PIL images, uint8 arrays [H, W(, C)] or float arrays in [-1, 1]
-(the model's input range; ``value_range`` says otherwise), with or without a
-leading batch axis of 1. Every label gets the same colour in every call and
+Images may be PIL images, uint8 arrays [H, W(, C)] or float arrays read by the
+kit's one float rule (``pali_kit.images.float_range``: [-1, 1], the model's input,
+if any value is negative, else [0, 1]; ``value_range`` says otherwise), with or
+without a leading batch axis of 1. Every label gets the same colour in every call and
 every process (a CRC32 of the label picks from a fixed palette). Figures are
 built on matplotlib's Agg canvas without pyplot, so nothing needs a display;
 Jupyter shows a returned Figure inline.
@@ -25,6 +26,8 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from .images import float_range
+
 # A qualitative palette (Tableau 10 followed by its light variants): 20 colours.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -37,13 +40,13 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 # ----------------------------------------------------------------------------- images in
 
 
-def to_pil(image: Any, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> PIL.Image.Image:
+def to_pil(image: Any, *, value_range: tuple[float, float] | None = None) -> PIL.Image.Image:
     """Any image -> RGB PIL image.
 
     Args:
       image: PIL image; uint8 array [H, W], [H, W, 1|3|4]; a float array in
-        ``value_range`` (default [-1, 1], the model input); a leading batch axis
-        of size 1 is dropped. JAX arrays work too.
+        ``value_range`` (default: the kit's float rule, [-1, 1] or [0, 1]); a
+        leading batch axis of size 1 is dropped. JAX arrays work too.
       value_range: the (low, high) of float inputs, mapped to 0..255.
     """
     if isinstance(image, PIL.Image.Image):
@@ -51,7 +54,7 @@ def to_pil(image: Any, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> PIL
     return PIL.Image.fromarray(to_uint8(image, value_range=value_range)).convert("RGB")
 
 
-def to_uint8(image: Any, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+def to_uint8(image: Any, *, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Array image -> uint8 [H, W] or [H, W, C]; floats are mapped from ``value_range``."""
     x = np.asarray(image)
     while x.ndim > 3 and x.shape[0] == 1:
@@ -64,7 +67,7 @@ def to_uint8(image: Any, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> n
         return x
     if x.dtype == bool:
         return x.astype(np.uint8) * 255
-    lo, hi = value_range
+    lo, hi = value_range or float_range(x, "float image values")
     x = (x.astype(np.float32) - lo) / (hi - lo) * 255.0
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
