@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -610,8 +611,8 @@ def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **override
         tok = _as_tokenizer(tokenizer) or _find_tokenizer(path.parent if path.is_file() else path,
                                                           config.llm.vocab_size)  # fmt: skip
         model = Model(params, config, tok, name=name or path.name, text_len=text_len)
-    if verbose:
-        print(f"pali_kit: {model.summary()}")
+    if verbose:  # a status line: on stderr, so that printed answers can be redirected cleanly
+        print(f"pali_kit: {model.summary()}", file=sys.stderr)
     return model
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import PIL.Image
 
 from pali_kit.detection import Detection, parse_detections
+from pali_kit.errors import ArgumentError, ArgumentTypeError, _short
 
 MASK_SIZE = 64
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 convs even on TPU/GPU (no bf16/tf32 passes)
@@ -277,16 +278,43 @@ def nearest_codes(codebook: jax.Array, features: jax.Array) -> jax.Array:
 def reconstruct_masks(vae: MaskVAE, indices) -> np.ndarray:
     """int [B, 16] (or [16]) codes -> float32 [B, 64, 64] (or [64, 64]) masks, about [-1, 1].
 
-    Raises ValueError for codes outside [0, K) or a wrong shape.
+    vae: from ``load_vae``; indices: integers (a list, tuple or int array; a
+    Detection's ``seg_codes``). Raises the kit's ArgumentTypeError for a wrong
+    type (e.g. floats, or the arguments swapped) and ArgumentError for codes
+    outside [0, K) or a shape other than [16] / [B, 16].
     """
-    indices = np.asarray(indices)
+    where = "reconstruct_masks"
+    if not isinstance(vae, MaskVAE):
+        raise ArgumentTypeError(
+            f"{where}: vae={_short(vae)} must be a MaskVAE from pk.load_vae('demo') or "
+            "pk.load_vae('vae-oid.npz'); the call is reconstruct_masks(vae, codes)"
+        )
+    if indices is None:
+        raise ArgumentTypeError(
+            f"{where}: indices=None: pass 16 codes, e.g. a detection's seg_codes"
+        )
+    try:
+        indices = np.asarray(indices)
+    except Exception:
+        indices = np.asarray(None, object)
+    if indices.dtype == np.bool_ or not np.issubdtype(indices.dtype, np.integer):
+        if indices.size == 0 and indices.dtype == np.float64:  # [] or np.zeros((0, 16))
+            indices = indices.astype(np.int32)
+        else:
+            raise ArgumentTypeError(
+                f"{where}: indices={_short(indices)} must be integer codes (int [16] or "
+                f"[B, 16]), got dtype {indices.dtype}"
+            )
     single = indices.ndim == 1
     indices = indices[None] if single else indices
     if indices.ndim != 2 or indices.shape[1] != 16:
-        raise ValueError(f"expected codes of shape [B, 16], got {indices.shape}")
+        raise ArgumentError(
+            f"{where}: indices has shape {indices.shape if not single else indices.shape[1:]}, "
+            "expected [16] or [B, 16] (16 <seg> codes per mask)"
+        )
     if indices.size and (indices.min() < 0 or indices.max() >= vae.num_codes):
-        raise ValueError(
-            f"codes must be in [0, {vae.num_codes}), got {indices.min()}..{indices.max()}"
+        raise ArgumentError(
+            f"{where}: codes must be in [0, {vae.num_codes}), got {indices.min()}..{indices.max()}"
         )
     if len(indices) == 0:
         return np.zeros((0, MASK_SIZE, MASK_SIZE), np.float32)
