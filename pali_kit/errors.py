@@ -94,10 +94,21 @@ class ExportFolderError(PaliKitError, FileExistsError):
 
 def did_you_mean(name: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean 'a' or 'b'?)', or '' when nothing is close."""
-    close = difflib.get_close_matches(str(name), list(choices), n=n, cutoff=0.6)
+    close = difflib.get_close_matches(str(name), list(choices), n=2 * n, cutoff=0.6)
     if not close:
         return ""
+    close = sorted(close, key=lambda c: _edit_distance(str(name), c))[:n]  # stable: ties keep order
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions), for ranking suggestions."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
 
 
 def check_keywords(where: str, kw: dict, allowed: Iterable[str]) -> None:
