@@ -487,7 +487,7 @@ def _check_overrides_fit(params, config, overrides: dict, where: str, what: str)
     except CheckpointError as e:
         given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
         raise CheckpointError(
-            f"{where}({given}): the overrides do not fit the weights: {e}. Overrides may only "
+            f"{where} with {given}: the overrides do not fit the weights: {e}. Overrides may only "
             "change what the weights' shapes do not fix (e.g. final_logits_softcap); remove them"
         ) from None
 
@@ -538,7 +538,7 @@ def _demo(dtype, overrides):
     if path.exists():
         params = checkpoints.load_params(path, dtype)
         config = _with_overrides(checkpoints.infer_config(params, str(path)), overrides, "pk.load")
-        _check_overrides_fit(params, config, overrides, "pk.load('demo', ...)", str(path))
+        _check_overrides_fit(params, config, overrides, "pk.load('demo')", str(path))
         return Model(params, config, tok, name="pali_kit demo", text_len=32)
     warnings.warn(
         f"{path} does not exist yet: using a small RANDOM model with the demo tokenizer "
@@ -597,7 +597,7 @@ def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **override
 
             params, config = hf.load_hf(path, dtype)
             config = _with_overrides(config, overrides, "pk.load")
-            _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r}, ...)",
+            _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
                                  str(path))  # fmt: skip
         else:
             params = checkpoints.load_params(path, dtype)
@@ -605,7 +605,7 @@ def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **override
             if name is not None:
                 config = _registry_semantics(config, checkpoint_info(name).config)
             config = _with_overrides(config, overrides, "pk.load")
-            _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r}, ...)",
+            _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
                                  str(path))  # fmt: skip
             checkpoints.check_params(params, config, str(path))
         tok = _as_tokenizer(tokenizer) or _find_tokenizer(path.parent if path.is_file() else path,
