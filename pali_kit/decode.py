@@ -446,15 +446,15 @@ def sequence_scores(tokens, logprobs) -> np.ndarray:
 def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, width: int):
     """Prefill/step that return each beam's top ``width`` log-probs (not all V of them).
 
-    ``mask`` (bool[V] or None) removes disallowed tokens from the ranking (they
-    come back as -inf); the log-probs kept are those of the unmasked model.
+    ``mask`` (bool[V]) removes disallowed tokens from the ranking (they come
+    back as -inf); the log-probs kept are those of the unmasked model.
     """
     module = PaliGemma(config)
     dtype = jnp.dtype(cache_dtype)
 
     def top(logits, mask):
         logp = jax.nn.log_softmax(logits, axis=-1)
-        return jax.lax.top_k(logp if mask is None else jnp.where(mask, logp, -jnp.inf), width)
+        return jax.lax.top_k(jnp.where(mask, logp, -jnp.inf), width)
 
     def prefill(params, images, text, mask_input, mask):
         logits, cache, valid, pos = module.apply(
@@ -509,7 +509,9 @@ def beam_search(
     cache_dt = jnp.dtype(cache_dtype or jnp.float32).name
     width = min(2 * n, config.llm.vocab_size)  # candidates kept per beam and step
     prefill, step = _beam_jitted(config, cache_size, cache_dt, width)
-    mask = None if logit_mask is None else jnp.asarray(logit_mask, bool)
+    # Always a mask (all True by default): one compiled search serves masked and free calls.
+    v = config.llm.vocab_size
+    mask = jnp.ones(v, bool) if logit_mask is None else jnp.asarray(logit_mask, bool)
 
     # Every row is repeated n times; beam j of row i lives in row i * n + j.
     rep = lambda x: np.repeat(np.asarray(x), n, axis=0)

@@ -381,16 +381,16 @@ def test_constrained_beam_search_returns_constrained_text(model):
     allowed = [*digits, decode.EOS_ID]
     mask = _mask(model, allowed)
     prompt = "caption en"  # the demo model answers in words: digits only under the mask
-    [free] = model.generate(IMAGE, prompt, max_new_tokens=6, sampler="beam(3)")
+    [free] = model.generate(IMAGE, prompt, max_new_tokens=6, sampler="beam(2)")
     assert not set(free.tokens.tolist()) <= set(allowed)
-    for sampler in ("beam(1)", "beam(3)", "greedy"):
-        [out] = model.generate(IMAGE, prompt, max_new_tokens=6, sampler=sampler, logit_mask=mask)
-        assert set(out.tokens.tolist()) <= set(allowed), (sampler, out.text)
-        assert out.text.replace("<eos>", "").strip().isdigit() or out.text == "", out.text
+    outs = {}
+    for sampler in ("beam(1)", "beam(2)", "greedy"):
+        [outs[sampler]] = model.generate(IMAGE, prompt, max_new_tokens=6, sampler=sampler,
+                                         logit_mask=mask)  # fmt: skip
+        assert set(outs[sampler].tokens.tolist()) <= set(allowed), (sampler, outs[sampler].text)
+        assert outs[sampler].text.strip().isdigit(), outs[sampler].text
     # beam(1) is greedy decoding, also under a mask
-    [g] = model.generate(IMAGE, prompt, max_new_tokens=6, logit_mask=mask)
-    [b] = model.generate(IMAGE, prompt, max_new_tokens=6, sampler="beam(1)", logit_mask=mask)
-    assert g.tokens.tolist() == b.tokens.tolist()
+    assert outs["beam(1)"].tokens.tolist() == outs["greedy"].tokens.tolist()
 
 
 def test_seed_does_not_change_deterministic_samplers(model):
