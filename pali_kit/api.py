@@ -122,7 +122,7 @@ class Model:
 
     def astype(self, dtype) -> Model:
         """A copy with every parameter cast (e.g. to bfloat16 for faster CPU inference)."""
-        dt = checkpoints.as_dtype(dtype)
+        dt = _check_weight_dtype(dtype, "Model.astype", allow_none=False)
         params = jax.tree.map(lambda a: a.astype(dt), self.params)
         return Model(params, self.config, self.tokenizer, self.name, self.text_len)
 
@@ -167,7 +167,7 @@ class Model:
     def generate_tokens(self, images, text, mask_input, *, max_new_tokens: int,
                         sampler="greedy", seed: int = 0, cache_dtype=None, logit_mask=None,
                         best_of: int = 1, **kw):  # fmt: skip
-        """Token-level generation: (tokens int32[B, max_new_tokens], logprobs float32[B, max_new_tokens]).
+        """Token-level generation: (tokens int32[B, N], logprobs float32[B, N]), N = max_new_tokens.
 
         images: B images (any input ``preprocess`` takes); text: int[B, T]
         right-padded prompt token ids in [0, V); mask_input: bool[B, T], True on
@@ -439,14 +439,21 @@ def _check_load_args(source, dtype, verbose, where: str = "pk.load"):
             f"{type(source).__name__}"
         )
     check_bool(verbose, "verbose", where)
+    return _check_weight_dtype(dtype, where)
+
+
+def _check_weight_dtype(dtype, where: str, allow_none: bool = True):
+    """float32 / bfloat16 / float16 (names, aliases such as "bf16", dtypes) -> numpy dtype."""
     if isinstance(dtype, str):
         try:
             return checkpoints.as_dtype(dtype)
         except ValueError:
             raise ArgumentError(
                 f"{where}: dtype={dtype!r} is not a weight dtype: use float32, bfloat16 or "
-                "float16 (or None to keep the stored one)"
+                "float16" + (" (or None to keep the stored one)" if allow_none else "")
             ) from None
+    if dtype is None and not allow_none:
+        raise ArgumentTypeError(f"{where}: dtype=None: use float32, bfloat16 or float16")
     return check_float_dtype(dtype, "dtype", where)
 
 

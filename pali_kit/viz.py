@@ -26,7 +26,8 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-from .images import float_range
+from .errors import ArgumentError, ArgumentTypeError, ImageError, _short
+from .images import float_range, is_float
 
 # A qualitative palette (Tableau 10 followed by its light variants): 20 colours.
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -62,11 +63,16 @@ def to_uint8(image: Any, *, value_range: tuple[float, float] | None = None) -> n
     if x.ndim == 3 and x.shape[-1] == 1:
         x = x[..., 0]
     if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
-        raise ValueError(f"expected an image [H, W] or [H, W, 3|4], got shape {x.shape}")
+        raise ImageError(
+            f"viz: expected an image [H, W] or [H, W, 3|4] (a PIL image or an array), got "
+            f"{type(image).__name__} of shape {x.shape}"
+        )
     if x.dtype == np.uint8:
         return x
     if x.dtype == bool:
         return x.astype(np.uint8) * 255
+    if not (is_float(x.dtype) or np.issubdtype(x.dtype, np.integer)):
+        raise ImageError(f"viz: unsupported image dtype {x.dtype}: use uint8, bool or floats")
     lo, hi = value_range or float_range(x, "float image values")
     x = (x.astype(np.float32) - lo) / (hi - lo) * 255.0
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
@@ -115,6 +121,7 @@ def draw_detections(
     Returns:
       a new RGB PIL image.
     """
+    _check_detections(detections)
     out = to_pil(image)
     w, h = out.size
     line_width = line_width or max(1, round(min(w, h) / 160))
@@ -129,6 +136,20 @@ def draw_detections(
         if det.label:
             _draw_label(draw, det.label, (x0, y0), color, font)
     return out
+
+
+def _check_detections(detections) -> None:
+    if isinstance(detections, str) or not isinstance(detections, Sequence):
+        raise ArgumentTypeError(
+            f"draw_detections: detections={_short(detections)} must be a list of objects with "
+            ".label and .box: parse the model's text first, pk.parse_detections(text, *image.size)"
+        )
+    for i, det in enumerate(detections):
+        if not (hasattr(det, "label") and hasattr(det, "box")):
+            raise ArgumentTypeError(
+                f"draw_detections: detections[{i}]={_short(det)} has no .label and .box: "
+                "pass the Detection objects of pk.parse_detections(text, *image.size)"
+            )
 
 
 def _overlay_masks(image: PIL.Image.Image, detections, alpha: float) -> PIL.Image.Image:
@@ -182,6 +203,10 @@ def draw_caption(
     Returns:
       a new RGB PIL image, taller than the input by the text band.
     """
+    if not isinstance(text, str):
+        raise ArgumentTypeError(
+            f"draw_caption: text={_short(text)} must be a string (e.g. generation.text)"
+        )
     if position not in ("below", "above"):
         raise ValueError(f'position must be "below" or "above", got {position!r}')
     img = to_pil(image)
@@ -224,7 +249,7 @@ def image_grid(
     """Tile images into one PIL image, row-major; cells are the largest image's size."""
     pils = [to_pil(im) for im in images]
     if not pils:
-        raise ValueError("image_grid needs at least one image")
+        raise ArgumentError("image_grid: images is empty: pass at least one image")
     cols = cols or min(len(pils), 4)
     rows = -(-len(pils) // cols)
     cw, ch = max(p.width for p in pils), max(p.height for p in pils)
