@@ -52,6 +52,7 @@ _EXPORTS = {
     "ImageError": "errors",
     "MissingFileError": "errors",
     "ExportFolderError": "errors",
+    "NoTokenizerError": "errors",
 }
 
 _SUBMODULES = {

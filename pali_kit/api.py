@@ -35,6 +35,7 @@ from .errors import (
     ArgumentTypeError,
     CheckpointError,
     MissingFileError,
+    NoTokenizerError,
     PromptTooLongError,
     _short,
     check_bool,
@@ -194,7 +195,7 @@ class Model:
     # --- text in, text out ---------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise RuntimeError(
+            raise NoTokenizerError(
                 "this model has no tokenizer: pass tokenizer='path/to/paligemma_tokenizer.model' "
                 "to pk.load, or set model.tokenizer = pk.Tokenizer(path)"
             )
@@ -637,6 +638,16 @@ def _registry_semantics(inferred: PaliGemmaConfig, registered: PaliGemmaConfig):
 def _as_tokenizer(tokenizer):
     if tokenizer is None or isinstance(tokenizer, Tokenizer):
         return tokenizer
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            f"pk.load: tokenizer={_short(tokenizer)} must be a path to a SentencePiece "
+            "tokenizer.model or a pk.Tokenizer"
+        )
+    if not Path(tokenizer).is_file():
+        raise MissingFileError(
+            f"pk.load: tokenizer={str(tokenizer)!r}: no such file; pass the path of "
+            "paligemma_tokenizer.model (or leave it out to use the one beside the checkpoint)"
+        )
     return Tokenizer(tokenizer)
 
 

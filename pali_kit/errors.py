@@ -15,7 +15,8 @@ clauses keep working::
     ├── ArgumentTypeError         (TypeError)      an argument of the wrong type or name
     ├── CheckpointError           (ValueError)     a checkpoint unusable as it is
     ├── MissingFileError          (FileNotFoundError)
-    └── ExportFolderError         (FileExistsError) export-hf would overwrite other files
+    ├── ExportFolderError         (FileExistsError) export-hf would overwrite other files
+    └── NoTokenizerError          (RuntimeError)    a model loaded without a tokenizer
 
 ``pk.images.ImageError`` and ``pk.CheckpointError`` are the same classes as
 here. ``pali_kit.data.DataError`` (bad dataset lines) and
@@ -43,6 +44,7 @@ __all__ = [
     "CheckpointError",
     "MissingFileError",
     "ExportFolderError",
+    "NoTokenizerError",
 ]
 
 
@@ -87,6 +89,10 @@ class MissingFileError(PaliKitError, FileNotFoundError):
 
 class ExportFolderError(PaliKitError, FileExistsError):
     """An export target that holds other files (or is a file); nothing was written."""
+
+
+class NoTokenizerError(PaliKitError, RuntimeError):
+    """Text in or out, but the model has no tokenizer; the message says how to add one."""
 
 
 # --- checks used at the top of public calls ----------------------------------------------

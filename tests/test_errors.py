@@ -98,6 +98,12 @@ CASES = [
     ("pk.load(model)", lambda m, t: pk.load(m), pk.ArgumentTypeError, ["source="]),
     ('pk.load("paligemma2-3b-pt-244")', lambda m, t: pk.load("paligemma2-3b-pt-244"),
      pk.UnknownNameError, ["paligemma2-3b-pt-244", "did you mean 'paligemma2-3b-pt-224'"]),
+    ('pk.load("data/demo_model.npz", tokenizer="nothere.model")',
+     lambda m, t: pk.load(str(data_dir() / "demo_model.npz"), tokenizer="nothere.model"),
+     pk.MissingFileError, ["tokenizer='nothere.model'"]),
+    ("pk.Model(params, config).generate(IMAGE, 'x')  (no tokenizer)",
+     lambda m, t: pk.Model(m.params, m.config).generate(IMAGE, "x"), pk.NoTokenizerError,
+     ["tokenizer="]),
     ('pk.load("nothere.npz")', lambda m, t: pk.load("nothere.npz"),
      pk.MissingFileError, ["nothere.npz"]),
     # images and the float rule
@@ -304,6 +310,7 @@ ValueError`` / ``TypeError`` / ``FileNotFoundError`` keep working:
 | `CheckpointError` | `ValueError` | a checkpoint (or override) that does not fit |
 | `MissingFileError` | `FileNotFoundError` | a file that does not exist |
 | `ExportFolderError` | `FileExistsError` | `export-hf` into a folder holding other files |
+| `NoTokenizerError` | `RuntimeError` | text in or out with a model that has no tokenizer |
 
 The command line prints one line, `pali-kit: error: ...`, on stderr and exits with
 status 2 when the command line is wrong (usage, a value, an image, an unknown model,
