@@ -345,9 +345,13 @@ def iter_tokens(
     text, mask_input = np.asarray(text, np.int32), np.asarray(mask_input, bool)
     b, t = text.shape
     if b == 0:
-        raise ValueError("empty batch: give at least one prompt")
+        raise ArgumentError(
+            "iter_tokens: text has 0 rows (an empty batch): give at least one prompt"
+        )
     if np.any(mask_input.sum(axis=1) == 0):
-        raise ValueError("every prompt needs at least one real token (mask_input is all False)")
+        raise ArgumentError(
+            "iter_tokens: a row of mask_input is all False: every prompt needs at least one real token"
+        )
     bb, tt = bucket_batch(b), bucket_length(t)
     n_img = config.vision.num_tokens * (images.shape[1] if np.ndim(images) == 5 else 1)
     cache_size = bucket_cache(n_img, tt, max_new_tokens)

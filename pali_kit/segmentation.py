@@ -325,12 +325,17 @@ def reconstruct_masks(vae: MaskVAE, indices) -> np.ndarray:
 def encode_masks(vae: MaskVAE, masks64) -> np.ndarray:
     """float [B, 64, 64] (or [64, 64]) masks in [0, 1] -> int32 [B, 16] (or [16]) codes."""
     if not vae.has_encoder:
-        raise ValueError(f"{vae.source}: this VAE file has no encoder.* weights")
+        raise ArgumentError(
+            f"encode_masks: {vae.source}: this VAE file has no encoder.* weights (decoding only)"
+        )
     masks64 = np.asarray(masks64, np.float32)
     single = masks64.ndim == 2
     masks64 = masks64[None] if single else masks64
     if masks64.shape[1:] != (MASK_SIZE, MASK_SIZE):
-        raise ValueError(f"expected masks of shape [B, 64, 64], got {masks64.shape}")
+        raise ArgumentError(
+            f"encode_masks: masks have shape {masks64.shape}, expected [64, 64] or [B, 64, 64]: "
+            "crop and resize with crop_and_resize(mask, box) first"
+        )
     features = encode_features(vae.params, jnp.asarray(masks64))
     codes = np.asarray(nearest_codes(vae.params["codebook"], features))
     return codes[0] if single else codes
@@ -348,7 +353,7 @@ def crop_and_resize(mask, box: Sequence[float]) -> np.ndarray:
     h, w = mask.shape
     x0, y0, x1, y1 = _pixel_box(box, w, h)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"box {tuple(box)} is empty inside a {w}x{h} mask")
+        raise ArgumentError(f"crop_and_resize: box={tuple(box)} is empty inside a {w}x{h} mask")
     crop = jnp.asarray(mask[y0:y1, x0:x1], jnp.float32) / scale
     resized = jax.image.resize(crop, (MASK_SIZE, MASK_SIZE), "bilinear", antialias=True)
     return np.asarray(resized)

@@ -208,7 +208,7 @@ def draw_caption(
             f"draw_caption: text={_short(text)} must be a string (e.g. generation.text)"
         )
     if position not in ("below", "above"):
-        raise ValueError(f'position must be "below" or "above", got {position!r}')
+        raise ArgumentError(f'draw_caption: position={position!r}: use "below" or "above"')
     img = to_pil(image)
     w, h = img.size
     font = _font(font_size or max(10, round(w / 24)))
@@ -287,7 +287,9 @@ def show(
         images = [images]
     images = list(images)
     if titles is not None and len(titles) != len(images):
-        raise ValueError(f"got {len(titles)} titles for {len(images)} images")
+        raise ArgumentError(
+            f"show: got {len(titles)} titles for {len(images)} images: give one title per image"
+        )
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
     fig = Figure(figsize=(size * cols, size * rows))
