@@ -383,6 +383,11 @@ def test_one_float_rule_in_preprocess_model_and_viz(model):
     assert (pk.viz.to_uint8(x[0]) == pk.images.to_uint8(x[0])).all()
     with pytest.raises(pk.ImageError, match="divide by 255"):
         model.preprocess(unit[None] * 255)
+    # The prompt panel reads pictures with images.load_image: the same rule.
+    assert pk.images.load_image(np.full((2, 2, 3), -0.5))[0, 0, 0] == 64  # (-0.5 + 1) * 127.5
+    assert pk.images.load_image(np.full((2, 2, 3), 0.25))[0, 0, 0] == 64  # 0.25 * 255 = 63.75
+    with pytest.raises(pk.ImageError):
+        pk.images.load_image(np.full((2, 2, 3), 64.0))
 
 
 def test_a_batch_array_is_judged_as_a_whole(model):
