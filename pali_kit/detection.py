@@ -161,7 +161,7 @@ def parse_detections(
 def _check_parse_args(text, width, height, scale, max_objects, inverted) -> None:
     where = "parse_detections"
     if not isinstance(text, str):
-        hint = " (a Generation: pass its .text)" if hasattr(text, "text") else ""
+        hint = ": pass its .text" if hasattr(text, "text") else ""
         raise ArgumentTypeError(
             f"{where}: text={_short(text)} must be the model's answer as a string, not a "
             f"{type(text).__name__}{hint}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -272,7 +273,7 @@ def run_case(case, model, tmp: Path) -> tuple[str, str]:
 
 def _clean(text: str, tmp: Path) -> str:
     text = text.replace(str(tmp), "<tmp>").replace(str(data_dir()), "<data>")
-    text = text.replace(str(ROOT), ".")
+    text = text.replace(os.getcwd(), "<cwd>").replace(str(ROOT), ".")
     return text.replace("|", "\\|")
 
 
@@ -324,7 +325,7 @@ returns), otherwise an image in [0, 1].
 
 This table is produced by ``tests/test_errors.py`` (``python tests/test_errors.py``
 rewrites it; a test fails when it is out of date). `IMAGE` is a sample image path,
-`V` = 2176 the demo vocabulary, `<data>` the kit's data folder.
+`V` = 2176 the demo vocabulary, `<data>` the kit's data folder, `<cwd>` the current one.
 
 | input | raises | message |
 |---|---|---|
