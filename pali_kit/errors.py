@@ -19,8 +19,9 @@ clauses keep working::
     └── NoTokenizerError          (RuntimeError)    a model loaded without a tokenizer
 
 ``pk.images.ImageError`` and ``pk.CheckpointError`` are the same classes as
-here. ``pali_kit.data.DataError`` (bad dataset lines) and
-``pali_kit.hub.KaggleAuthError`` (credentials) keep their own modules.
+here. Two more live beside their code and are PaliKitErrors too:
+``pali_kit.data.DataError`` (a ValueError: bad dataset lines) and
+``pali_kit.hub.KaggleAuthError`` (a RuntimeError: no credentials, licence).
 
 The catalogue of bad inputs and what the user sees is ``docs/errors.md``.
 """
