@@ -259,7 +259,6 @@ class Model:
                          keep_duplicates=keep_duplicates, **kw)  # fmt: skip
 
 
-
 def _length_with_eos(tokens) -> int:
     hits = np.flatnonzero(np.asarray(tokens) == decode.EOS_ID)
     if hits.size:

@@ -79,6 +79,11 @@ class Constraint:
         """The fewest new tokens that always fit one complete object and EOS."""
         return self.tail - self.sep_len
 
+    def repeat(self, n: int) -> Constraint:
+        """Every row repeated n times (row i -> rows i*n .. i*n+n-1), as ``best_of`` does."""
+        labels = tuple(s for s in self.labels for _ in range(n))
+        return dataclasses.replace(self, start=np.repeat(self.start, n), labels=labels)
+
     def tables(self, max_new_tokens: int):
         """Device tables for one decode call: (alphabet, next, cont, scalars)."""
         scalars = self.scalars.copy()
@@ -226,7 +231,7 @@ def build(
                     edges[node][s] = (target, True)
         start_of[labels] = start
 
-    n_states, n_symbols = _bucket(len(edges), 16), _bucket(len(symbols) + 2, 8)
+    n_states, n_symbols = _bucket(len(edges), 64), _bucket(len(symbols) + 2, 16)
     alphabet = np.full(n_symbols, -1, np.int32)
     for token, s in symbols.items():
         alphabet[s] = token
