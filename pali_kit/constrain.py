@@ -307,16 +307,31 @@ def reorder(state, parents):
 
 
 def accepts(c: Constraint, row: int, tokens: Sequence[int], max_new_tokens: int = 1 << 20):
-    """Walk the automaton on host over ``tokens`` (stopping after EOS): True if every token
-    is allowed and the answer is complete (ends in EOS). For tests and checks."""
-    tables = c.tables(max_new_tokens)
-    state = c.initial_state([row])
-    for t, token in enumerate(tokens):
-        ok = np.asarray(_allowed_symbols(tables, state, jnp.int32(t)))[0]
-        s = int(np.asarray(_symbols(tables, jnp.asarray([token], jnp.int32)))[0])
-        if s < 0 or not ok[s]:
+    """Does row ``row``'s automaton accept ``tokens`` (read up to the first EOS)?
+
+    True when every token is allowed (with the same ``max_objects`` and
+    token-budget rules as in the decode loop) and the answer ends with EOS.
+    Plain numpy, written separately from the jitted functions above, so tests
+    can check one against the other.
+    """
+    loc0, seg0, max_cont, tail = (int(v) for v in c.scalars[:4])
+    eos = int(c.alphabet[2])
+    state, conts = int(c.start[row]), 0
+    for t, token in enumerate(int(x) for x in tokens):
+        if loc0 <= token < loc0 + NUM_LOC:
+            sym = LOC
+        elif seg0 <= token < seg0 + NUM_SEG:
+            sym = SEG
+        else:
+            hits = np.flatnonzero(c.alphabet == token)
+            sym = int(hits[0]) if hits.size else -1
+        if sym < 0 or c.next[state, sym] < 0:
             return False
-        state = advance(tables, state, jnp.asarray([token], jnp.int32))
-        if int(token) == int(c.alphabet[2]) and int(state[0, 0]) == DONE:
-            return True
+        if c.cont[state, sym]:
+            if conts >= max_cont or max_new_tokens - t - 1 < tail:
+                return False
+            conts += 1
+        state = int(c.next[state, sym])
+        if token == eos:
+            return state == DONE
     return False

@@ -76,10 +76,12 @@ def detection_map(
     Args:
       predictions: one list per image of Detection-like objects (``.label``,
         ``.box`` (x0, y0, x1, y1) pixels, optional ``.score``) or tuples
-        ``(label, box)`` / ``(label, box, score)``. PaliGemma gives no
-        confidence, so the score defaults to 1.0: all predictions tie, and COCO
-        ranks ties in the given order (a stable sort), so mAP then measures
-        the set of boxes, not a ranking.
+        ``(label, box)`` / ``(label, box, score)``. ``Model.detect`` /
+        ``Model.segment`` give each object a score (the model's probability of
+        it, docs/detection_scores.md), which COCO uses to rank. Parsed text has
+        none: the score defaults to 1.0, all predictions tie, and COCO ranks
+        ties in the given order (a stable sort), so mAP then measures the set
+        of boxes, not a ranking.
       ground_truths: one list per image, same forms (scores ignored).
       max_detections: COCO's maxDets for the reported numbers.
     Returns:

@@ -35,6 +35,7 @@ import numpy as np
 from . import constrain, decode, metrics
 from . import tokenizer as ptok
 from .detection import Detection, parse_detections
+from .images import _is_array as is_array
 from .images import _read_pixels as read_pixels
 from .images import normalize, resize
 from .model import PaliGemma
@@ -50,7 +51,7 @@ _DEFAULT_OBJECTS = 16  # the token budget, when neither max_objects nor max_new_
 
 def _image_list(images) -> list:
     """One image, a list, or a batch array [B, H, W, C] -> a list of single images."""
-    if hasattr(images, "__array__") and not isinstance(images, (list, tuple)):
+    if is_array(images):
         arr = np.asarray(images)
         if arr.ndim == 4:
             return list(arr)
@@ -84,13 +85,20 @@ def resolve_vae(model, vae):
         return vae
     if vae is None:
         if getattr(model, "name", "") in ("pali_kit demo", "random demo-size model"):
-            return load_vae("demo")
+            return _demo_vae()
         raise ValueError(
             "segment needs the mask VQ-VAE to turn <seg> codes into masks: pass "
             "vae='path/to/vae-oid.npz' (gs://big_vision/paligemma/vae-oid.npz) or "
             "vae=pk.load_vae(...); the demo model uses vae='demo'"
         )
     return load_vae(vae)
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_vae():
+    from .segmentation import load_vae
+
+    return load_vae("demo")
 
 
 # ----------------------------------------------------------------------------- scores
