@@ -360,13 +360,14 @@ class PromptPanel:
         title = W.HTML(f"<b>PaliGemma prompt panel</b> · {html.escape(self.model.name)} "
                        f"· {self.model.resolution} px input")  # fmt: skip
         image_column = W.VBox([self.thumbnail, self.image_picker, self.upload])
-        decoding = W.HBox([self.sampler, self.seed])
+        wrap = lambda: W.Layout(flex_flow="row wrap")  # narrow notebooks: rows wrap
+        decoding = W.HBox([self.sampler, self.seed], layout=wrap())
         prompt_column = W.VBox(
             [self.task, self.text, self.language, self.prompt, decoding, self.max_new_tokens,
              W.HBox([self.run_button, self.status]), self.code],
-            layout=W.Layout(flex="1"),
+            layout=W.Layout(flex="1 1 360px", min_width="0"),
         )  # fmt: skip
-        box = W.VBox([title, W.HBox([image_column, prompt_column]), self.answer,
+        box = W.VBox([title, W.HBox([image_column, prompt_column], layout=wrap()), self.answer,
                       self._result_box, self.footer])  # fmt: skip
         box.add_class("pk-panel")
         return box
