@@ -26,12 +26,15 @@ failed result. Anything else (the model ran out of memory, a bug) is shown,
 recorded, and raised again by ``run()`` so that a notebook calling it fails
 loudly; the Run button shows it without raising.
 
-Where it is tested: JupyterLab 4.6 with ipywidgets 8.1 (jupyterlab_widgets 3)
-in headless Chromium, clicking through the panel (``tests/test_browser.py``,
-``make test-browser``), and from Python (``tests/test_widgets.py``). Colab
-renders ipywidgets 8 only through its custom widget manager, which the panel
-switches on when it is displayed there; VS Code and Kaggle use the ipywidgets 8
-front end. Importing this module needs no display.
+Where it is tested: JupyterLab 4.6 with ipywidgets 8.1 (jupyterlab_widgets 3,
+ipykernel 7) in headless Chromium 156, clicking through the panel
+(``tests/test_browser.py``, ``make test-browser``, which writes the versions it
+ran with to ``out/browser/versions.json``), and from Python
+(``tests/test_widgets.py``). Colab renders ipywidgets 8 only through its custom
+widget manager, which the panel switches on (``google.colab.output.
+enable_custom_widget_manager()``) each time it is displayed there; Colab, VS
+Code and Kaggle are not covered by the tests. Importing this module needs no
+display.
 """
 
 from __future__ import annotations
@@ -477,11 +480,11 @@ class PromptPanel:
 
         The answer streams into ``answer``; detect/segment answers are drawn; the
         timing goes to ``footer``. The previous answer, drawing and timing are
-        cleared first. A failure is shown in ``status`` and recorded in the
-        returned ``last_result`` (``.error`` set, ``.text`` what came before it):
-        bad input (ValueError: an empty question, no image) is returned; any
-        other error is raised again after it is shown, so that code calling
-        ``run()`` (a notebook, a test) cannot miss it.
+        cleared first. A failure is shown in ``status`` and recorded in
+        ``last_result`` (``.error`` set, ``.text`` what came before it): bad
+        input found before the model runs (an empty question, no image) is
+        returned; any other error is raised again after it is shown, so that
+        code calling ``run()`` (a notebook, a test) cannot miss it.
         """
         self.run_button.disabled = True
         self._clear_output()

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -99,9 +100,17 @@ def _quiet_lab_settings(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    """A JupyterLab server on 127.0.0.1: yields the notebook's URL (with the token)."""
-    home = tmp_path_factory.mktemp("lab")
+def lab():
+    """A JupyterLab server on 127.0.0.1: yields the notebook's URL (with the token).
+
+    Its folders are private and removed afterwards; its log goes to ``OUT/server.log``.
+    """
+    OUT.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="pali-kit-lab-") as folder:
+        yield from _serve(Path(folder))
+
+
+def _serve(home: Path):
     work = home / "work"
     work.mkdir()
     _write_notebook(work / "panel.ipynb")
@@ -120,13 +129,14 @@ def lab(tmp_path_factory):
         "--LabApp.news_url=", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
         "--LabApp.extension_manager=readonly", "--allow-root",
     ]  # fmt: skip
-    log = open(home / "server.log", "w")  # noqa: SIM115 (closed in finally)
+    log_path = OUT / "server.log"
+    log = open(log_path, "w")  # noqa: SIM115 (closed in finally)
     server = subprocess.Popen(
         command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_for_server(server, f"{base}/api/status?token={token}", home / "server.log")
+        _wait_for_server(server, f"{base}/api/status?token={token}", log_path)
         yield f"{base}/lab/tree/panel.ipynb?token={token}"
     finally:
         _stop(server)
@@ -188,10 +198,13 @@ Object.defineProperty(HTMLTextAreaElement.prototype, 'value', {
 
 
 @pytest.fixture(scope="module")
-def page(lab, tmp_path_factory):
+def page(lab):
     """The notebook open in headless Chromium, its cell run: the panel is on the page."""
-    OUT.mkdir(parents=True, exist_ok=True)
-    profile = tmp_path_factory.mktemp("chromium-profile")
+    with tempfile.TemporaryDirectory(prefix="pali-kit-chromium-") as profile:
+        yield from _browse(lab, profile)
+
+
+def _browse(url: str, profile: str):
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(profile), executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS,
@@ -203,7 +216,7 @@ def page(lab, tmp_path_factory):
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(lab)
+            page.goto(url)
             page.locator(".jp-Notebook .jp-Cell .cm-content").first.click()
             page.wait_for_function(
                 "document.querySelector('.jp-Notebook-ExecutionIndicator')"
@@ -212,9 +225,20 @@ def page(lab, tmp_path_factory):
             page.keyboard.press("Control+Enter")  # run the cell
             expect(page.locator(".pk-panel")).to_be_visible(timeout=RUN_TIMEOUT_MS)
             page.errors = errors
+            _write_versions(page)
             yield page
         finally:
             context.close()
+
+
+def _write_versions(page) -> None:
+    """What the test ran with, to ``OUT/versions.json`` (the versions the docs name)."""
+    from importlib.metadata import version
+
+    names = ("jupyterlab", "ipywidgets", "jupyterlab_widgets", "ipykernel", "playwright")
+    versions = {name: version(name) for name in names}
+    versions["browser"] = page.evaluate("navigator.userAgent")
+    (OUT / "versions.json").write_text(json.dumps(versions, indent=1) + "\n")
 
 
 def panel(page):
