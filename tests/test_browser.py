@@ -59,9 +59,10 @@ def _missing() -> list[str]:
     return missing
 
 
-if _missing():
+MISSING = _missing()
+if MISSING:
     _why = (
-        f"needs {'; '.join(_missing())}. Run it with `make test-browser`, which installs the "
+        f"needs {'; '.join(MISSING)}. Run it with `make test-browser`, which installs the "
         "[browser] extra (jupyterlab, playwright); chromium comes from apt, never a download"
     )
     if os.environ.get("PALI_KIT_REQUIRE_BROWSER"):
@@ -158,7 +159,11 @@ def _wait_for_server(server: subprocess.Popen, url: str, log: Path, timeout_s: f
 
 
 def _stop(server: subprocess.Popen) -> None:
-    """Stop the server and its kernels (one process group): SIGTERM, then SIGKILL after 10 s."""
+    """Stop the server: SIGTERM (it shuts its kernels down), SIGKILL to its group after 10 s.
+
+    A kernel runs in a session of its own and exits by itself within a second once
+    the server is gone (ipykernel watches its parent process).
+    """
     for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         try:
             os.killpg(server.pid, sig)
@@ -283,9 +288,16 @@ def choose(page, task: str, text: str) -> None:
     page.locator(".pk-text input").fill(text)
 
 
-def assert_streamed(page, answer: str) -> None:
-    """The answer box grew piece by piece to the final answer (values set by the page)."""
-    values = [v for _, v in page.evaluate("window.__pkAnswers") if v]
+def assert_streamed(page, answer: str, name: str) -> None:
+    """The answer box grew piece by piece to the final answer (values set by the page).
+
+    What the page saw goes to ``OUT/<name>_streaming.json``: each value's time (ms).
+    """
+    sets = [(t, v) for t, v in page.evaluate("window.__pkAnswers") if v]
+    (OUT / f"{name}_streaming.json").write_text(json.dumps(
+        {"pieces": len(sets), "ms_first_to_last": sets[-1][0] - sets[0][0] if sets else None,
+         "values": [[round(t - sets[0][0], 1), v] for t, v in sets]}, indent=1))  # fmt: skip
+    values = [v for _, v in sets]
     assert values and values[-1] == answer
     assert len(set(values)) >= 3, f"the answer arrived in {len(set(values))} piece(s): {values}"
     assert all(b.startswith(a) for a, b in zip(values, values[1:])), values
@@ -312,7 +324,7 @@ def test_detect_streams_the_answer_and_draws_boxes(page):
     assert "⚠" not in status
     answer = page.locator(".pk-answer textarea").input_value()
     assert "<loc" in answer
-    assert_streamed(page, answer)
+    assert_streamed(page, answer, "1_detect")
     expect(page.locator(".pk-footer")).to_contain_text("tokens/s")
     expect(result).to_be_visible()
     # the displayed image is the expected drawing of the streamed answer, pixel for pixel
@@ -339,7 +351,7 @@ def test_segment_draws_masks(page):
     assert "⚠" not in status and "no masks" not in status
     answer = page.locator(".pk-answer textarea").input_value()
     assert "<seg" in answer
-    assert_streamed(page, answer)
+    assert_streamed(page, answer, "2_segment")
     expect(page.locator(".pk-objects")).to_contain_text("mask")
     # masks are filled: inside the boxes the image differs from a drawing of boxes alone
     image = load_image(ROOT / "data" / "images" / SAMPLE)
