@@ -378,5 +378,19 @@ def test_a_bad_upload_shows_an_error_in_the_panel(page):
     shot(page, "3_bad_upload")
 
 
+def test_an_empty_question_shows_an_error_and_clears_the_old_answer(page):
+    if not page.locator(".pk-answer textarea").input_value():  # run alone: make an answer
+        choose(page, "detect: boxes around objects", "red circle")
+        assert "⚠" not in run_and_wait(page)
+    expect(page.locator(".pk-answer textarea")).not_to_have_value("")
+    choose(page, "answer: answer a question", "")
+    status = run_and_wait(page)
+    assert "⚠" in status and "the answer task needs a question" in status
+    expect(page.locator(".pk-answer textarea")).to_have_value("")
+    expect(page.locator(".pk-result")).to_be_hidden()
+    expect(page.locator(".pk-footer")).to_have_text("")
+    shot(page, "4_empty_question")
+
+
 def test_no_uncaught_errors_in_the_page(page):
     assert page.errors == []
