@@ -133,7 +133,8 @@ def build_prompt(task: str, text: str = "", lang: str = "en") -> str:
         return ptok.ocr()
     text = (text or "").strip()
     if not text:
-        raise ValueError(f"the {task} task needs {TASKS[task].needs}: type it in the text box")
+        box = TASKS[task].box
+        raise ValueError(f"the {task} task needs {TASKS[task].needs}: type it in the {box!r} box")
     if task == "answer":
         return ptok.answer(text, lang)
     if task == "question":

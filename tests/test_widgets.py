@@ -221,7 +221,9 @@ def test_empty_question_is_shown_in_the_panel_not_raised(panel, echo):
     panel.task.value, panel.text.value = "answer", ""
     result = panel.run()
     assert "the answer task needs a question" in result.error
-    assert "the answer task needs a question" in panel.status.value
+    assert "the answer task needs a question: type it in the &#x27;question&#x27; box" in (
+        panel.status.value
+    )
     assert echo.calls == [] and not panel.run_button.disabled
 
 
