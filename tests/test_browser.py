@@ -133,7 +133,12 @@ def _serve(home: Path):
     log_path = OUT / "server.log"
     log = open(log_path, "w")  # noqa: SIM115 (closed in finally)
     server = subprocess.Popen(
-        command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        command,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         base = f"http://127.0.0.1:{port}"
