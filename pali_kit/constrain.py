@@ -91,9 +91,16 @@ class Constraint:
         return (jnp.asarray(self.alphabet), jnp.asarray(self.next), jnp.asarray(self.cont),
                 jnp.asarray(scalars))  # fmt: skip
 
-    def initial_state(self, rows: Sequence[int] | None = None, pad_to: int | None = None):
+    def initial_state(self, rows: Sequence[int] | None = None, pad_to: int | None = None,
+                      batch: int | None = None):  # fmt: skip
         """int32[B', 2] row states (start state, 0 objects); ``rows`` picks/repeats rows,
-        ``pad_to`` repeats the last row (like the decoder's batch padding)."""
+        ``pad_to`` repeats the last row (like the decoder's batch padding); ``batch``:
+        the number of prompts, which must equal the number of rows."""
+        if batch is not None and batch != len(self.start):
+            raise ValueError(
+                f"the constraint has {len(self.start)} rows (label sets) but the batch has "
+                f"{batch} prompts: build it with one label set per prompt"
+            )
         start = self.start if rows is None else self.start[np.asarray(rows)]
         if pad_to is not None and pad_to > len(start):
             start = np.concatenate([start, np.repeat(start[-1:], pad_to - len(start))])

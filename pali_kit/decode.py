@@ -271,7 +271,7 @@ def iter_tokens(
     mask = None if logit_mask is None else jnp.asarray(logit_mask, bool)
     if constraint is not None:
         choose = _constrained_fn(sampler)
-        tables, cstate = constraint.tables(max_new_tokens), constraint.initial_state(pad_to=bb)
+        tables, cstate = constraint.tables(max_new_tokens), constraint.initial_state(pad_to=bb, batch=b)
 
     logits, cache, valid, pos = prefill(params, images, text, mask_input)
     slot, tok = n_img + tt, None
@@ -431,7 +431,7 @@ def beam_search(
     extra = ()
     if constraint is not None:
         tables = constraint.tables(max_new_tokens)
-        cstate = constraint.initial_state(np.repeat(np.arange(b), n))
+        cstate = constraint.initial_state(np.repeat(np.arange(b), n), batch=b)
         extra = (tables, cstate)
     (top_lp, top_tok), cache, valid, pos = prefill(params, rep(images), text, mask_input, *extra)
 

@@ -114,6 +114,15 @@ def test_rows_have_their_own_label_sets(tok):
     assert constrain.accepts(c, 0, circle) and not constrain.accepts(c, 1, circle)
 
 
+def test_a_constraint_for_another_batch_size_is_rejected(demo, tok):
+    c = constrain.build(tok, [["circle"]] * 2)
+    enc = tok.encode_prompts(["detect circle"] * 3, text_len=None, bucket=None)
+    image = np.zeros((3, 64, 64, 3), np.float32)
+    with pytest.raises(ValueError, match="2 rows .* 3 prompts"):
+        demo.generate_tokens(image, enc["text"], enc["mask_input"], max_new_tokens=8,
+                             constraint=c)  # fmt: skip
+
+
 def test_label_sets_of_similar_length_share_table_shapes(tok):
     a = constrain.build(tok, [["circle", "square"]])
     b = constrain.build(tok, [["triangle", "red car"]])
