@@ -19,6 +19,8 @@ import argparse
 import statistics
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import pali_kit as pk
@@ -86,23 +88,68 @@ def speed(model, batch: int, steps: int, repeats: int) -> None:
                 max_new_tokens=steps, sampler="temperature(1.5)", seed=0, constraint=constraint,
             )
         ]  # fmt: skip
-        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1), len(stamps)
+        return stamps
 
-    run(None), run(c)  # compile both
+    k = min(len(run(None)), len(run(c))) - 1  # compile both; steps both runs make
     times = {"plain": [], "constrained": []}
     for _ in range(repeats):
-        times["plain"].append(run(None))
-        times["constrained"].append(run(c))
-    print("| decode | median ms per step | fastest ms per step | steps run |")
-    print("|---|---|---|---|")
+        for name, constraint in (("plain", None), ("constrained", c)):
+            stamps = run(constraint)
+            times[name].append((stamps[k] - stamps[0]) / k)
+    print(f"(per step over the first {k} steps after the first token, which both runs make)")
+    print("| decode | median ms per step | fastest ms per step |")
+    print("|---|---|---|")
     stats = {}
-    for name, runs in times.items():
-        per_step = [t for t, _ in runs]
+    for name, per_step in times.items():
         stats[name] = (statistics.median(per_step), min(per_step))
-        print(f"| {name} | {1e3 * stats[name][0]:.2f} | {1e3 * stats[name][1]:.2f} "
-              f"| {runs[0][1]} |")  # fmt: skip
+        print(f"| {name} | {1e3 * stats[name][0]:.2f} | {1e3 * stats[name][1]:.2f} |")
     ratio = [c / p for c, p in zip(stats["constrained"], stats["plain"])]
     print(f"constrained / plain: {ratio[0]:.2f}x (median), {ratio[1]:.2f}x (fastest)")
+
+    # The sampling function alone (where the mask is built), on the same logits,
+    # interleaved: the cost of the constraint without the model's step around it.
+    sampler = decode.parse_sampler("temperature(1.5)")
+    plain_fn, cons_fn = decode._sampler_fn(sampler), decode._constrained_fn(sampler)
+    logits = jax.random.normal(jax.random.key(0), (batch, model.config.llm.vocab_size))
+    rng, done, t = jax.random.key(1), jnp.zeros(batch, bool), jnp.int32(3)
+    tables, state = c.tables(steps), c.initial_state()
+    calls = {
+        "plain": lambda: plain_fn(logits, rng, t, done, None),
+        "constrained": lambda: cons_fn(logits, rng, t, done, tables, state),
+    }
+    alone = {name: [] for name in calls}
+    for _ in range(300):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            alone[name].append(time.perf_counter() - start)
+    print("sampling function alone (300 interleaved calls): " + ", ".join(
+        f"{name} median {1e3 * statistics.median(v):.3f} ms, fastest {1e3 * min(v):.3f} ms"
+        for name, v in alone.items()))  # fmt: skip
+
+    # The scores: one teacher-forced forward pass over prompt + answer, against the
+    # whole constrained decode (prefill included) of the same batch.
+    heads = [list(t[m]) for t, m in zip(enc["text"], enc["mask_input"])]
+    tokens, _ = decode.generate_tokens(
+        model.config, model.run_params, pixels, enc["text"], enc["mask_input"],
+        max_new_tokens=steps, constraint=c,
+    )  # fmt: skip
+    answers = [[int(x) for x in row if x != decode.PAD_ID] for row in tokens]
+    tasks.token_logprobs(model, pixels, heads, answers)  # compile
+    t_dec, t_score = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        decode.generate_tokens(
+            model.config, model.run_params, pixels, enc["text"], enc["mask_input"],
+            max_new_tokens=steps, constraint=c,
+        )  # fmt: skip
+        t_dec.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tasks.token_logprobs(model, pixels, heads, answers)
+        t_score.append(time.perf_counter() - start)
+    dec, score = statistics.median(t_dec), statistics.median(t_score)
+    print(f"greedy constrained decode {1e3 * dec:.1f} ms, score pass {1e3 * score:.1f} ms "
+          f"({score / dec:.2f}x the decode; medians of {repeats})")  # fmt: skip
 
 
 def main() -> None:
