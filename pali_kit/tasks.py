@@ -281,17 +281,36 @@ def run(
     out = []
     for i, (answer, px) in enumerate(zip(answers, raw)):
         h, w = px.shape[:2]
-        dets = parse_detections(tok.decode(answer), w, h, max_objects=max_objects or 100)
-        scores = object_scores(tok, answer, near[i])
-        dets = [dataclasses.replace(d, score=_take_score(scores, d)) for d in dets]
-        if constrained:  # the automaton guarantees this; a cheap check of the guarantee
-            dets = [d for d in dets if d.label in sets[i]]
-        if not keep_duplicates:
-            dets = remove_duplicates(dets)
-        if task == "segment":
-            dets = _masks(dets, vae, w, h)
-        out.append(dets)
+        out.append(answer_objects(tok, answer, near[i], w, h, sets[i], task=task, vae=vae,
+                                  constrained=constrained, keep_duplicates=keep_duplicates,
+                                  max_objects=max_objects))  # fmt: skip
     return out
+
+
+def answer_objects(
+    tokenizer, answer: Sequence[int], near_logprobs, width: int, height: int,
+    labels: Sequence[str], *, task: str = "detect", constrained: bool = True,
+    keep_duplicates: bool = False, max_objects: int | None = None, vae=None,
+) -> list[Detection]:  # fmt: skip
+    """One answer's token ids (up to EOS) -> its scored objects, as ``run`` returns them.
+
+    ``near_logprobs``: float32 [len(answer)] from ``token_logprobs``; boxes come
+    out in pixels of a ``width`` x ``height`` image. Objects get their score,
+    unrequested labels are dropped when ``constrained``, duplicates unless
+    ``keep_duplicates``; ``segment`` objects get bool [height, width] masks when
+    a ``vae`` is given.
+    """
+    dets = parse_detections(tokenizer.decode(list(answer)), width, height,
+                            max_objects=max_objects or 100)  # fmt: skip
+    scores = object_scores(tokenizer, answer, near_logprobs)
+    dets = [dataclasses.replace(d, score=_take_score(scores, d)) for d in dets]
+    if constrained:  # the automaton guarantees this; a cheap check of the guarantee
+        dets = [d for d in dets if d.label in labels]
+    if not keep_duplicates:
+        dets = remove_duplicates(dets)
+    if task == "segment" and vae is not None:
+        dets = _masks(dets, vae, width, height)
+    return dets
 
 
 def _take_score(scores: dict, det: Detection) -> float:

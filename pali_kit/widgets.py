@@ -9,9 +9,19 @@
 
 Pick or upload an image, pick a task (caption, detect, ...), fill in the
 question or object names, choose a sampler, press Run. The answer streams in as
-it is produced; detect/segment answers are drawn over the image. The panel
-shows the exact prompt string the model reads, and the ``model.generate`` call
-that reproduces the run, so what you learn here carries over to code.
+it is produced. The panel shows the exact prompt string the model reads, and the
+call that reproduces the run (``model.generate``, or ``model.detect`` /
+``model.segment``), so what you learn here carries over to code.
+
+Detect and segment run as ``model.detect`` / ``model.segment`` do, streamed:
+with "constrained" ticked (the default) the decoder can only write answers that
+parse and name only the typed objects (``pali_kit.constrain``); then every
+object gets its score in [0, 1] from one teacher-forced pass over the answer
+(``tasks.token_logprobs`` + ``tasks.object_scores``, docs/detection_scores.md),
+repeated boxes are dropped, and the objects are drawn with their scores
+("circle 0.93") and listed in a table. The panel's objects equal what the code
+line returns. A free-form prompt whose answer has ``<loc>`` tokens is parsed and
+drawn as text, without scores.
 
 The logic is plain Python that tests (and you) can drive without a browser:
 
@@ -19,6 +29,7 @@ The logic is plain Python that tests (and you) can drive without a browser:
     panel.task.value, panel.text.value = "detect", "circle"
     result = panel.run()                      # what the Run button calls
     result.text, result.detections, result.image, result.timing
+    result.detections[0].score                # detect/segment: in [0, 1]
 
 Errors are shown in the panel and recorded in ``last_result.error``. Bad input
 (an empty question, no image) is the user's to fix: ``run()`` returns the
@@ -102,8 +113,13 @@ DETECTION_TASKS = ("detect", "segment")
 
 
 def split_objects(text: str) -> list[str]:
-    """``"cat ; dog ;"`` -> ``["cat", "dog"]``: object names as typed, empty ones dropped."""
-    return [name.strip() for name in text.split(";") if name.strip()]
+    """``"cat ; dog ;  big  cat ; cat"`` -> ``["cat", "dog", "big cat"]``: object names.
+
+    Whitespace inside a name is collapsed; empty names and repeats are dropped
+    (as ``model.detect`` does with its labels).
+    """
+    names = (" ".join(name.split()) for name in text.split(";"))
+    return list(dict.fromkeys(name for name in names if name))
 
 
 def build_prompt(task: str, text: str = "", lang: str = "en") -> str:
@@ -174,6 +190,7 @@ class Timing:
     num_tokens: int  # generated tokens, EOS not counted
     compiled: bool = False  # True when this run compiled new code
     streamed: bool = True  # False for beam search: the whole answer arrives at once
+    score_s: float | None = None  # detect/segment: the scoring pass after the answer
 
     @property
     def tokens_per_s(self) -> float:
@@ -187,9 +204,10 @@ class Timing:
         first = f"first token {self.first_token_s:.2f} s" if self.streamed else "beam search"
         if self.compiled:
             first += " (includes compiling)"
+        scores = "" if self.score_s is None else f" · scores {self.score_s:.2f} s"
         return (
             f"{first} · {self.num_tokens} tokens · {self.tokens_per_s:.1f} tokens/s "
-            f"· total {self.total_s:.2f} s"
+            f"· total {self.total_s:.2f} s{scores}"
         )
 
 
@@ -199,6 +217,8 @@ class PanelResult:
 
     prompt: str = ""
     text: str = ""  # the raw answer, <loc>/<seg> tokens kept as text
+    # detect/segment: scored objects (.score in [0, 1]), as model.detect/segment returns
+    # them; a free-form answer with <loc> tokens: parsed from the text (.score 1.0)
     detections: list[Detection] = dataclasses.field(default_factory=list)
     image: PIL.Image.Image | None = None  # the image with boxes/masks (detect, segment)
     timing: Timing | None = None
@@ -281,8 +301,8 @@ class PromptPanel:
       max_new_tokens: the slider's starting value.
 
     The widgets are attributes (``task``, ``text``, ``language``, ``prompt``,
-    ``sampler``, ``seed``, ``max_new_tokens``, ``run_button``, ``answer``,
-    ``status``, ``code``, ``footer``, ...), so code can set them; ``run()`` does
+    ``sampler``, ``seed``, ``constrained``, ``max_new_tokens``, ``run_button``,
+    ``answer``, ``objects``, ``status``, ``code``, ``footer``, ...), so code can set them; ``run()`` does
     what the Run button does; ``last_result`` holds the latest ``PanelResult``.
     Each widget carries a CSS class ``pk-<name>`` (``pk-task``, ``pk-answer``,
     ...) for styling and for browser tests.
@@ -294,6 +314,8 @@ class PromptPanel:
                 "the prompt panel needs a model with a tokenizer: pk.load(..., tokenizer=path)"
             )
         self.model, self.vae = model, vae
+        self._given_vae = vae is not None  # the code line then names it: vae=vae
+        self._demo_tokenizer = _uses_demo_tokenizer(model)  # the demo model: finds its VAE
         self.image: np.ndarray | None = None  # uint8 [H, W, 3], the current image
         self.last_result: PanelResult | None = None
         self._sources = _named_images(images)
@@ -325,6 +347,10 @@ class PromptPanel:
         self.prompt = W.Text(description="prompt", disabled=True, layout=wide())
         self.sampler = W.Dropdown(options=SAMPLERS, value="greedy", description="sampler")
         self.seed = W.IntText(value=0, description="seed")
+        self.constrained = W.Checkbox(
+            value=True, description="constrained", indent=False, layout=W.Layout(width="auto"),
+            tooltip="detect/segment: only answers that parse, naming only the typed objects",
+        )  # fmt: skip
         self.max_new_tokens = W.IntSlider(
             value=max_new_tokens, min=1, max=256, description="max tokens"
         )
@@ -340,8 +366,8 @@ class PromptPanel:
         self._result_box = W.HBox([self.result_image, self.objects])
         self._result_box.layout.display = "none"
         for name in ("image_picker", "upload", "thumbnail", "task", "text", "language", "prompt",
-                     "sampler", "seed", "max_new_tokens", "run_button", "status", "code",
-                     "answer", "result_image", "objects", "footer"):  # fmt: skip
+                     "sampler", "seed", "constrained", "max_new_tokens", "run_button", "status",
+                     "code", "answer", "result_image", "objects", "footer"):  # fmt: skip
             getattr(self, name).add_class("pk-" + name.replace("_", "-"))
         self._result_box.add_class("pk-result")
 
@@ -349,7 +375,7 @@ class PromptPanel:
         self.image_picker.observe(self._on_pick, "value")
         self.upload.observe(self._on_upload, "value")
         for widget in (self.task, self.text, self.language, self.sampler, self.seed,
-                       self.max_new_tokens):  # fmt: skip
+                       self.constrained, self.max_new_tokens):  # fmt: skip
             widget.observe(self._on_setting, "value")
         self.run_button.on_click(self._on_run_click)
 
@@ -365,7 +391,7 @@ class PromptPanel:
                        f"· {self.model.resolution} px input")  # fmt: skip
         image_column = W.VBox([self.thumbnail, self.image_picker, self.upload])
         wrap = lambda: W.Layout(flex_flow="row wrap")  # narrow notebooks: rows wrap
-        decoding = W.HBox([self.sampler, self.seed], layout=wrap())
+        decoding = W.HBox([self.sampler, self.seed, self.constrained], layout=wrap())
         prompt_column = W.VBox(
             [self.task, self.text, self.language, self.prompt, decoding, self.max_new_tokens,
              W.HBox([self.run_button, self.status]), self.code],
@@ -450,6 +476,7 @@ class PromptPanel:
         self.text.placeholder = f"type {task.needs}" if task.needs else ""
         self.text.description = task.box
         self.language.disabled = not task.uses_language
+        self.constrained.layout.display = None if self.task.value in DETECTION_TASKS else "none"
         self._update_prompt()
 
     def _update_prompt(self) -> None:
@@ -469,17 +496,27 @@ class PromptPanel:
                 "seed": self.seed.value}  # fmt: skip
 
     def code_line(self, prompt: str | None = None) -> str:
-        """The ``model.generate`` call that reproduces the current settings."""
+        """The call that reproduces the current settings: ``model.generate(...)[0].text``,
+        or for detect/segment ``model.detect(...)[0]`` / ``model.segment(...)[0]`` (the
+        objects the panel shows)."""
         prompt = self.prompt.value if prompt is None else prompt
         kw = ", ".join(f"{k}={v!r}" for k, v in self.generate_kwargs().items())
-        return f"model.generate(image, {prompt!r}, {kw})[0].text"
+        task = self.task.value
+        if task not in DETECTION_TASKS:
+            return f"model.generate(image, {prompt!r}, {kw})[0].text"
+        if not self.constrained.value:
+            kw += ", constrained=False"
+        if task == "segment" and (self._given_vae or not self._demo_tokenizer):
+            kw = "vae=vae, " + kw  # the demo model's segment finds the demo VAE itself
+        return f"model.{task}(image, {split_objects(self.text.value)!r}, {kw})[0]"
 
     # --- running ---------------------------------------------------------------------
 
     def run(self) -> PanelResult:
         """Generate an answer with the current settings (what Run does).
 
-        The answer streams into ``answer``; detect/segment answers are drawn; the
+        The answer streams into ``answer``; detect/segment objects are scored,
+        drawn and listed (as ``model.detect`` / ``model.segment`` return them); the
         timing goes to ``footer``. The previous answer, drawing and timing are
         cleared first. A failure is shown in ``status`` and recorded in
         ``last_result`` (``.error`` set, ``.text`` what came before it): bad
@@ -494,11 +531,12 @@ class PromptPanel:
                 prompt = build_prompt(self.task.value, self.text.value, self.language.value)
                 if self.image is None:
                     raise ValueError("no image: pick one from the dropdown or upload one")
+                constraint = self._constraint()
             except ValueError as error:  # bad input: the user fixes it in the panel
                 return self._failed(PanelResult(), str(error))
             result = PanelResult(prompt)
             try:
-                self._run(result)
+                self._run(result, constraint)
             except Exception as error:
                 self._failed(result, f"{type(error).__name__}: {error}")
                 raise
@@ -529,25 +567,104 @@ class PromptPanel:
         self.last_result = result
         return result
 
-    def _run(self, result: PanelResult) -> None:
+    def _constraint(self):
+        """The automaton for detect/segment with "constrained" ticked, else None.
+
+        Raises ValueError (the user's to fix) when the object names cannot be
+        constrained or "max tokens" cannot hold one object.
+        """
+        task = self.task.value
+        if task not in DETECTION_TASKS or not self.constrained.value:
+            return None
+        from . import constrain  # JAX: imported only when needed
+
+        c = constrain.build(self.model.tokenizer, [split_objects(self.text.value)], task=task)
+        if self.max_new_tokens.value < c.min_new_tokens:
+            raise ValueError(
+                f"max tokens is {self.max_new_tokens.value} but one {task} object with these "
+                f"names needs up to {c.min_new_tokens} tokens: raise 'max tokens' to at least "
+                f"{c.min_new_tokens}, or untick 'constrained'"
+            )
+        return c
+
+    def _run(self, result: PanelResult, constraint) -> None:
         image, kw = self.image, self.generate_kwargs()
         self._announce(kw)
-        result.text, result.timing = self._generate(image, result.prompt, kw)
         note = ""
-        if self.task.value in DETECTION_TASKS or "<loc" in result.text:
-            vae = self._vae() if "<seg" in result.text else self.vae
-            result.detections, result.image = render_answer(image, result.text, vae)
-            self._show_detections(result)
-            if any(d.seg_codes is not None and d.mask is None for d in result.detections):
-                note = " · no masks: give the panel a VAE, PromptPanel(model, vae=pk.load_vae(...))"
+        if self.task.value in DETECTION_TASKS:
+            note = self._detect(result, image, kw, constraint)
+        else:
+            result.text, result.timing = self._generate(image, result.prompt, kw)
+            if "<loc" in result.text:  # a free-form prompt answered with boxes: draw the text
+                vae = self._vae() if "<seg" in result.text else self.vae
+                result.detections, result.image = render_answer(image, result.text, vae)
+                self._show_detections(result, scored=False)
+        if any(d.seg_codes is not None and d.mask is None for d in result.detections):
+            note += " · no masks: give the panel a VAE, PromptPanel(model, vae=pk.load_vae(...))"
         self.footer.value = _small(html.escape(result.timing.summary()))
         self._set_status("done" + note, "ok")
+
+    def _detect(self, result: PanelResult, image, kw: dict, constraint) -> str:
+        """Detect/segment as ``model.detect`` / ``model.segment`` do, streamed into ``answer``.
+
+        The same inputs, decoder and constraint as ``pali_kit.tasks.run``, one
+        token at a time (beam search: whole); then the score pass, the objects
+        (``tasks.answer_objects``) and their drawing. Returns a note for the status.
+        """
+        from . import decode, tasks  # JAX: imported only when needed
+
+        model, tok, task = self.model, self.model.tokenizer, self.task.value
+        compiles, start = decode.compile_count(), time.perf_counter()
+        pixels = model.preprocess(image)  # float32 [1, R, R, 3]
+        enc = tok.encode_prompts([result.prompt], text_len=None, bucket=None)  # as tasks.run
+        args = (model.config, model.run_params, pixels, enc["text"], enc["mask_input"])
+        beam, first = kw["sampler"].startswith("beam"), None
+        answer: list[int] = []  # token ids up to and including EOS
+        if beam:
+            tokens, _ = decode.generate_tokens(*args, **kw, constraint=constraint)
+            answer = _up_to_eos(tokens[0], tok.eos_id)
+        else:
+            for step, _ in decode.iter_tokens(*args, **kw, constraint=constraint):
+                if first is None:
+                    first = time.perf_counter() - start
+                    self._set_status("generating...", "busy")
+                if int(step[0]) == decode.PAD_ID:
+                    break
+                answer.append(int(step[0]))
+                text = tok.decode(answer)
+                if not text.endswith("\ufffd"):  # half of a multi-byte character: wait
+                    self.answer.value = text
+                if answer[-1] == tok.eos_id:
+                    break
+        self.answer.value = result.text = tok.decode(answer)
+        total = time.perf_counter() - start
+        self._set_status("scoring...", "busy")
+        head = [int(t) for t in enc["text"][0][enc["mask_input"][0]]]
+        _, near = tasks.token_logprobs(model, pixels, [head], [answer])
+        height, width = image.shape[:2]
+        result.detections = tasks.answer_objects(
+            tok, answer, near[0], width, height, split_objects(self.text.value), task=task,
+            constrained=constraint is not None, vae=self._vae() if task == "segment" else None,
+        )  # fmt: skip
+        result.timing = Timing(
+            first_token_s=total if first is None else first, total_s=total,
+            num_tokens=sum(t != tok.eos_id for t in answer),
+            compiled=decode.compile_count() > compiles, streamed=not beam,
+            score_s=time.perf_counter() - start - total,
+        )  # fmt: skip
+        result.image = viz.draw_detections(
+            image, result.detections, captions=[f"{d.label} {_score_text(d.score)}"
+                                                for d in result.detections]
+        )  # fmt: skip
+        self._show_detections(result, scored=True)
+        dropped = len(parse_detections(result.text, width, height)) - len(result.detections)
+        return f" · {dropped} repeated box(es) dropped (same label, IoU > 0.7)" if dropped else ""
 
     def _vae(self):
         """The mask VAE: the one given, else the demo VAE for a model with the demo tokenizer."""
         if not self._looked_for_vae:
             self._looked_for_vae = True
-            if _uses_demo_tokenizer(self.model):
+            if self._demo_tokenizer:
                 from .segmentation import load_vae
 
                 try:
@@ -594,9 +711,9 @@ class PromptPanel:
         )  # fmt: skip
         return self.answer.value, timing
 
-    def _show_detections(self, result: PanelResult) -> None:
+    def _show_detections(self, result: PanelResult, scored: bool) -> None:
         self.result_image.value = _png(result.image, 512)
-        self.objects.value = _detections_table(result.detections)
+        self.objects.value = _detections_table(result.detections, scored)
         self._result_box.layout.display = None
 
     def _set_status(self, message: str, kind: str = "info") -> None:
@@ -627,17 +744,35 @@ def _uses_demo_tokenizer(model) -> bool:
     return path is not None and Path(path).resolve() == Path(demo).resolve()
 
 
-def _detections_table(detections: list[Detection]) -> str:
-    """An HTML table: label, box in pixels, whether a mask was decoded."""
+def _up_to_eos(tokens, eos_id: int) -> list[int]:
+    """int32[T] generated ids -> a list up to and including the first EOS (PAD dropped)."""
+    out = []
+    for t in (int(t) for t in tokens):
+        if t != 0:  # PAD
+            out.append(t)
+        if t == eos_id:
+            break
+    return out
+
+
+def _score_text(score: float) -> str:
+    """``0.93``; a score under 0.01 as ``3e-05`` (two decimals would say 0.00)."""
+    return f"{score:.2f}" if score >= 0.01 or score == 0 else f"{score:.0e}"
+
+
+def _detections_table(detections: list[Detection], scored: bool = False) -> str:
+    """An HTML table: label, score (``scored``), box in pixels, whether a mask was decoded."""
     if not detections:
         return _small("no objects in the answer (no &lt;loc&gt; tokens)")
     rows = "".join(
         f"<tr><td>{html.escape(d.label) or '&nbsp;'}</td>"
-        f"<td>({', '.join(f'{v:.0f}' for v in d.box)})</td>"
+        + (f"<td>{_score_text(d.score)}</td>" if scored else "")
+        + f"<td>({', '.join(f'{v:.0f}' for v in d.box)})</td>"
         f"<td>{'mask' if d.mask is not None else ('codes, no VAE' if d.seg_codes else '')}</td></tr>"
         for d in detections
     )
-    head = "<tr><th>label</th><th>box x0, y0, x1, y1 (px)</th><th></th></tr>"
+    score = "<th>score</th>" if scored else ""
+    head = f"<tr><th>label</th>{score}<th>box x0, y0, x1, y1 (px)</th><th></th></tr>"
     return f"<table>{head}{rows}</table>"
 
 
