@@ -186,7 +186,7 @@ class Timing:
     """How long one run took. Times are seconds from pressing Run."""
 
     first_token_s: float  # includes preprocessing, prefill and any compiling
-    total_s: float
+    total_s: float  # until the answer is complete
     num_tokens: int  # generated tokens, EOS not counted
     compiled: bool = False  # True when this run compiled new code
     streamed: bool = True  # False for beam search: the whole answer arrives at once
@@ -200,11 +200,12 @@ class Timing:
         return self.num_tokens / self.total_s if self.total_s > 0 else 0.0
 
     def summary(self) -> str:
-        """One line, e.g. ``first token 0.21 s · 12 tokens · 48.3 tokens/s · total 0.44 s``."""
+        """One line, e.g. ``first token 0.21 s · 12 tokens · 48.3 tokens/s · total 0.44 s``
+        (detect/segment add `` · then scoring 0.05 s``: the score pass after the answer)."""
         first = f"first token {self.first_token_s:.2f} s" if self.streamed else "beam search"
         if self.compiled:
             first += " (includes compiling)"
-        scores = "" if self.score_s is None else f" · scores {self.score_s:.2f} s"
+        scores = "" if self.score_s is None else f" · then scoring {self.score_s:.2f} s"
         return (
             f"{first} · {self.num_tokens} tokens · {self.tokens_per_s:.1f} tokens/s "
             f"· total {self.total_s:.2f} s{scores}"
@@ -773,7 +774,7 @@ def _detections_table(detections: list[Detection], scored: bool = False) -> str:
     )
     score = "<th>score</th>" if scored else ""
     head = f"<tr><th>label</th>{score}<th>box x0, y0, x1, y1 (px)</th><th></th></tr>"
-    return f"<table>{head}{rows}</table>"
+    return f'<table style="border-spacing:10px 2px">{head}{rows}</table>'
 
 
 def _enable_colab_widgets() -> None:

@@ -308,6 +308,25 @@ def assert_streamed(page, answer: str, name: str) -> None:
     assert all(b.startswith(a) for a, b in zip(values, values[1:])), values
 
 
+def shown_objects(page, answer: str) -> tuple[list, list[str]]:
+    """The objects the panel's table lists: (the answer's parsed objects in the table's
+    order, each row's box caption "label score"). Every row must be an object of the
+    answer (same label, same box in whole pixels) with a score in [0, 1]."""
+    rows = page.locator(".pk-objects tr").all()[1:]
+    cells = [[c.inner_text().strip() for c in row.locator("td").all()] for row in rows]
+    parsed = {}  # (label, box as the table writes it) -> the answer's object
+    for d in reversed(parse_detections(answer, 320, 240)):
+        parsed[d.label, "(" + ", ".join(f"{v:.0f}" for v in d.box) + ")"] = d
+    objects, captions = [], []
+    for label, score, box, _mask in cells:
+        assert 0.0 <= float(score) <= 1.0, (label, score)
+        assert (label, box) in parsed, f"{label} {box} is not an object of the answer {answer!r}"
+        objects.append(parsed[label, box])
+        captions.append(f"{label} {score}")
+    assert objects, "the table lists no objects"
+    return objects, captions
+
+
 def test_the_notebook_shows_one_panel(page):
     expect(panel(page)).to_have_count(1)
     expect(page.locator(".pk-image-picker select")).to_have_value(SAMPLE)
@@ -332,9 +351,13 @@ def test_detect_streams_the_answer_and_draws_boxes(page):
     assert_streamed(page, answer, "1_detect")
     expect(page.locator(".pk-footer")).to_contain_text("tokens/s")
     expect(result).to_be_visible()
-    # the displayed image is the expected drawing of the streamed answer, pixel for pixel
+    expect(page.locator(".pk-objects th").nth(1)).to_have_text("score")
+    expect(page.locator(".pk-footer")).to_contain_text("then scoring")
+    # the displayed image is the expected drawing of the listed objects of the streamed
+    # answer, each box captioned with its label and score, pixel for pixel
     image = load_image(ROOT / "data" / "images" / SAMPLE)
-    expected = viz.draw_detections(image, parse_detections(answer, 320, 240))
+    objects, captions = shown_objects(page, answer)
+    expected = viz.draw_detections(image, objects, captions=captions)
     shown = displayed_image(page)
     assert shown.size == (320, 240)
     assert np.array_equal(np.asarray(shown), np.asarray(expected))
@@ -346,7 +369,7 @@ def test_detect_streams_the_answer_and_draws_boxes(page):
     code.click()
     selected = page.evaluate("window.getSelection().toString()")
     assert selected == code.inner_text()
-    assert selected.startswith("model.generate(image, 'detect red circle ; blue square'")
+    assert selected.startswith("model.detect(image, ['red circle', 'blue square'], ")
 
 
 def test_segment_draws_masks(page):
@@ -360,8 +383,10 @@ def test_segment_draws_masks(page):
     expect(page.locator(".pk-objects")).to_contain_text("mask")
     # masks are filled: inside the boxes the image differs from a drawing of boxes alone
     image = load_image(ROOT / "data" / "images" / SAMPLE)
-    detections = parse_detections(answer, 320, 240)
-    boxes_only = np.asarray(viz.draw_detections(image, detections, show_masks=False))
+    detections, captions = shown_objects(page, answer)
+    boxes_only = np.asarray(
+        viz.draw_detections(image, detections, show_masks=False, captions=captions)
+    )
     shown = np.asarray(displayed_image(page))
     assert shown.shape == (240, 320, 3)
     x0, y0, x1, y1 = (round(v) for v in detections[0].box)

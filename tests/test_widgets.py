@@ -444,7 +444,7 @@ def test_detect_shows_each_objects_score_in_the_table_and_on_the_image(demo):
     assert not np.array_equal(expected, np.asarray(viz.draw_detections(image, dets)))
     shown = PIL.Image.open(io.BytesIO(bytes(panel.result_image.value)))
     np.testing.assert_array_equal(np.asarray(shown.convert("RGB")), expected)  # 256 px: as is
-    assert "scores" in panel.footer.value and "tokens/s" in panel.footer.value
+    assert "then scoring" in panel.footer.value and "tokens/s" in panel.footer.value
 
 
 @pytest.mark.parametrize(
