@@ -303,8 +303,9 @@ class PromptPanel:
 
     The widgets are attributes (``task``, ``text``, ``language``, ``prompt``,
     ``sampler``, ``seed``, ``constrained``, ``max_new_tokens``, ``run_button``,
-    ``answer``, ``objects``, ``status``, ``code``, ``footer``, ...), so code can set them; ``run()`` does
-    what the Run button does; ``last_result`` holds the latest ``PanelResult``.
+    ``answer``, ``objects``, ``status``, ``code``, ``footer``, ...), so code can
+    set them; ``run()`` does what the Run button does; ``last_result`` holds the
+    latest ``PanelResult``.
     Each widget carries a CSS class ``pk-<name>`` (``pk-task``, ``pk-answer``,
     ...) for styling and for browser tests.
     """
@@ -765,13 +766,15 @@ def _detections_table(detections: list[Detection], scored: bool = False) -> str:
     """An HTML table: label, score (``scored``), box in pixels, whether a mask was decoded."""
     if not detections:
         return _small("no objects in the answer (no &lt;loc&gt; tokens)")
-    rows = "".join(
-        f"<tr><td>{html.escape(d.label) or '&nbsp;'}</td>"
-        + (f"<td>{_score_text(d.score)}</td>" if scored else "")
-        + f"<td>({', '.join(f'{v:.0f}' for v in d.box)})</td>"
-        f"<td>{'mask' if d.mask is not None else ('codes, no VAE' if d.seg_codes else '')}</td></tr>"
-        for d in detections
-    )
+
+    def row(d: Detection) -> str:
+        label = html.escape(d.label) or "&nbsp;"
+        score = f"<td>{_score_text(d.score)}</td>" if scored else ""
+        box = ", ".join(f"{v:.0f}" for v in d.box)
+        mask = "mask" if d.mask is not None else ("codes, no VAE" if d.seg_codes else "")
+        return f"<tr><td>{label}</td>{score}<td>({box})</td><td>{mask}</td></tr>"
+
+    rows = "".join(row(d) for d in detections)
     score = "<th>score</th>" if scored else ""
     head = f"<tr><th>label</th>{score}<th>box x0, y0, x1, y1 (px)</th><th></th></tr>"
     return f'<table style="border-spacing:10px 2px">{head}{rows}</table>'

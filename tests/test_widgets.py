@@ -75,6 +75,7 @@ def panel(echo):
         ("question", "red", "en", "question en red"),
         ("detect", "circle", "en", "detect circle"),
         ("detect", "circle;square ; ", "en", "detect circle ; square"),
+        ("detect", " red  circle ; square;red circle", "en", "detect red circle ; square"),
         ("segment", "yellow triangle", "en", "segment yellow triangle"),
         ("prompt", "  caption pt ", "en", "caption pt"),
     ],
@@ -137,6 +138,17 @@ def test_render_answer_decodes_masks_when_a_vae_is_given(tmp_path):
     assert detections[0].seg_codes == tuple(range(16))
     assert detections[0].mask.shape == (64, 64)
     assert drawn.size == (64, 64)
+
+
+def test_boxes_take_captions_one_per_object():
+    from pali_kit import viz
+
+    image = solid((255, 255, 255), size=(100, 200))
+    detections, drawn = render_answer(image, BOXED)
+    captioned = viz.draw_detections(image, detections, captions=["circle 0.93"])
+    assert not np.array_equal(np.asarray(captioned), np.asarray(drawn))  # a longer tag
+    with pytest.raises(ValueError, match="captions has 2 entries for 1 detections"):
+        viz.draw_detections(image, detections, captions=["a", "b"])
 
 
 # ----------------------------------------------------------------------------- the panel
