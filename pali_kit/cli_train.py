@@ -239,6 +239,25 @@ def _resolve(model: str, tokenizer_path: str | None):
 # ============================================================================ finetune
 
 
+def _runtime_errors(command: str):
+    """Failures while running (not usage): one line on stderr, exit status 1."""
+
+    def wrap(run):
+        @functools.wraps(run)
+        def wrapped(args, parser) -> int:
+            try:
+                return run(args, parser)
+            except (OSError, ValueError, RuntimeError, KeyError) as error:
+                text = " ".join(str(error).split()) or type(error).__name__
+                print(f"pali-kit {command}: error: {text}", file=sys.stderr)
+                return 1
+
+        return wrapped
+
+    return wrap
+
+
+@_runtime_errors("finetune")
 def _finetune(args, parser) -> int:
     _check_finetune(args, parser)
     from pali_kit import train as pt
@@ -385,6 +404,7 @@ def _write_json(path: Path, value) -> None:
 # ============================================================================ eval
 
 
+@_runtime_errors("eval")
 def _eval(args, parser) -> int:
     from pali_kit.train import METRICS
 

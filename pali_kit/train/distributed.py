@@ -89,10 +89,20 @@ def initialize_distributed(
         )
     if devices_are_cpus():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator, num_processes=num_processes, process_id=process_id,
-        initialization_timeout=timeout_s,
-    )  # fmt: skip
+    try:
+        jax.distributed.initialize(
+            coordinator, num_processes=num_processes, process_id=process_id,
+            initialization_timeout=timeout_s,
+        )  # fmt: skip
+    except RuntimeError as error:
+        where = coordinator or "the address JAX found"
+        hint = (
+            f"process 0 could not listen on {where}: is the port in use? Pick another"
+            if process_id == 0
+            else f"could not reach the coordinator at {where} within {timeout_s} s: is "
+            "process 0 running, and is its HOST:PORT reachable from here?"
+        )
+        raise RuntimeError(f"jax.distributed.initialize failed ({error}); {hint}") from error
 
 
 def process_rows(batch_size: int, mesh: Mesh) -> slice:
