@@ -52,7 +52,6 @@ def _env(devices: int) -> dict:
         f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"
     )
     env["PALI_KIT_COMPILATION_CACHE"] = "0"
-    env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
 
@@ -113,24 +112,12 @@ def _weights(path: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def val_file(tmp_path_factory) -> Path:
-    """The first 4 lines of the sample validation split (one image, four tasks)."""
-    folder = tmp_path_factory.mktemp("val")
-    rows = [json.loads(x) for x in (SAMPLE / "val.jsonl").read_text().splitlines()[:4]]
-    for row in rows:
-        row["image"] = str(SAMPLE / row["image"])
-    path = folder / "val.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, val_file):
+def runs(tmp_path_factory):
     """A (1 process), B (2 processes), R (B resumed in 1 process); their folders and times."""
     tmp = tmp_path_factory.mktemp("runs")
     train = SAMPLE / "train.jsonl"
     a, b, b1 = tmp / "A", tmp / "B", tmp / "B_process1"
-    evaluate = ["--val", val_file, "--max-new-tokens", "12"]
+    evaluate = ["--val", SAMPLE / "val.jsonl", "--max-new-tokens", "12"]
     seconds = {}
 
     t0 = time.perf_counter()
@@ -200,15 +187,17 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs):
         assert int(npz["train/step"]) == 4
 
 
-def test_eval_command_gives_the_scores_the_trainer_logged(runs, val_file):
+def test_eval_command_gives_the_scores_the_trainer_logged(runs):
     """``pali-kit eval`` (1 process) of the 1-process step-2 checkpoint scores what the
     2-process trainer's evaluation logged at step 2 (weights within ~1e-7: see the top)."""
-    run = _run(["eval", runs["a2"], val_file, "--max-new-tokens", "12", "--json"], devices=1)
+    run = _run(
+        ["eval", runs["a2"], SAMPLE / "val.jsonl", "--max-new-tokens", "12", "--json"], devices=1
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     logged = {k: v for k, v in runs["b_history"][1].items() if "/" in k}  # task/metric
     assert {"caption/cider", "count/exact_match", "color/exact_match", "detect/map"} <= set(logged)
-    assert result["examples"] == 4 and result["scores"] == logged
+    assert result["examples"] == 16 and result["scores"] == logged
     assert "loss" in runs["b_history"][0] and "caption/cider" not in runs["b_history"][0]
 
 
@@ -300,3 +289,23 @@ def test_finetune_refuses_to_overwrite_a_run_and_checks_the_files(tmp_path, caps
     with pytest.raises(SystemExit) as exit_:
         cli.main(["eval", "demo", str(SAMPLE / "val.jsonl"), "--metric", "f1"])
     assert exit_.value.code == USAGE
+
+
+def test_cpu_collectives_are_chosen_without_starting_jax(monkeypatch):
+    from pali_kit.train import distributed
+
+    if distributed.jax.config.jax_platforms:  # set when JAX started: it decides alone
+        pytest.skip("JAX_PLATFORMS was set when JAX started")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not distributed.devices_are_cpus()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert distributed.devices_are_cpus()
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setattr(distributed, "_module_present", lambda name: name == "libtpu")
+    assert not distributed.devices_are_cpus()  # a TPU runtime is installed
+    monkeypatch.setattr(distributed, "_module_present", lambda name: False)
+    assert distributed.devices_are_cpus()
+    with pytest.raises(ValueError, match="go together"):
+        distributed.initialize_distributed("127.0.0.1:1", None, None)
+    with pytest.raises(ValueError, match="process_id=2 must be in 0..1"):
+        distributed.initialize_distributed("127.0.0.1:1", 2, 2)

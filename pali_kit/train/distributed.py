@@ -94,14 +94,21 @@ def initialize_distributed(
             coordinator, num_processes=num_processes, process_id=process_id,
             initialization_timeout=timeout_s,
         )  # fmt: skip
-    except RuntimeError as error:
+    except (RuntimeError, ValueError) as error:
         where = coordinator or "the address JAX found"
-        hint = (
-            f"process 0 could not listen on {where}: is the port in use? Pick another"
-            if process_id == 0
-            else f"could not reach the coordinator at {where} within {timeout_s} s: is "
-            "process 0 running, and is its HOST:PORT reachable from here?"
-        )
+        if coordinator is None and isinstance(error, ValueError):
+            hint = (
+                "JAX found no cluster to join (Cloud TPU, SLURM, Open MPI, Kubernetes, or "
+                "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID): give the "
+                "coordinator's HOST:PORT, the number of processes and this process's id"
+            )
+        elif process_id == 0:
+            hint = f"process 0 could not listen on {where}: is the port in use? Pick another"
+        else:
+            hint = (
+                f"could not reach the coordinator at {where} within {timeout_s} s: is "
+                "process 0 running, and is its HOST:PORT reachable from here?"
+            )
         raise RuntimeError(f"jax.distributed.initialize failed ({error}); {hint}") from error
 
 
