@@ -27,6 +27,14 @@ import tempfile
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+FINETUNE = (
+    "Fine-tune a PaliGemma on a jsonl dataset; writes DIR/history.jsonl (one JSON object per "
+    "update) and DIR/model.npz (pk.load opens it; --resume continues it). Several processes "
+    "(one per host, or several on one machine) run the same command with --coordinator "
+    "HOST:PORT --num-processes N --process-id I, or --distributed where "
+    "jax.distributed.initialize() finds the cluster itself (Cloud TPU pod slices). "
+    "--batch-size is the global batch; each process reads only its rows. Process 0 writes DIR."
+)
 HISTORY, CHECKPOINT, RUN = "history.jsonl", "model.npz", "run.json"
 
 
@@ -71,7 +79,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def add_parsers(sub) -> None:
     """Add ``finetune`` and ``eval`` to the ``pali-kit`` subcommands."""
     f = sub.add_parser("finetune", help="fine-tune on a jsonl dataset (one or several processes)",
-                       description=__doc__.split("\n\n")[2])  # fmt: skip
+                       description=FINETUNE)  # fmt: skip
     f.add_argument("train", metavar="TRAIN.jsonl")
     f.add_argument("--model", required=True, help="'demo', a pk.CHECKPOINTS name, or an .npz")
     f.add_argument("--out", required=True, metavar="DIR", help="where the run writes its files")
@@ -141,7 +149,10 @@ def add_parsers(sub) -> None:
                         "SLURM, ...)")  # fmt: skip
     f.set_defaults(func=functools.partial(_finetune, parser=f))
 
-    e = sub.add_parser("eval", help="the task metrics of a model on a jsonl dataset")
+    e = sub.add_parser("eval", help="the task metrics of a model on a jsonl dataset",
+                       description="Greedy-decode VAL.jsonl and print each task's metric "
+                       "(the trainer's evaluation): captions CIDEr, answers exact match or VQA "
+                       "accuracy, detections mAP and mean IoU.")  # fmt: skip
     e.add_argument("model", help="'demo', a pk.CHECKPOINTS name, an .npz or a folder")
     e.add_argument("val", metavar="VAL.jsonl")
     e.add_argument("--batch-size", type=_positive(int, "batch-size"), default=8)
@@ -260,34 +271,14 @@ def _runtime_errors(command: str):
 @_runtime_errors("finetune")
 def _finetune(args, parser) -> int:
     _check_finetune(args, parser)
+    jax = _start_jax(args)
+    from pali_kit import data as pdata
     from pali_kit import train as pt
 
-    if args.coordinator is not None or args.distributed:
-        pt.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    import jax
-
-    from pali_kit import api, checkpoints
-    from pali_kit import data as pdata
-
-    if jax.process_count() == 1:
-        api.enable_compilation_cache()
-    main = jax.process_index() == 0
-    out = Path(args.out)
+    out, main = Path(args.out), jax.process_index() == 0
     path, config, tokenizer = _resolve(args.model, args.tokenizer)
     start_from = out / CHECKPOINT if args.resume else path
-    shapes = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in
-              checkpoints.checkpoint_keys(start_from).items() if k.startswith(("img/", "llm/"))}  # fmt: skip
-    try:
-        pt.trainable_mask(checkpoints.unflatten(shapes), args.trainable)
-    except (ValueError, TypeError) as error:
-        parser.error(f"argument --trainable: {error}")
-    if args.batch_size % jax.device_count():
-        parser.error(f"argument --batch-size: {args.batch_size} is not a multiple of the "
-                     f"{jax.device_count()} devices ({jax.process_count()} process(es)); use "
-                     f"{jax.device_count() * max(1, args.batch_size // jax.device_count())}")  # fmt: skip
-    if args.resume:
-        _check_same_run(out, args, parser)
-
+    _check_with_devices(args, parser, start_from)
     train = pdata.JsonlDataset(args.train)
     batcher = pdata.Batcher(train, tokenizer, batch_size=args.batch_size, text_len=args.text_len,
                             image_size=config.resolution, seed=args.seed)  # fmt: skip
@@ -295,16 +286,7 @@ def _finetune(args, parser) -> int:
     if args.val is not None:
         evaluator = pt.Evaluator(pdata.JsonlDataset(args.val), tokenizer, metric=args.metric,
                                  max_new_tokens=args.max_new_tokens)  # fmt: skip
-
-    mesh = pt.make_mesh()
-    params, _, _ = pt.load_for_training(start_from, trainable=args.trainable,
-                                        frozen_dtype=args.frozen_dtype, mesh=mesh, progress=False)  # fmt: skip
-    trainer = pt.Trainer(params, config, trainable=args.trainable, num_steps=args.steps,
-                         optimizer=args.optimizer, lr=args.lr, frozen_dtype=args.frozen_dtype,
-                         mesh=mesh, copy=False)  # fmt: skip
-    del params
-    if args.resume:
-        trainer.restore(out / CHECKPOINT, params=False)
+    trainer = _make_trainer(args, config, start_from)
     start, end = trainer.step_count, args.until or args.steps
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -318,24 +300,81 @@ def _finetune(args, parser) -> int:
         if main:
             print(f"{out / CHECKPOINT} is already at step {start}: nothing to do")
         return 0
+    _fit(args, trainer, batcher, evaluator, end, log=out / HISTORY if main else None)
+    if main:
+        history, last = trainer.history, trainer.last_eval
+        shown = "".join(f", {k} {v:.4g}" for k, v in (last.scores if last else {}).items())
+        print(f"step {history.step[-1]}: loss {history.loss[-1]:.4f}{shown}; "
+              f"wrote {out / CHECKPOINT}")  # fmt: skip
+    return 0
 
-    log = open(out / HISTORY, "a", encoding="utf-8") if main else None  # noqa: SIM115
-    record_line = functools.partial(_log_line, log) if main else None
+
+def _start_jax(args):
+    """Join the other processes first (when asked), before JAX starts its backends."""
+    from pali_kit import api
+    from pali_kit import train as pt
+
+    if args.coordinator is not None or args.distributed:
+        pt.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    import jax
+
+    if jax.process_count() == 1:  # a persistent cache of programs, for one process only
+        api.enable_compilation_cache()
+    return jax
+
+
+def _check_with_devices(args, parser, start_from: Path) -> None:
+    """Usage errors that need the checkpoint's keys or the device count (exit status 2)."""
+    import jax
+
+    from pali_kit import checkpoints
+    from pali_kit import train as pt
+
+    shapes = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in
+              checkpoints.checkpoint_keys(start_from).items() if k.startswith(("img/", "llm/"))}  # fmt: skip
+    try:
+        pt.trainable_mask(checkpoints.unflatten(shapes), args.trainable)
+    except (ValueError, TypeError) as error:
+        parser.error(f"argument --trainable: {error}")
+    n = jax.device_count()
+    if args.batch_size % n:
+        parser.error(f"argument --batch-size: {args.batch_size} is not a multiple of the {n} "
+                     f"devices ({jax.process_count()} process(es)); use "
+                     f"{n * max(1, args.batch_size // n)}")  # fmt: skip
+    if args.resume:
+        _check_same_run(Path(args.out), args, parser)
+
+
+def _make_trainer(args, config, start_from: Path):
+    """A Trainer on every device of every process, from the model or (--resume) DIR/model.npz."""
+    from pali_kit import train as pt
+
+    mesh = pt.make_mesh()
+    params, _, _ = pt.load_for_training(start_from, trainable=args.trainable,
+                                        frozen_dtype=args.frozen_dtype, mesh=mesh, progress=False)  # fmt: skip
+    trainer = pt.Trainer(params, config, trainable=args.trainable, num_steps=args.steps,
+                         optimizer=args.optimizer, lr=args.lr, frozen_dtype=args.frozen_dtype,
+                         mesh=mesh, copy=False)  # fmt: skip
+    if args.resume:  # the step and optimizer state; the weights are loaded already
+        trainer.restore(start_from, params=False)
+    return trainer
+
+
+def _fit(args, trainer, batcher, evaluator, end: int, log: Path | None) -> None:
+    """Train to update ``end``; ``log`` (process 0 only) gets one JSON line per update."""
+    from pali_kit import train as pt
+
+    file = open(log, "a", encoding="utf-8") if log is not None else None  # noqa: SIM115
     try:
         trainer.fit(batcher, num_steps=end, evaluator=evaluator, eval_every=args.eval_every,
-                    checkpoint=out / CHECKPOINT, checkpoint_every=args.save_every,
-                    progress=not args.no_progress, callback=record_line)  # fmt: skip
+                    checkpoint=Path(args.out) / CHECKPOINT, checkpoint_every=args.save_every,
+                    progress=not args.no_progress,
+                    callback=functools.partial(_log_line, file) if file else None)  # fmt: skip
     except pt.NonFiniteLossError as error:
         raise RuntimeError(str(error)) from None
     finally:
-        if log is not None:
-            log.close()
-    if main:
-        last = trainer.history
-        scores = trainer.last_eval.scores if trainer.last_eval is not None else {}
-        shown = "".join(f", {k} {v:.4g}" for k, v in scores.items())
-        print(f"step {last.step[-1]}: loss {last.loss[-1]:.4f}{shown}; wrote {out / CHECKPOINT}")
-    return 0
+        if file is not None:
+            file.close()
 
 
 def _finite(value):
