@@ -31,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -73,28 +74,36 @@ def _free_port() -> int:
 
 
 def _run_processes(args_of, n: int, devices: int, tries: int = 3):
-    """Run ``n`` processes ``args_of(port, i)`` together; kill them all on any failure.
+    """Run ``n`` processes ``args_of(port, i)`` together; when one fails, the rest are killed.
 
-    Retries with a new port when the coordinator's port was taken in between.
+    Output goes to files (no pipe can fill up and block a process). Retries
+    with a new port when the coordinator's port was taken in between.
     Returns ``(outputs [(returncode, stdout, stderr)], seconds)``.
     """
     for attempt in range(tries):
         port, procs, start = _free_port(), [], time.perf_counter()
-        try:
-            for i in range(n):
-                procs.append(subprocess.Popen(_cli(*args_of(port, i)), env=_env(devices),
-                                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                              text=True))  # fmt: skip
-            deadline = start + TIMEOUT
+        with tempfile.TemporaryDirectory() as logs:
+            files = [(open(f"{logs}/{i}.out", "w+"), open(f"{logs}/{i}.err", "w+"))  # noqa: SIM115
+                     for i in range(n)]  # fmt: skip
+            try:
+                for i, (out, err) in enumerate(files):
+                    procs.append(subprocess.Popen(_cli(*args_of(port, i)), env=_env(devices),
+                                                  stdout=out, stderr=err))  # fmt: skip
+                while any(p.poll() is None for p in procs):
+                    failed = any(p.poll() not in (None, 0) for p in procs)
+                    if failed or time.perf_counter() - start > TIMEOUT:
+                        break  # the others would wait for it until JAX's timeouts
+                    time.sleep(0.2)
+            finally:
+                for p in procs:  # on a failure, a timeout or an exception: nothing left running
+                    if p.poll() is None:
+                        p.kill()
+                    p.wait()
             outputs = []
-            for p in procs:
-                out, err = p.communicate(timeout=max(1.0, deadline - time.perf_counter()))
-                outputs.append((p.returncode, out, err))
-        finally:
-            for p in procs:  # on a timeout or an exception: nothing is left running
-                if p.poll() is None:
-                    p.kill()
-                    p.communicate()
+            for p, (out, err) in zip(procs, files):
+                out.seek(0), err.seek(0)
+                outputs.append((p.returncode, out.read(), err.read()))
+                out.close(), err.close()
         seconds = time.perf_counter() - start
         if any("could not listen" in err for _, _, err in outputs) and attempt + 1 < tries:
             continue  # the port was taken between _free_port and the coordinator: again
