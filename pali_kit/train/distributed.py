@@ -8,8 +8,7 @@ several CPU processes on one machine). Every process runs the same program:
     trainer.fit(pdata.Batcher(train, tok, batch_size=32, ...))  # the same Batcher everywhere
 
 - ``initialize_distributed`` calls ``jax.distributed.initialize`` (with no
-  arguments it finds a Cloud TPU / SLURM / Open MPI / Kubernetes cluster by
-  itself) and, when the devices are CPUs, switches on JAX's CPU collectives
+  arguments it finds a Cloud TPU / GKE / SLURM / Open MPI cluster by itself) and, when the devices are CPUs, switches on JAX's CPU collectives
   (gloo) first, so that CPU processes reduce across each other.
 - Batch ``k`` is the same *global* batch whatever the number of processes
   (``Batcher`` makes it from (seed, k) alone); ``process_rows`` is the slice
@@ -71,9 +70,8 @@ def initialize_distributed(
     coordinator: ``"HOST:PORT"`` of process 0 (reachable by every process),
     with ``num_processes`` and ``process_id`` (0 .. num_processes-1). All
     three None: ``jax.distributed.initialize()`` finds the cluster itself
-    (Cloud TPU pod slices, SLURM, Open MPI, Kubernetes, or the
-    ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``
-    variables). On CPUs the gloo collectives are switched on first.
+    (Cloud TPU pod slices, GKE, SLURM, Open MPI's ``mpirun``). On CPUs the
+    gloo collectives are switched on first.
     """
     given = (coordinator, num_processes, process_id)
     if any(v is not None for v in given) and any(v is None for v in given):
@@ -98,8 +96,7 @@ def initialize_distributed(
         where = coordinator or "the address JAX found"
         if coordinator is None and isinstance(error, ValueError):
             hint = (
-                "JAX found no cluster to join (Cloud TPU, SLURM, Open MPI, Kubernetes, or "
-                "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID): give the "
+                "JAX found no cluster to join (Cloud TPU, GKE, SLURM, Open MPI): give the "
                 "coordinator's HOST:PORT, the number of processes and this process's id"
             )
         elif process_id == 0:
