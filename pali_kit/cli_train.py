@@ -293,6 +293,7 @@ def _finetune(args, parser) -> int:
         _start_history(out / HISTORY, start)
         if not args.resume:
             _write_json(out / RUN, _run_record(args, config))
+            _keep_tokenizer(tokenizer, out)
         print(f"pali-kit finetune: {trainer.summary}; {jax.process_count()} process(es), "
               f"{jax.device_count()} devices; steps {start + 1}..{end} of {args.steps}",
               file=sys.stderr)  # fmt: skip
@@ -307,6 +308,15 @@ def _finetune(args, parser) -> int:
         print(f"step {history.step[-1]}: loss {history.loss[-1]:.4f}{shown}; "
               f"wrote {out / CHECKPOINT}")  # fmt: skip
     return 0
+
+
+def _keep_tokenizer(tokenizer, out: Path) -> None:
+    """A copy of the tokenizer beside model.npz, where pk.load looks (the demo's it finds)."""
+    from pali_kit.tokenizer import data_dir
+
+    source = Path(tokenizer.path)
+    if source.is_file() and source.resolve() != (data_dir() / "tokenizer.model").resolve():
+        _write_bytes(out / "paligemma_tokenizer.model", source.read_bytes())
 
 
 def _start_jax(args):
@@ -418,11 +428,15 @@ def _check_same_run(out: Path, args, parser) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
+    _write_bytes(path, text.encode("utf-8"))
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
     """Atomic: a temporary file in the same folder, then a rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
         os.replace(tmp, path)
     except BaseException:

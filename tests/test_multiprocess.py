@@ -73,41 +73,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_processes(args_of, n: int, devices: int, tries: int = 3):
-    """Run ``n`` processes ``args_of(port, i)`` together; when one fails, the rest are killed.
+def _run_together(argvs, devices: int):
+    """Run the commands at once; when one fails (or after TIMEOUT) the rest are killed.
 
-    Output goes to files (no pipe can fill up and block a process). Retries
-    with a new port when the coordinator's port was taken in between.
-    Returns ``(outputs [(returncode, stdout, stderr)], seconds)``.
+    Output goes to files (no pipe can fill up and block a process).
+    Returns ``[(returncode, stdout, stderr)]``.
+    """
+    procs, start = [], time.perf_counter()
+    with tempfile.TemporaryDirectory() as logs:
+        files = [(open(f"{logs}/{i}.out", "w+"), open(f"{logs}/{i}.err", "w+"))  # noqa: SIM115
+                 for i in range(len(argvs))]  # fmt: skip
+        try:
+            for argv, (out, err) in zip(argvs, files):
+                procs.append(subprocess.Popen(_cli(*argv), env=_env(devices), stdout=out,
+                                              stderr=err))  # fmt: skip
+            while any(p.poll() is None for p in procs):
+                failed = any(p.poll() not in (None, 0) for p in procs)
+                if failed or time.perf_counter() - start > TIMEOUT:
+                    break  # processes of one run would wait for it until JAX's timeouts
+                time.sleep(0.2)
+        finally:
+            for p in procs:  # on a failure, a timeout or an exception: nothing left running
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        outputs = []
+        for p, (out, err) in zip(procs, files):
+            out.seek(0), err.seek(0)
+            outputs.append((p.returncode, out.read(), err.read()))
+            out.close(), err.close()
+    return outputs
+
+
+def _run_processes(args_of, n: int, devices: int, tries: int = 3):
+    """The ``n`` processes ``args_of(port, i)`` of one run: ``(outputs, seconds)``.
+
+    Retries with a new port when the coordinator's port was taken in between.
     """
     for attempt in range(tries):
-        port, procs, start = _free_port(), [], time.perf_counter()
-        with tempfile.TemporaryDirectory() as logs:
-            files = [(open(f"{logs}/{i}.out", "w+"), open(f"{logs}/{i}.err", "w+"))  # noqa: SIM115
-                     for i in range(n)]  # fmt: skip
-            try:
-                for i, (out, err) in enumerate(files):
-                    procs.append(subprocess.Popen(_cli(*args_of(port, i)), env=_env(devices),
-                                                  stdout=out, stderr=err))  # fmt: skip
-                while any(p.poll() is None for p in procs):
-                    failed = any(p.poll() not in (None, 0) for p in procs)
-                    if failed or time.perf_counter() - start > TIMEOUT:
-                        break  # the others would wait for it until JAX's timeouts
-                    time.sleep(0.2)
-            finally:
-                for p in procs:  # on a failure, a timeout or an exception: nothing left running
-                    if p.poll() is None:
-                        p.kill()
-                    p.wait()
-            outputs = []
-            for p, (out, err) in zip(procs, files):
-                out.seek(0), err.seek(0)
-                outputs.append((p.returncode, out.read(), err.read()))
-                out.close(), err.close()
-        seconds = time.perf_counter() - start
+        port, start = _free_port(), time.perf_counter()
+        outputs = _run_together([args_of(port, i) for i in range(n)], devices)
         if any("could not listen" in err for _, _, err in outputs) and attempt + 1 < tries:
             continue  # the port was taken between _free_port and the coordinator: again
-        return outputs, seconds
+        return outputs, time.perf_counter() - start
     raise AssertionError("unreachable")
 
 
@@ -130,7 +138,10 @@ def runs(tmp_path_factory):
     seconds = {}
 
     t0 = time.perf_counter()
-    first = _run(["finetune", train, "--out", a, *RUN, "--until", "2"])
+    tokenizer = tmp / "tok" / "my_tokenizer.model"  # a tokenizer given by path is kept in --out
+    tokenizer.parent.mkdir()
+    shutil.copy(data_dir() / "tokenizer.model", tokenizer)
+    first = _run(["finetune", train, "--out", a, *RUN, "--until", "2", "--tokenizer", tokenizer])
     seconds["A steps 1-2, 1 process"] = time.perf_counter() - t0
     assert first.returncode == 0, first.stderr[-3000:]
 
@@ -146,15 +157,12 @@ def runs(tmp_path_factory):
     b_history = _history(b)
     shutil.copy(b / "model.npz", tmp / "B_step2.npz")  # the resumes below overwrite them
     shutil.copy(a / "model.npz", tmp / "A_step2.npz")
-    t0 = time.perf_counter()
-    again = _run(["finetune", train, "--out", a, *RUN, "--resume"])
-    seconds["A steps 3-4, 1 process"] = time.perf_counter() - t0
-    assert again.returncode == 0, again.stderr[-3000:]
-
-    t0 = time.perf_counter()
-    resumed = _run(["finetune", train, "--out", b, *RUN, "--resume"])
-    seconds["R: B resumed, steps 3-4, 1 process"] = time.perf_counter() - t0
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    t0 = time.perf_counter()  # independent: A resumed, and B continued in 1 process, at once
+    resumes = _run_together([["finetune", train, "--out", folder, *RUN, "--resume"]
+                             for folder in (a, b)], devices=4)  # fmt: skip
+    seconds["A steps 3-4 and R (B resumed), 1 process each, together"] = time.perf_counter() - t0
+    for (code, _, err), name in zip(resumes, "AB"):
+        assert code == 0, f"{name} resumed:\n{err[-3000:]}"
     print("\nwall times:", {k: round(v, 1) for k, v in seconds.items()})
     return dict(a=a, b=b, b1=b1, b_files=b_files, b_history=b_history, outputs=outputs,
                 a2=tmp / "A_step2.npz", b2=tmp / "B_step2.npz")  # fmt: skip
@@ -181,6 +189,8 @@ def test_only_process_0_writes(runs):
     assert not runs["b1"].exists()  # process 1's --out: never created
     (code0, out0, _), (code1, out1, _) = runs["outputs"]
     assert "wrote" in out0 and "wrote" not in out1
+    kept = runs["a"] / "paligemma_tokenizer.model"  # A was given --tokenizer PATH
+    assert kept.read_bytes() == (data_dir() / "tokenizer.model").read_bytes()
     assert runs["b_files"] == ["history.jsonl", "model.npz", "run.json"]
     assert [r["step"] for r in runs["b_history"]] == [1, 2]  # one line per step: one writer
 
