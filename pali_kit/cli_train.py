@@ -401,8 +401,16 @@ def _start_history(path: Path, step: int) -> None:
     lines = []
     if step and path.exists():
         lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-                 if ln.strip() and json.loads(ln)["step"] <= step]  # fmt: skip
+                 if _step_of(ln) is not None and _step_of(ln) <= step]  # fmt: skip
     _write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a history line; None for a line cut short (a run killed while writing)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 SAME_RUN = ("trainable", "optimizer", "steps", "batch_size", "seed", "text_len", "lr")

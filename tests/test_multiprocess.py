@@ -168,6 +168,7 @@ def runs(tmp_path_factory):
                 a2=tmp / "A_step2.npz", b2=tmp / "B_step2.npz")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_two_processes_compute_the_one_process_steps(runs):
     a, b = _history(runs["a"]), _history(runs["b"])
     assert [r["step"] for r in a] == [1, 2, 3, 4] and [r["step"] for r in b] == [1, 2, 3, 4]
@@ -185,6 +186,7 @@ def test_two_processes_compute_the_one_process_steps(runs):
             np.testing.assert_array_equal(two[key], one[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_only_process_0_writes(runs):
     assert not runs["b1"].exists()  # process 1's --out: never created
     (code0, out0, _), (code1, out1, _) = runs["outputs"]
@@ -195,6 +197,7 @@ def test_only_process_0_writes(runs):
     assert [r["step"] for r in runs["b_history"]] == [1, 2]  # one line per step: one writer
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process(runs):
     a, r = _history(runs["a"]), _history(runs["b"])
     np.testing.assert_allclose([x["loss"] for x in r[2:]], [x["loss"] for x in a[2:]], rtol=1e-4)
@@ -206,6 +209,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(runs):
         assert int(npz["train/step"]) == 4
 
 
+@pytest.mark.slow
 def test_eval_command_gives_the_scores_the_trainer_logged(runs):
     """``pali-kit eval`` (1 process) of the 1-process step-2 checkpoint scores what the
     2-process trainer's evaluation logged at step 2 (weights within ~1e-7: see the top)."""
@@ -226,6 +230,7 @@ USAGE = 2  # argparse's status for a bad command line
 RUNTIME = 1  # the command line was fine, running it failed
 
 
+@pytest.mark.slow
 def test_bad_arguments_end_to_end(tmp_path):
     """As a user sees them: exit status and the message on stderr's last line."""
     train = SAMPLE / "train.jsonl"
@@ -328,3 +333,15 @@ def test_cpu_collectives_are_chosen_without_starting_jax(monkeypatch):
         distributed.initialize_distributed("127.0.0.1:1", None, None)
     with pytest.raises(ValueError, match="process_id=2 must be in 0..1"):
         distributed.initialize_distributed("127.0.0.1:1", 2, 2)
+
+
+def test_a_resumed_history_keeps_the_lines_up_to_its_checkpoint(tmp_path):
+    from pali_kit import cli_train
+
+    path = tmp_path / "history.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text("\n".join(lines) + '\n{"step": 4, "lo')  # killed while writing step 4
+    cli_train._start_history(path, 2)  # the checkpoint is at step 2
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+    cli_train._start_history(path, 0)  # a new run
+    assert path.read_text() == ""
