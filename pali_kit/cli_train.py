@@ -195,6 +195,8 @@ def _check_finetune(args, parser) -> None:
     checkpoint = Path(args.out) / CHECKPOINT
     if args.resume and not checkpoint.is_file():
         parser.error(f"--resume: {checkpoint} does not exist (start the run without --resume)")
+    if args.resume:
+        _check_same_run(Path(args.out), args, parser)
     if not args.resume and checkpoint.exists():
         parser.error(f"--out {args.out} already holds {CHECKPOINT}: pass --resume to continue "
                      "that run, or choose another --out")  # fmt: skip
@@ -351,8 +353,6 @@ def _check_with_devices(args, parser, start_from: Path) -> None:
         parser.error(f"argument --batch-size: {args.batch_size} is not a multiple of the {n} "
                      f"devices ({jax.process_count()} process(es)); use "
                      f"{n * max(1, args.batch_size // n)}")  # fmt: skip
-    if args.resume:
-        _check_same_run(Path(args.out), args, parser)
 
 
 def _make_trainer(args, config, start_from: Path):
@@ -432,7 +432,8 @@ def _check_same_run(out: Path, args, parser) -> None:
         if key in before and before[key] != getattr(args, key):
             flag = "--" + key.replace("_", "-")
             parser.error(f"--resume: the run in {out} used {flag} {before[key]}, not "
-                         f"{getattr(args, key)}; give the same value to continue it")  # fmt: skip
+                         f"{getattr(args, key)}; give the same value to continue it, or start a "
+                         f"new run from its weights with --model {path.parent / CHECKPOINT}")  # fmt: skip
 
 
 def _write_text(path: Path, text: str) -> None:

@@ -310,6 +310,13 @@ def test_finetune_refuses_to_overwrite_a_run_and_checks_the_files(tmp_path, caps
             cli.main(["finetune", *argv, "--model", "demo"])
         assert exit_.value.code == USAGE
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    (tmp_path / "run.json").write_text(json.dumps({"steps": 3, "lr": None}))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["finetune", train, "--out", str(tmp_path), "--model", "demo", "--resume"])
+    assert exit_.value.code == USAGE
+    assert "used --steps 3, not 64; give the same value to continue it, or start a new run" in (
+        capsys.readouterr().err
+    )
     with pytest.raises(SystemExit) as exit_:
         cli.main(["eval", "demo", str(SAMPLE / "val.jsonl"), "--metric", "f1"])
     assert exit_.value.code == USAGE
