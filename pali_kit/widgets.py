@@ -2,8 +2,9 @@
 
     import pali_kit as pk
     model = pk.load("demo")
-    panel = pk.widgets.prompt_panel(model)              # shows the panel and returns it
-    panel = pk.widgets.PromptPanel(model, images=["cat.jpg"], vae=pk.load_vae("demo"))
+    pk.widgets.prompt_panel(model)                      # shows the panel (once) and returns it
+    panel = pk.widgets.prompt_panel(model)              # the same, keeping it in a variable
+    panel = pk.widgets.PromptPanel(model, images=["cat.jpg"], vae=pk.load_vae("vae-oid.npz"))
     panel                                               # a cell ending in the panel shows it
 
 Pick or upload an image, pick a task (caption, detect, ...), fill in the
@@ -19,9 +20,21 @@ The logic is plain Python that tests (and you) can drive without a browser:
     result = panel.run()                      # what the Run button calls
     result.text, result.detections, result.image, result.timing
 
-Works in Jupyter, JupyterLab, VS Code, Colab and Kaggle (ipywidgets 8; on
-Colab the custom widget manager is switched on for you). Importing this module
-needs no display.
+Errors are shown in the panel and recorded in ``last_result.error``. Bad input
+(an empty question, no image) is the user's to fix: ``run()`` returns the
+failed result. Anything else (the model ran out of memory, a bug) is shown,
+recorded, and raised again by ``run()`` so that a notebook calling it fails
+loudly; the Run button shows it without raising.
+
+Where it is tested: JupyterLab 4.6 with ipywidgets 8.1 (jupyterlab_widgets 3,
+ipykernel 7) in headless Chromium 156, clicking through the panel
+(``tests/test_browser.py``, ``make test-browser``, which writes the versions it
+ran with to ``out/browser/versions.json``), and from Python
+(``tests/test_widgets.py``). Colab renders ipywidgets 8 only through its custom
+widget manager, which the panel switches on (``google.colab.output.
+enable_custom_widget_manager()``) each time it is displayed there; Colab, VS
+Code and Kaggle are not covered by the tests. Importing this module needs no
+display.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import dataclasses
 import datetime
 import html
 import io
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -80,7 +94,7 @@ TASKS: dict[str, _Task] = {
     "question": _Task("question: ask a question with this answer", "an answer", True, "answer"),
     "detect": _Task("detect: boxes around objects", _OBJECTS, False, "objects"),
     "segment": _Task("segment: masks of objects", _OBJECTS, False, "objects"),
-    "prompt": _Task("free-form prompt", "a prompt", False, "prompt"),
+    "prompt": _Task("free-form prompt", "a prompt", False, "free-form"),
 }
 
 SAMPLERS = ("greedy", "temperature(0.7)", "nucleus(0.9)", "top_k(40)", "beam(3)")
@@ -119,7 +133,8 @@ def build_prompt(task: str, text: str = "", lang: str = "en") -> str:
         return ptok.ocr()
     text = (text or "").strip()
     if not text:
-        raise ValueError(f"the {task} task needs {TASKS[task].needs}: type it in the text box")
+        box = TASKS[task].box
+        raise ValueError(f"the {task} task needs {TASKS[task].needs}: type it in the {box!r} box")
     if task == "answer":
         return ptok.answer(text, lang)
     if task == "question":
@@ -249,6 +264,7 @@ def upload_value(name: str, content: bytes) -> tuple[dict, ...]:
 # ----------------------------------------------------------------------------- the panel
 
 
+_log = logging.getLogger(__name__)
 _STATUS_COLORS = {"info": "#555", "busy": "#b26b00", "ok": "#2e7d32", "error": "#c62828"}
 
 
@@ -259,13 +275,17 @@ class PromptPanel:
       model: a ``pk.load(...)`` Model with a tokenizer.
       images: the images offered in the dropdown: a list (paths, arrays, PIL
         images), a dict {name: image}, or None for the kit's sample images.
-      vae: a ``pk.load_vae(...)`` mask decoder; with it, segment answers show masks.
+      vae: a ``pk.load_vae(...)`` mask decoder; with it, segment answers show
+        masks. None: the demo VAE for a model that uses the demo tokenizer (the
+        demo model), else no masks (segment answers are drawn as boxes).
       max_new_tokens: the slider's starting value.
 
     The widgets are attributes (``task``, ``text``, ``language``, ``prompt``,
     ``sampler``, ``seed``, ``max_new_tokens``, ``run_button``, ``answer``,
-    ``status``, ``footer``, ...), so code can set them; ``run()`` does what the
-    Run button does; ``last_result`` holds the latest ``PanelResult``.
+    ``status``, ``code``, ``footer``, ...), so code can set them; ``run()`` does
+    what the Run button does; ``last_result`` holds the latest ``PanelResult``.
+    Each widget carries a CSS class ``pk-<name>`` (``pk-task``, ``pk-answer``,
+    ...) for styling and for browser tests.
     """
 
     def __init__(self, model, images=None, vae=None, *, max_new_tokens: int = 32):
@@ -280,6 +300,8 @@ class PromptPanel:
         self._settings_seen: set = set()
         self._current: str | None = None  # the dropdown name of ``image``
         self._quiet = False  # True while the panel itself changes the image dropdown
+        self._looked_for_vae = vae is not None
+        self._shown_by_call = False  # displayed by prompt_panel() in the running cell
         self._make_widgets(max_new_tokens)
         self._connect()
         self._update_task()
@@ -289,7 +311,8 @@ class PromptPanel:
     # --- building ------------------------------------------------------------------
 
     def _make_widgets(self, max_new_tokens: int) -> None:
-        wide = W.Layout(width="100%")
+        # one Layout per widget: a shared one would hide the prompt with the text box
+        wide = lambda: W.Layout(width="100%")
         self.image_picker = W.Dropdown(options=list(self._sources), description="image")
         self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload")
         self.thumbnail = W.Image(format="png", layout=W.Layout(max_width="256px"))
@@ -297,9 +320,9 @@ class PromptPanel:
             options=[(t.label, key) for key, t in TASKS.items()], value="caption",
             description="task",
         )  # fmt: skip
-        self.text = W.Text(description="text", layout=wide)
+        self.text = W.Text(description="text", layout=wide())
         self.language = W.Dropdown(options=ptok.LANGUAGES, value="en", description="language")
-        self.prompt = W.Text(description="prompt", disabled=True, layout=wide)
+        self.prompt = W.Text(description="prompt", disabled=True, layout=wide())
         self.sampler = W.Dropdown(options=SAMPLERS, value="greedy", description="sampler")
         self.seed = W.IntText(value=0, description="seed")
         self.max_new_tokens = W.IntSlider(
@@ -316,6 +339,11 @@ class PromptPanel:
         self.footer = W.HTML()
         self._result_box = W.HBox([self.result_image, self.objects])
         self._result_box.layout.display = "none"
+        for name in ("image_picker", "upload", "thumbnail", "task", "text", "language", "prompt",
+                     "sampler", "seed", "max_new_tokens", "run_button", "status", "code",
+                     "answer", "result_image", "objects", "footer"):  # fmt: skip
+            getattr(self, name).add_class("pk-" + name.replace("_", "-"))
+        self._result_box.add_class("pk-result")
 
     def _connect(self) -> None:
         self.image_picker.observe(self._on_pick, "value")
@@ -323,7 +351,7 @@ class PromptPanel:
         for widget in (self.task, self.text, self.language, self.sampler, self.seed,
                        self.max_new_tokens):  # fmt: skip
             widget.observe(self._on_setting, "value")
-        self.run_button.on_click(lambda _: self.run())
+        self.run_button.on_click(self._on_run_click)
 
     @property
     def widget(self) -> W.VBox:
@@ -336,18 +364,24 @@ class PromptPanel:
         title = W.HTML(f"<b>PaliGemma prompt panel</b> · {html.escape(self.model.name)} "
                        f"· {self.model.resolution} px input")  # fmt: skip
         image_column = W.VBox([self.thumbnail, self.image_picker, self.upload])
-        decoding = W.HBox([self.sampler, self.seed])
+        wrap = lambda: W.Layout(flex_flow="row wrap")  # narrow notebooks: rows wrap
+        decoding = W.HBox([self.sampler, self.seed], layout=wrap())
         prompt_column = W.VBox(
             [self.task, self.text, self.language, self.prompt, decoding, self.max_new_tokens,
              W.HBox([self.run_button, self.status]), self.code],
-            layout=W.Layout(flex="1"),
+            layout=W.Layout(flex="1 1 360px", min_width="0"),
         )  # fmt: skip
-        return W.VBox([title, W.HBox([image_column, prompt_column]), self.answer,
-                       self._result_box, self.footer])  # fmt: skip
+        box = W.VBox([title, W.HBox([image_column, prompt_column], layout=wrap()), self.answer,
+                      self._result_box, self.footer])  # fmt: skip
+        box.add_class("pk-panel")
+        return box
 
     def _ipython_display_(self) -> None:
         from IPython.display import display
 
+        if self._shown_by_call:  # the value of a cell ending in prompt_panel(): shown already
+            self._shown_by_call = False
+            return
         _enable_colab_widgets()
         display(self.widget)
 
@@ -424,10 +458,10 @@ class PromptPanel:
         try:
             prompt = build_prompt(self.task.value, self.text.value, self.language.value)
         except ValueError as error:
-            self.prompt.value, self.code.value = "", _small(str(error))
+            self.prompt.value, self.code.value = "", _small(html.escape(str(error)))
             return
         self.prompt.value = prompt
-        self.code.value = _small(html.escape(self.code_line(prompt)), code=True)
+        self.code.value = _code_html(self.code_line(prompt))
 
     def generate_kwargs(self) -> dict:
         """The decoding settings as ``model.generate`` / ``model.stream`` keywords."""
@@ -443,41 +477,84 @@ class PromptPanel:
     # --- running ---------------------------------------------------------------------
 
     def run(self) -> PanelResult:
-        """Generate an answer with the current settings (what Run does); never raises.
+        """Generate an answer with the current settings (what Run does).
 
         The answer streams into ``answer``; detect/segment answers are drawn; the
-        timing goes to ``footer``; an error goes to ``status`` and ``result.error``.
+        timing goes to ``footer``. The previous answer, drawing and timing are
+        cleared first. A failure is shown in ``status`` and recorded in
+        ``last_result`` (``.error`` set, ``.text`` what came before it): bad
+        input found before the model runs (an empty question, no image) is
+        returned; any other error is raised again after it is shown, so that
+        code calling ``run()`` (a notebook, a test) cannot miss it.
         """
         self.run_button.disabled = True
+        self._clear_output()
         try:
-            result = self._run()
-        except Exception as error:  # the panel must survive anything: show, don't raise
-            message = str(error)
-            if not isinstance(error, ValueError):  # an unexpected error: name its type
-                message = f"{type(error).__name__}: {error}"
-            self._set_status(message, "error")
-            result = PanelResult(prompt=self.prompt.value, text=self.answer.value, error=message)
+            try:
+                prompt = build_prompt(self.task.value, self.text.value, self.language.value)
+                if self.image is None:
+                    raise ValueError("no image: pick one from the dropdown or upload one")
+            except ValueError as error:  # bad input: the user fixes it in the panel
+                return self._failed(PanelResult(), str(error))
+            result = PanelResult(prompt)
+            try:
+                self._run(result)
+            except Exception as error:
+                self._failed(result, f"{type(error).__name__}: {error}")
+                raise
+            self.last_result = result
+            return result
         finally:
             self.run_button.disabled = False
+
+    def _on_run_click(self, _button) -> None:
+        """The Run button: like ``run()``, but an error is only shown, not raised.
+
+        Raised from a button callback it would reach only the kernel's log; the
+        panel shows it and ``last_result.error`` records it; the traceback is logged.
+        """
+        try:
+            self.run()
+        except Exception:
+            _log.exception("the prompt panel's run failed")
+
+    def _clear_output(self) -> None:
+        self.answer.value, self.footer.value, self.objects.value = "", "", ""
+        self.result_image.value = b""
+        self._result_box.layout.display = "none"
+
+    def _failed(self, result: PanelResult, message: str) -> PanelResult:
+        result.text, result.error = self.answer.value, message
+        self._set_status(message, "error")
         self.last_result = result
         return result
 
-    def _run(self) -> PanelResult:
-        prompt = build_prompt(self.task.value, self.text.value, self.language.value)
-        if self.image is None:
-            raise ValueError("no image: pick one from the dropdown or upload one")
+    def _run(self, result: PanelResult) -> None:
         image, kw = self.image, self.generate_kwargs()
-        self.answer.value, self.footer.value = "", ""
-        self._result_box.layout.display = "none"
         self._announce(kw)
-        text, timing = self._generate(image, prompt, kw)
-        result = PanelResult(prompt, text, timing=timing)
-        if self.task.value in DETECTION_TASKS or "<loc" in text:
-            result.detections, result.image = render_answer(image, text, self.vae)
+        result.text, result.timing = self._generate(image, result.prompt, kw)
+        note = ""
+        if self.task.value in DETECTION_TASKS or "<loc" in result.text:
+            vae = self._vae() if "<seg" in result.text else self.vae
+            result.detections, result.image = render_answer(image, result.text, vae)
             self._show_detections(result)
-        self.footer.value = _small(timing.summary())
-        self._set_status("done", "ok")
-        return result
+            if any(d.seg_codes is not None and d.mask is None for d in result.detections):
+                note = " · no masks: give the panel a VAE, PromptPanel(model, vae=pk.load_vae(...))"
+        self.footer.value = _small(html.escape(result.timing.summary()))
+        self._set_status("done" + note, "ok")
+
+    def _vae(self):
+        """The mask VAE: the one given, else the demo VAE for a model with the demo tokenizer."""
+        if not self._looked_for_vae:
+            self._looked_for_vae = True
+            if _uses_demo_tokenizer(self.model):
+                from .segmentation import load_vae
+
+                try:
+                    self.vae = load_vae("demo")
+                except FileNotFoundError as error:  # a kit installed without its data
+                    _log.warning("no masks: %s", error)
+        return self.vae
 
     def _announce(self, kw: dict) -> None:
         """Say what is about to happen: the first run (of new settings) compiles."""
@@ -528,9 +605,26 @@ class PromptPanel:
         self.status.value = f'<span style="color:{color}">{icon}{html.escape(message)}</span>'
 
 
-def _small(content: str, code: bool = False) -> str:
-    tag = "code" if code else "span"
-    return f'<small style="color:#555"><{tag}>{content}</{tag}></small>'
+def _small(content: str) -> str:
+    return f'<small style="color:#555">{content}</small>'
+
+
+def _code_html(line: str) -> str:
+    """The code line as HTML: one click selects all of it (user-select: all), to copy."""
+    return (
+        '<small style="color:#555">code: <code class="pk-code-line" style="user-select:all" '
+        f'title="click to select, then copy">{html.escape(line)}</code></small>'
+    )
+
+
+def _uses_demo_tokenizer(model) -> bool:
+    """True when the model reads the demo tokenizer's file (the demo model does)."""
+    path = getattr(model.tokenizer, "path", None)
+    try:
+        demo = ptok.Tokenizer.demo().path
+    except FileNotFoundError:
+        return False
+    return path is not None and Path(path).resolve() == Path(demo).resolve()
 
 
 def _detections_table(detections: list[Detection]) -> str:
@@ -540,7 +634,7 @@ def _detections_table(detections: list[Detection]) -> str:
     rows = "".join(
         f"<tr><td>{html.escape(d.label) or '&nbsp;'}</td>"
         f"<td>({', '.join(f'{v:.0f}' for v in d.box)})</td>"
-        f"<td>{'mask' if d.mask is not None else ('codes' if d.seg_codes else '')}</td></tr>"
+        f"<td>{'mask' if d.mask is not None else ('codes, no VAE' if d.seg_codes else '')}</td></tr>"
         for d in detections
     )
     head = "<tr><th>label</th><th>box x0, y0, x1, y1 (px)</th><th></th></tr>"
@@ -557,9 +651,23 @@ def _enable_colab_widgets() -> None:
 
 
 def prompt_panel(model, images=None, vae=None, **kw) -> PromptPanel:
-    """Show a :class:`PromptPanel` in the notebook and return it."""
+    """Show a :class:`PromptPanel` in the notebook and return it.
+
+    A cell ending in this call shows one panel: the returned panel does not
+    show itself again as the cell's value (in a later cell, ``panel`` does).
+    """
+    from IPython import get_ipython
     from IPython.display import display
 
     panel = PromptPanel(model, images, vae, **kw)
     display(panel)
+    shell = get_ipython()
+    if shell is not None:
+        panel._shown_by_call = True
+
+        def forget(*_) -> None:  # after the cell: `panel` alone shows it again
+            panel._shown_by_call = False
+            shell.events.unregister("post_run_cell", forget)
+
+        shell.events.register("post_run_cell", forget)
     return panel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import io
 import re
@@ -220,22 +221,136 @@ def test_empty_question_is_shown_in_the_panel_not_raised(panel, echo):
     panel.task.value, panel.text.value = "answer", ""
     result = panel.run()
     assert "the answer task needs a question" in result.error
-    assert "the answer task needs a question" in panel.status.value
+    assert "the answer task needs a question: type it in the &#x27;question&#x27; box" in (
+        panel.status.value
+    )
     assert echo.calls == [] and not panel.run_button.disabled
 
 
-def test_model_errors_are_shown_with_their_type(demo_tokenizer):
+def test_model_errors_are_shown_recorded_and_raised_by_run(demo_tokenizer):
     panel = PromptPanel(EchoModel(demo_tokenizer, error=RuntimeError("out of memory")), [solid(0)])
-    result = panel.run()
-    assert result.error == "RuntimeError: out of memory"
+    with pytest.raises(RuntimeError, match="out of memory"):  # a notebook calling run() fails
+        panel.run()
+    assert panel.last_result.error == "RuntimeError: out of memory"
+    assert panel.last_result.text == ""
     assert "RuntimeError: out of memory" in panel.status.value
     assert not panel.run_button.disabled
+
+
+def test_the_run_button_shows_and_records_errors_without_raising(demo_tokenizer, caplog):
+    panel = PromptPanel(EchoModel(demo_tokenizer, error=KeyError("bug")), [solid(0)])
+    panel.run_button.click()  # raising here would reach only the kernel's log
+    assert panel.last_result.error == "KeyError: 'bug'"
+    assert "KeyError: &#x27;bug&#x27;" in panel.status.value
+    assert "KeyError: 'bug'" in caplog.text  # the traceback is logged
+    assert not panel.run_button.disabled
+
+
+def test_a_validation_error_clears_the_previous_answer_drawing_and_timing(panel):
+    panel.task.value, panel.text.value = "detect", "circle"
+    assert panel.run().error is None and panel.answer.value == BOXED
+    assert panel._result_box.layout.display is None and panel.footer.value
+
+    panel.task.value, panel.text.value = "answer", ""
+    result = panel.run()
+    assert "the answer task needs a question" in result.error
+    assert (result.text, result.detections, result.image, result.timing) == ("", [], None, None)
+    assert panel.last_result is result
+    assert panel.answer.value == "" and panel.footer.value == "" and panel.objects.value == ""
+    assert panel._result_box.layout.display == "none"
+    assert bytes(panel.result_image.value) == b""
+
+
+@pytest.mark.parametrize("task", ["caption", "describe", "ocr"])
+def test_the_prompt_stays_visible_when_the_text_box_is_hidden(panel, task):
+    panel.task.value = task
+    assert panel.text.layout.display == "none"
+    assert panel.prompt.layout.display is None
+    assert panel.prompt.value == widgets.build_prompt(task)
+
+
+@pytest.mark.parametrize("task", list(widgets.TASKS))
+def test_the_visible_fields_have_distinct_labels(panel, task):
+    panel.task.value = task
+    fields = [panel.text, panel.language, panel.prompt, panel.sampler, panel.seed,
+              panel.max_new_tokens]  # fmt: skip
+    labels = [f.description for f in fields if f.layout.display != "none"]
+    assert len(labels) == len(set(labels)), labels
+
+
+def test_the_code_line_is_shown_and_selectable_with_one_click(panel):
+    panel.task.value, panel.text.value = "detect", "circle"
+    line = "model.generate(image, 'detect circle', max_new_tokens=32, sampler='greedy', seed=0)"
+    assert panel.code_line() == line + "[0].text"
+    assert html.escape(panel.code_line()) in panel.code.value
+    assert "user-select:all" in panel.code.value
+
+
+SEGMENTED = "<loc0100><loc0100><loc0900><loc0900>" + "".join(
+    f"<seg{j:03d}>" for j in range(16)
+) + " blob"  # fmt: skip
+
+
+def test_segment_with_the_demo_tokenizer_finds_the_demo_vae(demo_tokenizer):
+    panel = PromptPanel(EchoModel(demo_tokenizer, reply=SEGMENTED), [solid(0, size=(40, 40))])
+    panel.task.value, panel.text.value = "segment", "blob"
+    result = panel.run()
+    assert result.error is None and panel.vae is not None
+    assert result.detections[0].mask.shape == (40, 40)
+    assert "mask" in panel.objects.value and "no masks" not in panel.status.value
+
+
+class OtherTokenizer:
+    """The demo tokenizer under another file name: a model that is not the demo model."""
+
+    path = "elsewhere/tokenizer.model"
+
+    def __init__(self, tokenizer):
+        self.encode = tokenizer.encode
+
+
+def test_segment_without_a_vae_says_how_to_get_masks(demo_tokenizer):
+    model = EchoModel(OtherTokenizer(demo_tokenizer), reply=SEGMENTED)
+    panel = PromptPanel(model, [solid(0, size=(40, 40))])
+    panel.task.value, panel.text.value = "segment", "blob"
+    result = panel.run()
+    assert result.error is None and panel.vae is None
+    assert result.detections[0].mask is None and result.detections[0].seg_codes is not None
+    assert "codes, no VAE" in panel.objects.value
+    assert "no masks: give the panel a VAE" in panel.status.value
 
 
 def test_default_images_are_the_kits_samples(echo):
     panel = PromptPanel(echo)
     assert "shapes_0.png" in panel.image_picker.options
     assert panel.image.shape == (240, 320, 3)
+
+
+def widget_views(published: list[dict]) -> int:
+    return sum("application/vnd.jupyter.widget-view+json" in data for data in published)
+
+
+def test_a_cell_ending_in_prompt_panel_shows_one_panel(echo):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        published = []
+        shell.display_pub.publish = lambda data, *args, **kw: published.append(data)
+        shell.user_ns.update(widgets=widgets, model=echo, images=[solid(0)])
+        cells = {
+            "widgets.prompt_panel(model, images)": 1,  # shown once, not again as the value
+            "panel = widgets.prompt_panel(model, images)": 1,
+            "panel": 1,  # a later cell ending in the panel shows it
+            "panel\npanel": 1,  # only the last expression is displayed
+            "from IPython.display import display\ndisplay(panel)\npanel": 2,
+        }
+        for cell, views in cells.items():
+            published.clear()
+            assert shell.run_cell(cell).success
+            assert widget_views(published) == views, cell
+    finally:
+        InteractiveShell.clear_instance()
 
 
 def test_panel_is_one_widget_and_displays_headless(panel, capsys):
