@@ -57,7 +57,8 @@ _EXPORTS = {
 
 _SUBMODULES = {
     "api", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
-    "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli", "errors",
+    "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
+    "constrain", "tasks", "errors",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

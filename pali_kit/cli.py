@@ -4,6 +4,8 @@ pali-kit demo                                   the embedded demo model on the s
 pali-kit generate IMAGE "caption en" [--model demo|NAME|PATH] [--sampler ...]
 pali-kit info [NAME]                            registry entries, parameter counts
 pali-kit export-hf MODEL FOLDER [--force]       a folder transformers loads
+pali-kit finetune TRAIN.jsonl --model M --out DIR   fine-tune (pali_kit/cli_train.py)
+pali-kit eval MODEL VAL.jsonl [--json]          task metrics
 
 Answers go to stdout, status lines to stderr. Every failure is one line on
 stderr, ``pali-kit: error: ...``, and exit status 2 (the command line is wrong:
@@ -244,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true",
                    help="write into a non-empty folder that is not an earlier export")  # fmt: skip
     e.set_defaults(func=_export)
+
+    from pali_kit import cli_train  # finetune, eval
+
+    cli_train.add_parsers(sub)
     return ap
 
 
