@@ -167,17 +167,18 @@ class Model:
 
     def generate_tokens(self, images, text, mask_input, *, max_new_tokens: int,
                         sampler="greedy", seed: int = 0, cache_dtype=None, logit_mask=None,
-                        best_of: int = 1, **kw):  # fmt: skip
+                        best_of: int = 1, constraint=None, **kw):  # fmt: skip
         """Token-level generation: (tokens int32[B, N], logprobs float32[B, N]), N = max_new_tokens.
 
         images: B images (any input ``preprocess`` takes); text: int[B, T]
         right-padded prompt token ids in [0, V); mask_input: bool[B, T], True on
         real tokens, at least one per row; every prompt token is prefix. Tokens
         after EOS are padding (0). The keywords are those of :meth:`generate`
-        (sampler strings listed there) except ``text_len``.
+        (sampler strings listed there) except ``text_len``, plus ``constraint``
+        (a ``pk.constrain.Constraint`` with one start state per row).
         """
         where = "Model.generate_tokens"
-        check_keywords(where, kw, _GENERATE_KEYWORDS - {"text_len"})
+        check_keywords(where, kw, (_GENERATE_KEYWORDS - {"text_len"}) | {"constraint"})
         decode.check_generate_args(
             self.config, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
             best_of=best_of, cache_dtype=cache_dtype, logit_mask=logit_mask, where=where,
@@ -189,7 +190,7 @@ class Model:
         return decode.generate_tokens(
             self.config, self.run_params, pixels, text, mask_input,
             max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, cache_dtype=cache_dtype,
-            logit_mask=logit_mask, best_of=best_of,
+            logit_mask=logit_mask, best_of=best_of, constraint=constraint,
         )  # fmt: skip
 
     # --- text in, text out ---------------------------------------------------------------------
