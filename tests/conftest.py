@@ -6,14 +6,45 @@ import os
 from pathlib import Path
 
 # Tests compile many small programs: a lower XLA backend optimisation level halves
-# compile time and changes no result beyond float rounding. Set before JAX loads.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# compile time and changes no result beyond float rounding. Set before JAX loads, and
+# added to the flags already given (`make test-isa` passes --xla_cpu_max_isa=... there).
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_backend_optimization_level" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
 os.environ.setdefault("PALI_KIT_COMPILATION_CACHE", "0")
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# Float tolerances. XLA picks its kernels (and so the order of every sum) by CPU instruction
+# set, fusion and shapes; re-associating a float32 sum of K terms moves it by up to about
+# K * eps * max|term|. Two computations of the same quantity are therefore compared relative
+# to the scale of the values (max |desired|), never with an absolute 1e-5 that holds on one
+# machine. `make test-isa` reruns the numerical tests under other instruction sets.
+F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
+
+
+# Two float32 forward passes of the same tiny fixture model (tests/fixtures, width 32, depth
+# 2) through different programs (big_vision vs the kit, scan vs unrolled, views vs stacked,
+# padded vs not): the longest sum is the patch embedding's K = 14*14*3 = 588 terms, so one
+# re-association moves a value by up to K * eps = 7e-5 of the scale; the layers' norms keep
+# that relative size (seen: about 1e-6 on AVX-512, AVX2 and SSE4.2). A real mistake (a mask,
+# a layer order, a scale) moves the logits by 1e-2 of their scale or more.
+FORWARD_REL = 1e-4
+
+
+def scaled_error(actual, desired) -> float:
+    """max |actual - desired| / max |desired|, in float64 (any shapes that broadcast)."""
+    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    return float(np.max(np.abs(actual - desired)) / np.max(np.abs(desired)))
+
+
+def assert_close_to_scale(actual, desired, rel: float, what: str = "") -> None:
+    """Assert max |actual - desired| <= rel * max |desired|; the caller argues `rel`."""
+    err = scaled_error(actual, desired)
+    assert err <= rel, f"{what or 'values'}: max |difference| / max |desired| = {err:.2e} > {rel:.1e}"
 
 
 def reference(name: str):

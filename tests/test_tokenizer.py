@@ -586,6 +586,7 @@ def test_box_tokens_encode_to_loc_ids(tok):
 def test_box_round_trip_moves_a_coordinate_by_at_most_half_a_bin(box):
     back = ptok.loc_tokens_to_box(ptok.box_to_loc_tokens(box))
     for v, w in zip(box, back):
+        # quantisation (half a bin; the last bin is clipped) plus float64 rounding of values <= 1
         assert abs(v - w) <= (1 / 1024 if v > 1023.5 / 1024 else 0.5 / 1024) + 1e-12
 
 
