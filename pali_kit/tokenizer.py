@@ -19,7 +19,8 @@ Id scheme (official ``paligemma_tokenizer.model``, V = 257,152 pieces):
     V - 128 + j    <seg{j:03d}>   j in [0, 128)    (257024 + j)
 
 Any SentencePiece model with that scheme loads, e.g. the small demo tokenizer
-``data/tokenizer.model`` (V = 2176, made by ``scripts/make_tokenizer.py``).
+``tokenizer.model`` in ``pk.asset_dir()`` (V = 2176, made by the repository's
+``scripts/make_tokenizer.py``).
 
 Sequences follow big_vision: prefix, the "\\n" separator and suffix are
 tokenized separately and concatenated, and three masks travel with the ids:

@@ -1,4 +1,4 @@
-"""A non-editable install carries the demo: sdist -> wheel -> a fresh virtualenv.
+"""Where the assets are; a non-editable install carries them: sdist -> wheel -> a fresh venv.
 
 The wheel is built from the sdist (so both carry the assets), installed with
 ``--no-deps`` into a new virtualenv that reuses this environment's packages
@@ -20,9 +20,25 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_asset_dir_of_a_checkout_is_data_and_lists_the_sample_images(monkeypatch):
+    import pali_kit as pk
+
+    monkeypatch.delenv("PALI_KIT_DATA", raising=False)
+    assert pk.asset_dir() == ROOT / "data"
+    images = pk.sample_images()
+    on_disk = sorted(p.name for p in (ROOT / "data/images").iterdir() if p.suffix != ".md")
+    assert list(images) == on_disk and images[on_disk[0]] == ROOT / "data/images" / on_disk[0]
+
+
+def test_PALI_KIT_DATA_overrides_the_asset_dir(tmp_path, monkeypatch):
+    import pali_kit as pk
+
+    monkeypatch.setenv("PALI_KIT_DATA", str(tmp_path))
+    assert pk.asset_dir() == tmp_path and pk.sample_images() == {}
+
 
 USER_CODE = """
 import numpy as np
@@ -67,6 +83,7 @@ def _build(tmp: Path) -> Path:
     return wheel_dir / name.stdout.split()[-1]
 
 
+@pytest.mark.slow
 def test_wheel_from_sdist_installs_the_demo_and_runs_from_anywhere(tmp_path):
     wheel = _build(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())

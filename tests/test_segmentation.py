@@ -252,7 +252,7 @@ def test_wrong_file_lists_missing_parameters(tmp_path):
 
 def test_demo_vae_comes_from_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("PALI_KIT_DATA", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="train_demo_vae"):
+    with pytest.raises(FileNotFoundError, match="PALI_KIT_DATA"):
         load_vae("demo")
     make_random_vae(tmp_path / "vae.npz", codebook_dim=64)
     assert load_vae("demo").codebook_dim == 64
