@@ -44,7 +44,9 @@ def scaled_error(actual, desired) -> float:
 def assert_close_to_scale(actual, desired, rel: float, what: str = "") -> None:
     """Assert max |actual - desired| <= rel * max |desired|; the caller argues `rel`."""
     err = scaled_error(actual, desired)
-    assert err <= rel, f"{what or 'values'}: max |difference| / max |desired| = {err:.2e} > {rel:.1e}"
+    assert err <= rel, (
+        f"{what or 'values'}: max |difference| / max |desired| = {err:.2e} > {rel:.1e}"
+    )
 
 
 def reference(name: str):
@@ -94,3 +96,59 @@ def tiny_model(demo_tokenizer):
     config = tiny_config()
     params = init_params(config, 1)
     return Model(params, config, demo_tokenizer, name="tiny")
+
+
+# ----------------------------------------------------------------------------- independent checks
+# tests/test_parity.py (against transformers) and the VAE reference tests of
+# tests/test_segmentation.py (against a PyTorch VAE) check the kit against independent
+# implementations; they need the parity extra. `make test` and CI set PALI_KIT_REQUIRE_PARITY=1:
+# there a missing torch/transformers fails the run instead of skipping those checks.
+PARITY_MODULES = ("torch", "transformers")
+PARITY_INSTALL = (
+    "pip install -e '.[parity]' --extra-index-url https://download.pytorch.org/whl/cpu "
+    "(or `make test`)"
+)
+
+
+def _missing_parity_modules() -> list[str]:
+    import importlib.util
+
+    return [name for name in PARITY_MODULES if importlib.util.find_spec(name) is None]
+
+
+def pytest_configure(config):
+    if os.environ.get("PALI_KIT_REQUIRE_PARITY") == "1" and (missing := _missing_parity_modules()):
+        raise pytest.UsageError(
+            f"PALI_KIT_REQUIRE_PARITY=1 but {', '.join(missing)} cannot be imported: the parity "
+            f"and VAE reference tests would not run. Install them: {PARITY_INSTALL}"
+        )
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+
+
+def _is_independent_check_skip(report) -> bool:
+    return report.skipped and any(name in _skip_reason(report) for name in PARITY_MODULES)
+
+
+def pytest_runtest_logreport(report):
+    # PALI_KIT_REQUIRE_PARITY=1 with the modules present: any skip of these checks is a failure.
+    if os.environ.get("PALI_KIT_REQUIRE_PARITY") == "1" and _is_independent_check_skip(report):
+        report.outcome = "failed"
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = [
+        r for r in terminalreporter.stats.get("skipped", []) if _is_independent_check_skip(r)
+    ]
+    if not skipped:
+        return
+    where = sorted({r.nodeid.split("::")[0] or r.fspath for r in skipped})
+    terminalreporter.section("independent checks skipped", sep="!", red=True, bold=True)
+    terminalreporter.line(
+        f"{len(skipped)} tests/modules that compare the kit with transformers and a PyTorch VAE "
+        f"did not run ({', '.join(where)}): torch/transformers are not installed.\n"
+        f"To run them: {PARITY_INSTALL}"
+    )
