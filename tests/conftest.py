@@ -133,10 +133,14 @@ def _is_independent_check_skip(report) -> bool:
     return report.skipped and any(name in _skip_reason(report) for name in PARITY_MODULES)
 
 
-def pytest_runtest_logreport(report):
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
     # PALI_KIT_REQUIRE_PARITY=1 with the modules present: any skip of these checks is a failure.
+    report = (yield).get_result()
     if os.environ.get("PALI_KIT_REQUIRE_PARITY") == "1" and _is_independent_check_skip(report):
+        reason = _skip_reason(report)
         report.outcome = "failed"
+        report.longrepr = f"PALI_KIT_REQUIRE_PARITY=1, but this independent check skipped: {reason}"
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -148,7 +152,7 @@ def pytest_terminal_summary(terminalreporter):
     where = sorted({r.nodeid.split("::")[0] or r.fspath for r in skipped})
     terminalreporter.section("independent checks skipped", sep="!", red=True, bold=True)
     terminalreporter.line(
-        f"{len(skipped)} tests/modules that compare the kit with transformers and a PyTorch VAE "
-        f"did not run ({', '.join(where)}): torch/transformers are not installed.\n"
+        f"{len(skipped)} skipped test(s) or module(s) compare the kit with transformers and a "
+        f"PyTorch VAE ({', '.join(where)}): torch/transformers are not installed.\n"
         f"To run them: {PARITY_INSTALL}"
     )
