@@ -26,7 +26,7 @@ ISAS      ?= AVX2 SSE4_2
 # The lowest declared versions (scripts/lowest_versions.py reads pyproject.toml).
 VENV_MIN  ?= .venv-min
 CORE      := tests/test_model.py tests/test_decode.py tests/test_checkpoints.py \
-             tests/test_tokenizer.py tests/test_parity.py
+             tests/test_tokenizer.py tests/test_parity.py tests/test_widgets.py
 
 .PHONY: demo test test-isa test-min venv test-venv lint bench notebooks clean
 
@@ -67,7 +67,7 @@ $(VENV_MIN)/.installed: pyproject.toml scripts/lowest_versions.py
 	touch $@
 
 test-min: $(VENV_MIN)/.installed
-	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|numpy|transformers) '
+	$(VENV_MIN)/bin/python -m pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|numpy|ipywidgets|torch|transformers) '
 	PALI_KIT_REQUIRE_PARITY=1 $(VENV_MIN)/bin/python -m pytest -q $(CORE)
 
 lint: $(VENV)/.installed-test
