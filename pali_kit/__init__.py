@@ -50,6 +50,7 @@ _EXPORTS = {
 _SUBMODULES = {
     "api", "assets", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
     "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
+    "constrain", "tasks",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
