@@ -91,6 +91,8 @@ def test_wheel_from_sdist_installs_the_demo_and_runs_from_anywhere(tmp_path):
     assert modules <= names, f"modules missing from the wheel: {sorted(modules - names)}"
     assets = {"demo_model.npz", "vae.npz", "tokenizer.model"}
     assets |= {f"images/{p.name}" for p in (ROOT / "data/images").iterdir() if p.suffix != ".md"}
+    for dataset in (ROOT / "data").glob("*_dataset"):  # the chapters' datasets
+        assets |= {str(p.relative_to(ROOT / "data")) for p in dataset.rglob("*") if p.is_file()}
     missing = {a for a in assets if f"pali_kit/_assets/{a}" not in names}
     assert not missing, f"assets missing from the wheel: {sorted(missing)}"
 
