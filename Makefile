@@ -66,7 +66,9 @@ $(VENV_MIN)/.installed: pyproject.toml scripts/lowest_versions.py
 	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
 	$(VENV_MIN)/bin/python scripts/lowest_versions.py --extra parity > $(VENV_MIN)/lowest.txt
 	$(VENV_MIN)/bin/python -m pip install -q --extra-index-url $(TORCH_INDEX) \
-	  -c $(VENV_MIN)/lowest.txt -e '.[parity]' pytest hypothesis protobuf
+	  -c $(VENV_MIN)/lowest.txt $(TORCH)
+	$(VENV_MIN)/bin/python -m pip install -q -c $(VENV_MIN)/lowest.txt -e '.[parity]' \
+	  pytest hypothesis protobuf
 	touch $@
 
 test-min: $(VENV_MIN)/.installed
