@@ -2,7 +2,7 @@
 
     import pali_kit as pk
     model = pk.load("demo")                       # or "paligemma2-3b-pt-224", a .npz, a HF folder
-    print(model.generate("data/images/shapes_0.png", "caption en")[0].text)
+    print(model.generate(pk.sample_images()["shapes_0.png"], "caption en")[0].text)
 
 Names are imported lazily so that ``import pali_kit`` stays fast; JAX loads on
 first use.
@@ -35,6 +35,9 @@ _EXPORTS = {
     "save_params": "checkpoints",
     "export_hf": "hf",
     "CheckpointError": "errors",
+    # assets: the demo model, tokenizer and VAE, the sample images
+    "asset_dir": "assets",
+    "sample_images": "assets",
     # text and images
     "Tokenizer": "tokenizer",
     "preprocess": "images",
@@ -56,7 +59,7 @@ _EXPORTS = {
 }
 
 _SUBMODULES = {
-    "api", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
+    "api", "assets", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
     "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
     "constrain", "tasks", "errors",
 }  # fmt: skip

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoints, decode
+from .assets import asset_dir
 from .configs import CHECKPOINTS, PaliGemmaConfig, checkpoint_info, paligemma_config
 from .errors import (
     ArgumentError,
@@ -45,7 +46,7 @@ from .errors import (
 )
 from .images import preprocess
 from .model import PaliGemma, count_params, inference_params, init_params
-from .tokenizer import Tokenizer, data_dir
+from .tokenizer import Tokenizer
 
 
 @dataclass
@@ -572,14 +573,14 @@ def _find_tokenizer(folder: Path, vocab: int) -> Tokenizer | None:
     for name in ("paligemma_tokenizer.model", "tokenizer.model"):
         if (folder / name).exists():
             return Tokenizer(folder / name)
-    demo = data_dir() / "tokenizer.model"
+    demo = asset_dir() / "tokenizer.model"
     if demo.exists() and vocab == Tokenizer(demo).vocab_size:
         return Tokenizer(demo)
     return None
 
 
 def _demo(dtype, overrides):
-    path = data_dir() / DEMO_FILE
+    path = asset_dir() / DEMO_FILE
     tok = Tokenizer.demo()
     if path.exists():
         params = checkpoints.load_params(path, dtype)

@@ -26,10 +26,9 @@ from pathlib import Path
 def _demo(args) -> int:
     import pali_kit as pk
     from pali_kit import viz
-    from pali_kit.tokenizer import data_dir
 
     model = pk.load("demo")
-    images = sorted((data_dir() / "images").glob("shapes_*"))
+    images = [path for name, path in pk.sample_images().items() if name.startswith("shapes_")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = ["caption en", "answer en how many shapes", "answer en what color is the circle",

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
+from pali_kit.assets import asset_dir
 from pali_kit.detection import Detection, parse_detections
 from pali_kit.errors import ArgumentError, ArgumentTypeError, _short
 
@@ -72,21 +73,14 @@ class MaskVAE:
 # ----------------------------------------------------------------------------- loading
 
 
-def data_dir() -> Path:
-    """The kit's data folder: ``$PALI_KIT_DATA`` or ``<repo>/data``."""
-    env = os.environ.get("PALI_KIT_DATA")
-    if env:
-        return Path(env)
-    import pali_kit
-
-    return Path(pali_kit.__file__).resolve().parent.parent / "data"
+data_dir = asset_dir  # the former name; ``pk.asset_dir`` is the one to use
 
 
 def load_vae(source: str | os.PathLike | Mapping[str, np.ndarray] = "demo") -> MaskVAE:
     """Load the mask VQ-VAE.
 
     Args:
-      source: ``"demo"`` (``vae.npz`` in the kit's data folder, see ``data_dir``),
+      source: ``"demo"`` (``vae.npz`` in ``pk.asset_dir()``, installed with the kit),
         a path to ``vae-oid.npz`` (``gs://big_vision/paligemma/vae-oid.npz``,
         also in the HF Space ``google/paligemma-hf``), or a dict of its arrays.
 
@@ -96,11 +90,11 @@ def load_vae(source: str | os.PathLike | Mapping[str, np.ndarray] = "demo") -> M
     """
     if isinstance(source, Mapping):
         return _from_arrays(dict(source), "<dict>")
-    path = data_dir() / "vae.npz" if str(source) == "demo" else Path(source)
+    path = asset_dir() / "vae.npz" if str(source) == "demo" else Path(source)
     if not path.is_file():
         hint = (
-            "the demo VAE is missing from the data folder (set PALI_KIT_DATA or create it"
-            " with scripts/train_demo_vae.py)"
+            "the demo VAE is missing from the kit's assets (set PALI_KIT_DATA to a folder"
+            " that holds vae.npz, or unset it to use the one installed with the kit)"
             if str(source) == "demo"
             else "download gs://big_vision/paligemma/vae-oid.npz"
         )

@@ -19,7 +19,8 @@ Id scheme (official ``paligemma_tokenizer.model``, V = 257,152 pieces):
     V - 128 + j    <seg{j:03d}>   j in [0, 128)    (257024 + j)
 
 Any SentencePiece model with that scheme loads, e.g. the small demo tokenizer
-``data/tokenizer.model`` (V = 2176, made by ``scripts/make_tokenizer.py``).
+``tokenizer.model`` in ``pk.asset_dir()`` (V = 2176, made by the repository's
+``scripts/make_tokenizer.py``).
 
 Sequences follow big_vision: prefix, the "\\n" separator and suffix are
 tokenized separately and concatenated, and three masks travel with the ids:
@@ -54,6 +55,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from .assets import asset_dir
+
 NUM_LOC = 1024  # <loc0000>..<loc1023>: coordinates in 1/1024 steps
 NUM_SEG = 128  # <seg000>..<seg127>: codebook entries of the mask VQ-VAE
 
@@ -68,10 +71,7 @@ LANGUAGES = (
 Batch = dict[str, np.ndarray]
 
 
-def data_dir() -> Path:
-    """The kit's data folder: ``$PALI_KIT_DATA`` if set, else ``<repo>/data``."""
-    env = os.environ.get("PALI_KIT_DATA")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+data_dir = asset_dir  # the former name; ``pk.asset_dir`` is the one to use
 
 
 # ----------------------------------------------------------------------------
@@ -280,12 +280,12 @@ class Tokenizer:
 
     @classmethod
     def demo(cls) -> Tokenizer:
-        """The small demo tokenizer, ``data/tokenizer.model`` (see ``data_dir``)."""
-        path = data_dir() / "tokenizer.model"
+        """The small demo tokenizer, ``tokenizer.model`` in ``pk.asset_dir()``."""
+        path = asset_dir() / "tokenizer.model"
         if not path.is_file():
             raise FileNotFoundError(
-                f"demo tokenizer not found at {path}: run `python scripts/make_tokenizer.py`, "
-                "or set PALI_KIT_DATA to the folder that holds tokenizer.model"
+                f"demo tokenizer not found at {path}: set PALI_KIT_DATA to a folder that holds "
+                "tokenizer.model, or unset it to use the one installed with the kit"
             )
         return cls(path)
 

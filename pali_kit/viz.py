@@ -17,6 +17,7 @@ Jupyter shows a returned Figure inline.
 
 from __future__ import annotations
 
+import os
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -40,6 +41,9 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 
 # ----------------------------------------------------------------------------- images in
 
+# Inputs read as pk.preprocess reads them; the rest are arrays (numpy, JAX, ...).
+_FILE_LIKE = (str, os.PathLike, bytes, bytearray, memoryview, PIL.Image.Image)
+
 
 def to_pil(image: Any, *, value_range: tuple[float, float] | None = None) -> PIL.Image.Image:
     """Any image -> RGB PIL image.
@@ -50,8 +54,11 @@ def to_pil(image: Any, *, value_range: tuple[float, float] | None = None) -> PIL
         leading batch axis of size 1 is dropped. JAX arrays work too.
       value_range: the (low, high) of float inputs, mapped to 0..255.
     """
-    if isinstance(image, PIL.Image.Image):
-        return image.convert("RGB")
+    if isinstance(image, _FILE_LIKE) or hasattr(image, "read"):
+        # a path, bytes, a file or a PIL image: read as pk.preprocess reads it (EXIF upright)
+        from .images import load_image
+
+        return PIL.Image.fromarray(load_image(image))
     return PIL.Image.fromarray(to_uint8(image, value_range=value_range)).convert("RGB")
 
 
@@ -293,7 +300,7 @@ def show(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if isinstance(images, PIL.Image.Image) or (hasattr(images, "ndim") and images.ndim <= 3):
+    if isinstance(images, _FILE_LIKE) or (hasattr(images, "ndim") and images.ndim <= 3):
         images = [images]
     images = list(images)
     if titles is not None and len(titles) != len(images):

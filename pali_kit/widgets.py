@@ -65,8 +65,8 @@ import ipywidgets as W
 import numpy as np
 import PIL.Image
 
+from . import assets, viz
 from . import tokenizer as ptok
-from . import viz
 from .detection import Detection, parse_detections
 from .images import load_image
 
@@ -232,13 +232,7 @@ class PanelResult:
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp")
 
 
-def sample_images() -> dict[str, Path]:
-    """The kit's sample images (``data/images``), by file name."""
-    folder = ptok.data_dir() / "images"
-    if not folder.is_dir():
-        return {}
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-    return {p.name: p for p in files}
+sample_images = assets.sample_images  # {file name: path} of the kit's sample images
 
 
 def _named_images(images) -> dict[str, Any]:

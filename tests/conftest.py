@@ -6,14 +6,47 @@ import os
 from pathlib import Path
 
 # Tests compile many small programs: a lower XLA backend optimisation level halves
-# compile time and changes no result beyond float rounding. Set before JAX loads.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
+# compile time and changes no result beyond float rounding. Set before JAX loads, and
+# added to the flags already given (`make test-isa` passes --xla_cpu_max_isa=... there).
+_flags = os.environ.get("XLA_FLAGS", "")
+if "--xla_backend_optimization_level" not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
 os.environ.setdefault("PALI_KIT_COMPILATION_CACHE", "0")
 
-import numpy as np
-import pytest
+import numpy as np  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+# Float tolerances. XLA picks its kernels (and so the order of every sum) by CPU instruction
+# set, fusion and shapes; re-associating a float32 sum of K terms moves it by up to about
+# K * eps * max|term|. Two computations of the same quantity are therefore compared relative
+# to the scale of the values (max |desired|), never with an absolute 1e-5 that holds on one
+# machine. `make test-isa` reruns the numerical tests under other instruction sets.
+F32_EPS = float(np.finfo(np.float32).eps)  # 1.19e-7
+
+
+# Two float32 forward passes of the same tiny fixture model (tests/fixtures, width 32, depth
+# 2) through different programs (big_vision vs the kit, scan vs unrolled, views vs stacked,
+# padded vs not): the longest sum is the patch embedding's K = 14*14*3 = 588 terms, so one
+# re-association moves a value by up to K * eps = 7e-5 of the scale; the layers' norms keep
+# that relative size (seen: about 1e-6 on AVX-512, AVX2 and SSE4.2). A real mistake (a mask,
+# a layer order, a scale) moves the logits by 1e-2 of their scale or more.
+FORWARD_REL = 1e-4
+
+
+def scaled_error(actual, desired) -> float:
+    """max |actual - desired| / max |desired|, in float64 (any shapes that broadcast)."""
+    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    return float(np.max(np.abs(actual - desired)) / np.max(np.abs(desired)))
+
+
+def assert_close_to_scale(actual, desired, rel: float, what: str = "") -> None:
+    """Assert max |actual - desired| <= rel * max |desired|; the caller argues `rel`."""
+    err = scaled_error(actual, desired)
+    assert err <= rel, (
+        f"{what or 'values'}: max |difference| / max |desired| = {err:.2e} > {rel:.1e}"
+    )
 
 
 def reference(name: str):
@@ -63,3 +96,63 @@ def tiny_model(demo_tokenizer):
     config = tiny_config()
     params = init_params(config, 1)
     return Model(params, config, demo_tokenizer, name="tiny")
+
+
+# ----------------------------------------------------------------------------- independent checks
+# tests/test_parity.py (against transformers) and the VAE reference tests of
+# tests/test_segmentation.py (against a PyTorch VAE) check the kit against independent
+# implementations; they need the parity extra. `make test` and CI set PALI_KIT_REQUIRE_PARITY=1:
+# there a missing torch/transformers fails the run instead of skipping those checks.
+PARITY_MODULES = ("torch", "transformers")
+PARITY_INSTALL = (
+    "pip install -e '.[parity]' --extra-index-url https://download.pytorch.org/whl/cpu "
+    "(or `make test`)"
+)
+
+
+def _missing_parity_modules() -> list[str]:
+    import importlib.util
+
+    return [name for name in PARITY_MODULES if importlib.util.find_spec(name) is None]
+
+
+def pytest_configure(config):
+    if os.environ.get("PALI_KIT_REQUIRE_PARITY") == "1" and (missing := _missing_parity_modules()):
+        raise pytest.UsageError(
+            f"PALI_KIT_REQUIRE_PARITY=1 but {', '.join(missing)} cannot be imported: the parity "
+            f"and VAE reference tests would not run. Install them: {PARITY_INSTALL}"
+        )
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return str(longrepr[2] if isinstance(longrepr, tuple) else longrepr)
+
+
+def _is_independent_check_skip(report) -> bool:
+    return report.skipped and any(name in _skip_reason(report) for name in PARITY_MODULES)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # PALI_KIT_REQUIRE_PARITY=1 with the modules present: any skip of these checks is a failure.
+    report = (yield).get_result()
+    if os.environ.get("PALI_KIT_REQUIRE_PARITY") == "1" and _is_independent_check_skip(report):
+        reason = _skip_reason(report)
+        report.outcome = "failed"
+        report.longrepr = f"PALI_KIT_REQUIRE_PARITY=1, but this independent check skipped: {reason}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    skipped = [
+        r for r in terminalreporter.stats.get("skipped", []) if _is_independent_check_skip(r)
+    ]
+    if not skipped:
+        return
+    where = sorted({r.nodeid.split("::")[0] or r.fspath for r in skipped})
+    terminalreporter.section("independent checks skipped", sep="!", red=True, bold=True)
+    terminalreporter.line(
+        f"{len(skipped)} skipped test(s) or module(s) compare the kit with transformers and a "
+        f"PyTorch VAE ({', '.join(where)}): torch/transformers are not installed.\n"
+        f"To run them: {PARITY_INSTALL}"
+    )

@@ -290,4 +290,5 @@ def test_supervision_detections_carry_the_scores(demo):
     [objs] = demo.detect(_scenes(1)[0].image, ["circle", "square", "triangle"])
     converted = pk.detection.to_supervision(objs)
     assert isinstance(converted, sv.Detections)
+    # the same scores, copied (maybe through float32): rtol = 1e-6 absorbs that rounding only
     np.testing.assert_allclose(converted.confidence, [d.score for d in objs], rtol=1e-6)

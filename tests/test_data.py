@@ -440,6 +440,7 @@ def test_shapes_answers_match_the_ground_truth():
             dets = parse_detections(ex.suffix, 64, 64)
             assert [d.label for d in dets] == [o.label for o in objects]  # prompt order
             for det, obj in zip(dets, objects):
+                # quantisation: one loc bin is 64 / 1024 = 0.06 px at this size
                 assert np.allclose(det.box, obj.box, atol=0.1)
         np.testing.assert_array_equal(ex.image, scene.image)
 
@@ -507,6 +508,8 @@ def test_batch_padding_follows_the_tokenizer(tok):
 def test_batch_images_are_the_preprocessed_examples(tok):
     examples = shape_examples(3)
     batch = collate(examples, tok, text_len=8, image_size=16)
+    # same-size "resize" and x / 127.5 - 1 in float32 vs float64: values in [-1, 1] within
+    # a few roundings (1e-6 = 8 eps)
     np.testing.assert_allclose(batch["image"][2], examples[2].image / 127.5 - 1.0, atol=1e-6)
 
 

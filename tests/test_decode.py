@@ -8,6 +8,8 @@ import pytest
 from pali_kit import decode
 from pali_kit.decode import EOS_ID, parse_sampler
 
+from .conftest import FORWARD_REL, assert_close_to_scale
+
 
 def test_greedy_matches_big_vision_decoder(ref):
     model, expect = ref
@@ -15,7 +17,10 @@ def test_greedy_matches_big_vision_decoder(ref):
         expect["image"], expect["prompt"], expect["mask_input"], max_new_tokens=8
     )
     np.testing.assert_array_equal(tokens, expect["decode_tokens"])
-    np.testing.assert_allclose(logp, expect["decode_logp"], atol=1e-4)
+    # log-softmax is 2-Lipschitz in the max norm: the log-probs move by at most twice what
+    # the logits do, FORWARD_REL of max |logit| (conftest), as big_vision's and ours differ.
+    bound = 2 * FORWARD_REL * np.abs(expect["text_logits"]).max()
+    assert np.abs(logp - expect["decode_logp"]).max() <= bound
 
 
 def test_cached_greedy_equals_argmax_of_uncached_forward_at_every_step(ref):
@@ -144,7 +149,9 @@ def test_best_of_n_keeps_the_most_likely_sample(ref):
         max_new_tokens=8, sampler="temperature(1.5)", seed=4,
     )  # fmt: skip
     scores = decode.sequence_scores(cands, cand_lp).reshape(2, 4)
-    np.testing.assert_allclose(decode.sequence_scores(best, best_lp), scores.max(axis=1), rtol=1e-5)
+    # The same tokens scored by the same weights in two batch layouts: sums of 8 log-probs
+    # that differ by re-association only (FORWARD_REL of the scale, conftest).
+    assert_close_to_scale(decode.sequence_scores(best, best_lp), scores.max(axis=1), FORWARD_REL)
 
 
 @pytest.mark.parametrize(

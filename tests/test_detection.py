@@ -246,6 +246,7 @@ def test_box_tokens_box_round_trip_within_one_pixel_at_224(coords):
     x0, x1 = sorted(coords[:2])
     y0, y1 = sorted(coords[2:])
     (det,) = parse_detections(box_to_loc((x0, y0, x1, y1), 224, 224) + " a", 224, 224)
+    # quantisation, not rounding error: a bin is 224 / 1024 = 0.22 px; 1 px bounds any rule
     assert np.max(np.abs(np.subtract(det.box, (x0, y0, x1, y1)))) <= 1.0
 
 
@@ -256,6 +257,7 @@ def test_round_trip_with_scale_1023(coords):
     y0, y1 = sorted(coords[2:])
     text = box_to_loc((x0, y0, x1, y1), 224, 224, scale=1023)
     (det,) = parse_detections(text, 224, 224, scale=1023)
+    # half a bin of 224 / 1023 px, plus float64 rounding of values <= 224 (1e-9 >> 224 eps64)
     assert np.max(np.abs(np.subtract(det.box, (x0, y0, x1, y1)))) <= 0.5 * 224 / 1023 + 1e-9
 
 
@@ -311,6 +313,7 @@ def test_to_supervision_carries_boxes_labels_and_scores():
         loc(0, 0, 512, 512) + " cat ; " + loc(0, 512, 512, 1023) + " dog", 100, 100
     )
     sv_dets = to_supervision(dets)
+    # k / 1024 * 100 are exact binary fractions; rtol = 1e-7 only absorbs float32 storage
     np.testing.assert_allclose(sv_dets.xyxy, [[0, 0, 50, 50], [50, 0, 99.90234375, 50]])
     assert list(sv_dets.data["class_name"]) == ["cat", "dog"]
     assert list(sv_dets.class_id) == [0, 1]

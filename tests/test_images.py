@@ -21,6 +21,8 @@ TF_CASES = sorted({key.split("/")[0] for key in TF_FIXTURE.files if "/" in key})
 # The requirement is 1e-3 on the [-1, 1] scale; the float32 weights in TF's order of
 # operations match to ~1e-6, so a regression (e.g. float64 positions: ~1e-5) shows.
 TF_TOLERANCE = 1e-5
+# atol=1e-6 below compares values on the [-1, 1] scale (8 float32 eps): the same resize of the
+# same pixels reached another way, or against float64; only a few roundings may differ.
 EXIF_ORIENTATION = 0x0112
 
 
@@ -48,6 +50,7 @@ def test_normalisation_maps_0_to_minus_1_and_255_to_1():
     levels = np.array([0, 51, 255], np.uint8)
     images = [np.full((5, 7, 3), level, np.uint8) for level in levels]
     x = pk.preprocess(images, 4)
+    # float32 x / 127.5 - 1 against float64, values in [-1, 1]: 1e-6 = 8 eps
     np.testing.assert_allclose(x[:, 0, 0, 0], levels / 127.5 - 1, atol=1e-6)
     np.testing.assert_array_equal(normalize(levels), levels.astype(np.float32) / 127.5 - 1)
 
@@ -203,6 +206,8 @@ def test_upsampling_is_bilinear_with_half_pixel_centres():
 
 
 def test_downsampling_widens_the_triangle_to_the_output_footprint():
+    # float32 weights <= 1 against exact fractions: one rounding (eps/2 = 6e-8 < 1e-7); a
+    # row's sum of <= 7 weights: 7 eps < 1e-6
     np.testing.assert_allclose(resize_weights(4, 2)[0], [3 / 7, 3 / 7, 1 / 7, 0], atol=1e-7)
     np.testing.assert_allclose(resize_weights(7, 3).sum(axis=1), 1, atol=1e-6)
 
@@ -276,6 +281,8 @@ def slow_resize(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
 def test_separable_resize_equals_the_direct_filter(in_h, in_w, out_h, out_w, seed):
     image = np.random.default_rng(seed).random((in_h, in_w, 2))
     ours = resize(image, (out_h, out_w))
+    # float32 separable passes (<= 14 taps each, values in [0, 1]) against the float64 2-D
+    # filter: 2 * 14 * eps = 3.3e-6 at most, so 1e-5
     np.testing.assert_allclose(ours, slow_resize(image, out_h, out_w), atol=1e-5, rtol=0)
 
 

@@ -8,6 +8,9 @@ import pytest
 from pali_kit import metrics
 from pali_kit.detection import parse_detections
 
+# Metrics are float64 arithmetic on hand-computed cases: pytest.approx's rel = 1e-6 (and
+# assert_allclose's rtol = 1e-7) only absorb a few roundings, never a modelling difference.
+
 # ----------------------------------------------------------------------------- IoU
 
 

@@ -175,8 +175,11 @@ def test_two_processes_compute_the_one_process_steps(runs):
     print("\nstep  loss 1 process x 4 devices  loss 2 processes x 2 devices (then 1 process)")
     for x, y in zip(a, b):
         print(f"{x['step']:>4}  {x['loss']:.8f}  {y['loss']:.8f}")
+    # The same loss with the 4 devices' partial sums added in another order: re-association
+    # only, FORWARD_REL (1e-4) of the loss (tests/conftest.py).
     np.testing.assert_allclose([r["loss"] for r in b[:2]], [r["loss"] for r in a[:2]], rtol=1e-4)
-    # the checkpoint the 2 processes wrote at step 2 holds the 1-process weights
+    # The weights differ by the updates' rounding only: lr (0.01) times updates of size <= 1,
+    # each off by ~1e-4 of itself, is ~1e-6; atol = 1e-5 bounds it. The checkpoint the 2 processes wrote at step 2 holds the 1-process weights
     two, one = _weights(runs["b2"]), _weights(runs["a2"])
     assert two.keys() == one.keys() and len(one) == 34
     for key in one:
@@ -201,6 +204,8 @@ def test_only_process_0_writes(runs):
 def test_a_two_process_checkpoint_resumes_in_one_process(runs):
     a, r = _history(runs["a"]), _history(runs["b"])
     np.testing.assert_allclose([x["loss"] for x in r[2:]], [x["loss"] for x in a[2:]], rtol=1e-4)
+    # the schedule: the same float arithmetic on the same step numbers (rtol = 8 float32 eps);
+    # losses and weights as in test_two_processes_compute_the_one_process_steps
     np.testing.assert_allclose([x["lr"] for x in r], [x["lr"] for x in a], rtol=1e-6)
     resumed, one = _weights(runs["b"] / "model.npz"), _weights(runs["a"] / "model.npz")
     for key in one:

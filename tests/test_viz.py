@@ -11,6 +11,7 @@ import PIL.Image
 import pytest
 
 from pali_kit import viz
+from pali_kit.assets import sample_images
 from pali_kit.detection import Detection, parse_detections
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,6 +45,27 @@ def test_uint8_and_grayscale_arrays_become_rgb():
     assert viz.to_pil(np.zeros((5, 7), np.uint8)).mode == "RGB"
     assert viz.to_pil(np.zeros((5, 7, 1), np.uint8)).size == (7, 5)
     assert viz.to_pil(PIL.Image.new("L", (3, 3))).mode == "RGB"
+
+
+@pytest.mark.parametrize("name", sorted(sample_images()))  # EXIF-rotated and grey ones too
+def test_every_image_kind_preprocess_takes_is_drawn_as_the_model_sees_it(name):
+    import io
+
+    from pali_kit.images import load_image
+
+    path = sample_images()[name]
+    upright = load_image(path)  # what pk.preprocess reads: RGB, EXIF rotation applied
+    kinds = {"str": lambda: str(path), "Path": lambda: path, "bytes": path.read_bytes,
+             "file": lambda: io.BytesIO(path.read_bytes()), "PIL": lambda: PIL.Image.open(path),
+             "array": lambda: upright}  # fmt: skip
+    box = parse_detections("<loc0000><loc0000><loc0010><loc0010> c", 8, 8)
+    for kind, make in kinds.items():
+        drawn = viz.draw_detections(make(), box, show_masks=False)
+        assert drawn.size == (upright.shape[1], upright.shape[0]), kind
+        # the box and its label sit in the top-left corner; below them, the image untouched
+        np.testing.assert_array_equal(np.asarray(drawn)[40:], upright[40:], err_msg=kind)
+        assert viz.draw_caption(make(), "x").width == upright.shape[1], kind
+    assert len(viz.show(str(path)).axes) == 1  # one path is one image, not a list of letters
 
 
 def test_bad_shape_is_a_clear_error():
