@@ -15,6 +15,8 @@ PYTEST := PALI_KIT_REQUIRE_PARITY=1 $(BIN)/python -m pytest
 # torch comes from PyTorch's CPU index, at the version the parity extra pins: the CPU wheel is
 # ~200 MB, where the default Linux wheel from PyPI pulls several GB of CUDA libraries.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# One quick try at that index: where it cannot be reached, pip goes on with the others at once.
+TORCH_PIP   := --retries 1 --timeout 20 --extra-index-url $(TORCH_INDEX)
 TORCH       := $(shell grep -o '"torch==[^"]*"' pyproject.toml)
 
 # The tests whose results are float arithmetic (XLA picks kernels per instruction set). CI runs
@@ -42,7 +44,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(PIP) install -q --extra-index-url $(TORCH_INDEX) $(TORCH)
+	$(PIP) install -q $(TORCH_PIP) $(TORCH)
 	$(PIP) install -q -e '.[test,parity]'
 	touch $@
 
@@ -65,7 +67,7 @@ $(VENV_MIN)/.installed: pyproject.toml scripts/lowest_versions.py
 	test -x $(VENV_MIN)/bin/python || $(PYTHON) -m venv $(VENV_MIN)
 	$(VENV_MIN)/bin/python -m pip install -q --upgrade pip
 	$(VENV_MIN)/bin/python scripts/lowest_versions.py --extra parity > $(VENV_MIN)/lowest.txt
-	$(VENV_MIN)/bin/python -m pip install -q --extra-index-url $(TORCH_INDEX) \
+	$(VENV_MIN)/bin/python -m pip install -q $(TORCH_PIP) \
 	  -c $(VENV_MIN)/lowest.txt $(TORCH)
 	$(VENV_MIN)/bin/python -m pip install -q -c $(VENV_MIN)/lowest.txt -e '.[parity]' \
 	  pytest hypothesis protobuf
