@@ -71,6 +71,8 @@ __all__ = [
     "SHAPES",
     "COLOURS",
     "SHAPE_TASKS",
+    "sample_ground_truth",
+    "grade_answer",
     "collate",
     "Batcher",
     "batches",
@@ -891,6 +893,55 @@ def _shape_hit(task: str, text: str, ex: Example, size: int, vae) -> bool:
     return (
         det.binary_mask is not None and float(metrics.mask_iou(det.binary_mask, want.mask)) >= 0.5
     )
+
+
+def sample_ground_truth(folder=None) -> dict[str, dict]:
+    """The ground truth of the sample images: ``{file name: truth}``.
+
+    Read from ``data/images/ground_truth.json`` (written by
+    ``scripts/make_sample_images.py``), or from ``folder``. A truth holds
+    ``in_domain`` (bool: drawn from the demo model's world), ``size``
+    [width, height], ``caption`` (str, or None), ``count`` and ``objects``
+    (``label``, ``colour``, ``box`` [x0, y0, x1, y1] in pixels, x1/y1 exclusive).
+    """
+    folder = Path(folder) if folder is not None else ptok.data_dir() / "images"
+    return json.loads((folder / "ground_truth.json").read_text("utf-8"))
+
+
+def grade_answer(prompt: str, text: str, truth: Mapping) -> bool | None:
+    """Is ``text`` the right answer to ``prompt`` about an image with ground truth ``truth``?
+
+    Prompts: ``caption en`` (exact caption), ``answer en how many shapes``
+    (exact count), ``answer en what color is the <label>`` (exact colour),
+    ``detect <label> [; <label> ...]`` (every asked label that is in the image
+    has its first box of that label at IoU >= 0.5 with the true box, the rule
+    of ``score_shapes``). Returns None when the truth cannot say (another
+    prompt, or no caption known).
+    """
+    answer = text.strip()
+    objects = {o["label"]: o for o in truth["objects"]}
+    if prompt == ptok.caption("en"):
+        return None if truth.get("caption") is None else answer == truth["caption"]
+    if prompt == ptok.answer("how many shapes"):
+        return answer == str(truth["count"])
+    colour_question = ptok.answer("what color is the x")[:-1]  # the prompt up to the label
+    if prompt.startswith(colour_question):
+        label = prompt[len(colour_question) :]
+        return answer == objects[label]["colour"] if label in objects else None
+    if prompt.startswith("detect "):
+        width, height = truth["size"]
+        found = parse_detections(answer, width, height)
+        asked = [label.strip() for label in prompt[len("detect ") :].split(";")]
+        present = [label for label in asked if label in objects]
+        if not present:
+            return None
+        for label in present:
+            boxes = [d.box for d in found if d.label == label]
+            true_box = np.array(objects[label]["box"], np.float64)
+            if not boxes or float(metrics.box_iou(np.array(boxes[0]), true_box)) < 0.5:
+                return False
+        return True
+    return None
 
 
 # ============================================================================ batches
