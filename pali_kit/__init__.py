@@ -38,6 +38,9 @@ _EXPORTS = {
     # text and images
     "Tokenizer": "tokenizer",
     "preprocess": "images",
+    # devices
+    "device_dtype": "devices",
+    "machine": "devices",
     # detection / segmentation
     "parse_detections": "detection",
     "load_vae": "segmentation",
@@ -47,6 +50,7 @@ _EXPORTS = {
 _SUBMODULES = {
     "api", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
     "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
+    "devices",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
