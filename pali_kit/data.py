@@ -71,6 +71,8 @@ __all__ = [
     "SHAPES",
     "COLOURS",
     "SHAPE_TASKS",
+    "quadrant",
+    "clear_quadrant",
     "sample_ground_truth",
     "grade_answer",
     "collate",
@@ -610,7 +612,10 @@ COLOURS = {
     "blue": (40, 80, 220),
     "yellow": (240, 205, 40),
 }
-SHAPE_TASKS = ("caption", "count", "color", "detect", "detect_all", "segment")
+SHAPE_TASKS = ("caption", "count", "color", "detect", "detect_all", "segment", "where")
+WHERE_MARGIN = (
+    1 / 16
+)  # "where" asks about objects whose centre is this far (x size) from the middle
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -731,8 +736,11 @@ def shape_task(
       detect       detect circle                    <loc..>x4 circle
       detect_all   detect square ; circle           <loc..>x4 square ; <loc..>x4 circle
       segment      segment circle                   <loc..>x4<seg..>x16 circle
+      where        answer en where is the circle    top left
 
-    ``rng`` picks the object asked about (and the order for ``detect_all``;
+    ``where`` is not in the demo model's training mix (chapter 3 teaches it):
+    the quadrant of the object's box centre, asked about an object that is
+    clearly in one (``clear_quadrant``) when the scene has one. ``rng`` picks the object asked about (and the order for ``detect_all``;
     answers follow the prompt's order). ``codes(shape) -> 16 ints`` is needed
     for ``segment``.
     """
@@ -755,11 +763,28 @@ def shape_task(
             raise ValueError("the 'segment' task needs seg codes: pass a VAE")
         suffix = detections_to_text([(obj.label, obj.box, codes(obj))], size, size)
         return ptok.segment(obj.label), suffix, (obj,)
+    if task == "where":
+        clear = [o for o in objects if clear_quadrant(o.box, size)] or list(objects)
+        obj = clear[int(rng.integers(len(clear)))]
+        return ptok.answer(f"where is the {obj.label}"), quadrant(obj.box, size), (obj,)
     if task == "detect_all":
         chosen = tuple(objects[k] for k in rng.permutation(len(objects)))
         suffix = detections_to_text([(o.label, o.box) for o in chosen], size, size)
         return ptok.detect(*[o.label for o in chosen]), suffix, chosen
     raise ValueError(f"unknown task {task!r}: use one of {SHAPE_TASKS}")
+
+
+def quadrant(box, size: int) -> str:
+    """``"top left"``, ``"top right"``, ``"bottom left"`` or ``"bottom right"``: where the
+    centre of ``box`` (x0, y0, x1, y1 pixels) lies in a ``size`` x ``size`` image."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return ("top" if cy < size / 2 else "bottom") + " " + ("left" if cx < size / 2 else "right")
+
+
+def clear_quadrant(box, size: int, margin: float = WHERE_MARGIN) -> bool:
+    """The centre of ``box`` is at least ``margin * size`` pixels from both middle lines."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(abs(cx - size / 2), abs(cy - size / 2)) >= margin * size
 
 
 class ShapesDataset(Dataset):
