@@ -75,7 +75,7 @@ from pali_kit import tokenizer as ptok
 
 START = time.perf_counter()
 print(f"jax {jax.__version__} | {jax.default_backend()} ({jax.devices()[0].device_kind}) "
-      f"| {jax.device_count()} device(s) | {pk.machine()} | pali_kit {pk.__version__}")  # fmt: skip
+      f"| {jax.device_count()} device(s) | {pk.machine()} | pali_kit {pk.__version__}")
 
 # %% [markdown]
 # ## The model
@@ -136,7 +136,7 @@ print([p.name for p in IMAGES])
 pictures = [pk.images.load_image(p) for p in IMAGES]  # uint8 [H, W, 3], upright
 titles = [f"{p.name} {a.shape[1]}x{a.shape[0]}\n"
           f"{'in its world' if TRUTH[p.name]['in_domain'] else 'OUT of its world'}"
-          for p, a in zip(IMAGES, pictures)]  # fmt: skip
+          for p, a in zip(IMAGES, pictures)]
 pk.viz.show(pictures, titles=titles)
 
 # %% [markdown]
@@ -171,7 +171,7 @@ enc = tok.encode_prompt(ptok.answer("what color is the circle"))
 print("ids:   ", enc["text"].tolist())
 print("pieces:", tok.pieces(enc["text"]))
 print(f"BOS={tok.bos_id} EOS={tok.eos_id} PAD={tok.pad_id} newline={tok.newline_ids} "
-      f"vocabulary={tok.vocab_size}")  # fmt: skip
+      f"vocabulary={tok.vocab_size}")
 
 # %% [markdown]
 # ## Caption, VQA, OCR
@@ -186,7 +186,7 @@ print(f"BOS={tok.bos_id} EOS={tok.eos_id} PAD={tok.pad_id} newline={tok.newline_
 
 # %%
 prompts = [ptok.caption("en"), ptok.answer("how many shapes"),
-           ptok.answer("what color is the circle"), ptok.ocr()]  # fmt: skip
+           ptok.answer("what color is the circle"), ptok.ocr()]
 marks = {True: "right", False: "WRONG", None: "?"}
 for out in model.generate(image, prompts, max_new_tokens=24):
     verdict = marks[pdata.grade_answer(out.prompt, out.text, TRUTH[image.name])]
@@ -203,15 +203,15 @@ for out in model.generate(image, prompts, max_new_tokens=24):
 # %%
 outs = model.generate(IMAGES, ptok.caption("en"), max_new_tokens=24)  # every image, one prompt
 for path, out in zip(IMAGES, outs):
-    truth = TRUTH[path.name]["caption"]
+    truth = TRUTH[path.name]["caption"] or "(none: out of its world)"
     print(f"{path.name:18} {out.text!r:52} truth: {truth!r}")
 pk.viz.image_grid([pk.viz.draw_caption(pk.images.load_image(p), o.text)
-                   for p, o in zip(IMAGES, outs)])  # fmt: skip
+                   for p, o in zip(IMAGES, outs)])
 
 # %%
 images = [IMAGES[1], IMAGES[2], IMAGES[3]]
 questions = [ptok.answer("how many shapes"), ptok.answer("what color is the square"),
-             ptok.answer("what color is the square")]  # fmt: skip
+             ptok.answer("what color is the square")]
 for im, out in zip(images, model.generate(images, questions, max_new_tokens=24)):
     right = pdata.grade_answer(out.prompt, out.text, TRUTH[im.name])
     print(f"{im.name:18} {out.prompt:35} -> {out.text!r:8} {'right' if right else 'WRONG'}")
@@ -229,7 +229,7 @@ for im, out in zip(images, model.generate(images, questions, max_new_tokens=24))
 for sampler in ["greedy", "temperature(1.0)", "nucleus(0.9)", "top_k(5)", "beam(3)"]:
     for seed in (0, 1):
         [out] = model.generate(image, ptok.caption("en"), sampler=sampler, seed=seed,
-                               max_new_tokens=24)  # fmt: skip
+                               max_new_tokens=24)
         print(f"{sampler:17} seed {seed}: {out.text!r:55.55} log-prob {out.score:7.2f}")
 
 # %% [markdown]
@@ -239,7 +239,7 @@ for sampler in ["greedy", "temperature(1.0)", "nucleus(0.9)", "top_k(5)", "beam(
 # %%
 for n in (1, 4):
     [out] = model.generate(image, ptok.caption("en"), sampler="temperature(0.8)", best_of=n,
-                           seed=0, max_new_tokens=24)  # fmt: skip
+                           seed=0, max_new_tokens=24)
     print(f"best_of={n}: {out.text!r:55.55} log-prob {out.score:7.2f}")
 
 # %% [markdown]
@@ -326,7 +326,7 @@ for question in ["what color is the square", "how many triangles are there", "is
     count, start = decode.compile_count(), time.perf_counter()
     [out] = model.generate(image, ptok.answer(question), max_new_tokens=24)
     print(f"{question!r:32} {time.perf_counter() - start:5.2f} s, "
-          f"new compilations: {decode.compile_count() - count}")  # fmt: skip
+          f"new compilations: {decode.compile_count() - count}")
 for n in (6, 7):  # batches of 6 and 7 prompts share the bucket of 8: only the first compiles
     count = decode.compile_count()
     model.generate(image, [ptok.answer("how many shapes")] * n, max_new_tokens=24)

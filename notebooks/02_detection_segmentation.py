@@ -77,7 +77,7 @@ from pali_kit import tokenizer as ptok
 
 START = time.perf_counter()
 print(f"jax {jax.__version__} | {jax.default_backend()} ({jax.devices()[0].device_kind}) "
-      f"| {jax.device_count()} device(s) | {pk.machine()} | pali_kit {pk.__version__}")  # fmt: skip
+      f"| {jax.device_count()} device(s) | {pk.machine()} | pali_kit {pk.__version__}")
 
 # %% [markdown]
 # ## The model and the mask decoder
@@ -140,7 +140,7 @@ print(f"{vae.source}: {vae.num_codes} codes of width {vae.codebook_dim}, encoder
 
 # %%
 [det, seg] = model.generate(image, [ptok.detect("circle"), ptok.segment("circle")],
-                            max_new_tokens=32)  # fmt: skip
+                            max_new_tokens=32)
 print(repr(det.prompt), "->", repr(det.text))
 print(repr(seg.prompt), "->", repr(seg.text))
 print(f"<loc0000> = {tok.loc_id(0)}, <loc1023> = {tok.loc_id(1023)}, "
@@ -202,7 +202,7 @@ back = pk.parse_detections(loc_text + " " + obj["label"], W, H)[0].box
 print(obj["label"], obj["box"], "->", loc_text, "->", tok.encode(loc_text))
 print("back:", tuple(round(v, 2) for v in back))
 print(f"largest error {max(abs(a - b) for a, b in zip(obj['box'], back)):.3f} px, "
-      f"half a bin is {max(W, H) / 2048:.3f} px")  # fmt: skip
+      f"half a bin is {max(W, H) / 2048:.3f} px")
 
 # %% [markdown]
 # ## The VQ-VAE: a mask in 16 tokens
@@ -224,7 +224,7 @@ pasted = pseg.paste_binary_mask(recon, obj.box, scene.size, scene.size)  # bool 
 print(obj.label, obj.colour, obj.box, "->", codes.tolist())
 print(f"mask IoU after the 16-code round trip: {float(metrics.mask_iou(pasted, obj.mask)):.3f}")
 pk.viz.show([scene.image, crop > 0.5, recon > 0],
-            titles=["scene", f"{obj.label}: true mask 64x64", "decoded from 16 codes"])  # fmt: skip
+            titles=["scene", f"{obj.label}: true mask 64x64", "decoded from 16 codes"])
 
 # %% [markdown]
 # ## Training targets from annotations
@@ -261,21 +261,24 @@ print(f"held-out scenes, 50 per task: detect {scores['detect']:.2f}, "
       f"segment {scores['segment']:.2f} (fraction right; {time.perf_counter() - start:.0f} s)")
 
 # %% [markdown]
-# A few of those scenes, the true boxes above and the model's below:
+# Eight of those scenes (enlarged), each with the true box of the asked object and
+# the model's box, and whether the answer counts as right:
 
 # %%
-shapes = pdata.ShapesDataset(4, size=model.resolution, seed=12345, tasks=["detect"])
-examples = [shapes[i] for i in range(4)]
-outs = model.generate([e.image for e in examples], [e.prefix for e in examples], max_new_tokens=24)
 S = model.resolution
-truth = [[pdet.Detection.from_box(o.label, o.box, S, S) for o in e.meta["objects"]] for e in examples]
-preds = [pk.parse_detections(o.text, S, S)[:1] for o in outs]
-big = lambda e: e.image.repeat(4, 0).repeat(4, 1)  # enlarged, so that labels stay legible
-scale = lambda dets: [pdet.Detection.from_box(d.label, [4 * v for v in d.box], 4 * S, 4 * S)
-                      for d in dets]  # fmt: skip
-pk.viz.show([pk.viz.draw_detections(big(e), scale(t)) for e, t in zip(examples, truth)]
-            + [pk.viz.draw_detections(big(e), scale(p)) for e, p in zip(examples, preds)],
-            titles=["truth"] * 4 + ["model"] * 4, size=2.5)  # fmt: skip
+shapes = pdata.ShapesDataset(8, size=S, seed=12345, tasks=["detect"])
+examples = [shapes[i] for i in range(8)]
+outs = model.generate([e.image for e in examples], [e.prefix for e in examples], max_new_tokens=24)
+pictures, titles = [], []
+for e, out in zip(examples, outs):
+    [obj] = e.meta["objects"]
+    found = pk.parse_detections(out.text, 4 * S, 4 * S)[:1]  # boxes in the 4x enlarged image
+    true = pdet.Detection.from_box(f"true {obj.label}", [4 * v for v in obj.box], 4 * S, 4 * S)
+    iou = float(metrics.box_iou(np.array(found[0].box), np.array(true.box))) if found else 0.0
+    right = bool(found) and found[0].label == obj.label and iou >= 0.5
+    pictures.append(pk.viz.draw_detections(e.image.repeat(4, 0).repeat(4, 1), [true, *found]))
+    titles.append(f"{e.prefix}: IoU {iou:.2f}, {'right' if right else 'wrong'}")
+pk.viz.show(pictures, titles=titles, cols=4, size=2.8)
 
 # %% [markdown]
 # ## Why photos fail
@@ -297,7 +300,7 @@ for o in truth["objects"]:
     iou = float(metrics.box_iou(np.array(got[0]), np.array(o["box"], float))) if got else 0.0
     print(f"{o['label']:9} IoU with the true box {iou:.2f}")
 pk.viz.show([pk.viz.draw_detections(pk.images.load_image(photo), found)],
-            titles=[f"{name}: the model's boxes"])  # fmt: skip
+            titles=[f"{name}: the model's boxes"])
 
 # %%
 print(f"this notebook ran in {time.perf_counter() - START:.0f} s on {pk.machine()}")

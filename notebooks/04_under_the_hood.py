@@ -79,7 +79,7 @@ from pali_kit import tokenizer as ptok
 
 START = time.perf_counter()
 print(f"jax {jax.__version__} | {jax.default_backend()} ({jax.devices()[0].device_kind}) "
-      f"| {jax.device_count()} device(s) | {pk.machine()} | pali_kit {pk.__version__}")  # fmt: skip
+      f"| {jax.device_count()} device(s) | {pk.machine()} | pali_kit {pk.__version__}")
 
 # %% [markdown]
 # ## The model
@@ -213,7 +213,7 @@ plt.show()
 from pali_kit.model import positions_from_mask
 
 print(f"vocabulary {tok.vocab_size}: <loc> ids {tok.loc_ids.start}..{tok.loc_ids.stop - 1}, "
-      f"<seg> ids {tok.seg_ids.start}..{tok.seg_ids.stop - 1}")  # fmt: skip
+      f"<seg> ids {tok.seg_ids.start}..{tok.seg_ids.stop - 1}")
 answer = "<loc0102><loc0250><loc0870><loc0990> circle"
 print(answer, "->", tok.encode(answer))
 two = [ptok.caption("en"), ptok.answer("what color is the circle")]
@@ -239,7 +239,7 @@ prefill = jax.jit(lambda p, x, t, m: module.apply({"params": p}, x, t, m, CACHE,
 step = jax.jit(lambda p, *a: module.apply({"params": p}, *a, method="decode_step"))
 logits, cache, valid, pos = prefill(model.params, pixels, enc["text"], enc["mask_input"])
 print(f"{len(cache.k)} layers of keys and values, each {cache.k[0].shape}: "
-      "(batch, slots, kv heads, H)")  # fmt: skip
+      "(batch, slots, kv heads, H)")
 print(f"slots filled: {int(valid.sum())} of {CACHE}; the next token's position: {pos}")
 
 # %%
