@@ -92,8 +92,8 @@ print(f"jax {jax.__version__} | {jax.default_backend()} ({jax.devices()[0].devic
 # %% [markdown]
 # ## The model
 #
-# `MODEL = "demo"` trains the kit's tiny shapes model (1.46 M parameters) on a
-# CPU. On a T4 set `"paligemma2-3b-pt-224"`: a *pretrained* (`pt`) checkpoint,
+# `MODEL = "demo"` trains the kit's tiny shapes model (its size is printed below)
+# on a CPU. On a T4 set `"paligemma2-3b-pt-224"`: a *pretrained* (`pt`) checkpoint,
 # the one made for fine-tuning (`mix` checkpoints are already fine-tuned on a
 # mixture of tasks; Kaggle credentials: see chapter 1). The weights are not loaded
 # here: each training run reads the checkpoint with `pt.Trainer.load`, which
@@ -115,7 +115,8 @@ else:
     url = "https://storage.googleapis.com/big_vision/paligemma_tokenizer.model"
     tok = pk.Tokenizer(urllib.request.urlretrieve(url, "paligemma_tokenizer.model")[0])
     config = pk.CHECKPOINTS[MODEL].config
-print(CHECKPOINT.name, "|", config.resolution, "px |", tok.vocab_size, "tokens")
+n_params = pk.model.count_params(pk.param_shapes(config))
+print(f"{CHECKPOINT.name} | {n_params:,} parameters | {config.resolution} px | {tok.vocab_size} tokens")
 
 # %% [markdown]
 # ## The data
