@@ -23,9 +23,8 @@ import re
 import time
 from pathlib import Path
 
+import jupytext  # the test extra installs it: the sync check must not be skipped
 import pytest
-
-jupytext = pytest.importorskip("jupytext")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS_DIR = ROOT / "notebooks"

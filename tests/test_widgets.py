@@ -235,7 +235,7 @@ def test_model_errors_are_shown_with_their_type(demo_tokenizer):
 def test_default_images_are_the_kits_samples(echo):
     panel = PromptPanel(echo)
     assert "shapes_0.png" in panel.image_picker.options
-    assert panel.image.shape == (240, 320, 3)
+    assert panel.image.shape == (256, 256, 3)  # data/images/shapes_0.png
 
 
 def test_panel_is_one_widget_and_displays_headless(panel, capsys):
