@@ -270,19 +270,20 @@ preview_grid(trainer.evaluate(evaluator))
 # (`"attention"`), with the same recipe and the same batches. (With a 3B model on a
 # T4 only `"attention"` fits, as the plans above say, so only that one runs.) The
 # first steps include compiling the training step. The cell prints the time of
-# each run and the machine it ran on.
+# each run (wall clock, and CPU time summed over all cores) and the machine.
 
 # %%
 SUBSETS = ["llm", "attention"] if DEMO else ["attention"]
 runs, after_by_subset = {}, {}
 del trainer  # free the untrained copy
 for subset in SUBSETS:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     runs[subset] = finetune(subset)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     after_by_subset[subset] = skills(runs[subset].params, config)
-    print(f"{subset:9}: {STEPS} steps in {seconds:.0f} s on {pk.machine()}, "
-          f"loss {runs[subset].history.loss[0]:.2f} -> {runs[subset].history.loss[-1]:.3f}")
+    print(f"{subset:9}: {STEPS} steps in {seconds:.0f} s ({cpu:.0f} s of CPU time) on "
+          f"{pk.machine()}, loss {runs[subset].history.loss[0]:.2f} -> "
+          f"{runs[subset].history.loss[-1]:.3f}")
 
 # %% [markdown]
 # ### Before and after
@@ -316,7 +317,8 @@ plt.show()
 fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3))
 for subset, trainer in runs.items():
     ax1.plot(trainer.history.step, trainer.history.loss, label=subset)
-    steps, scores = zip(*[(step, d["exact_match"]) for step, d in trainer.history.evals])
+    evals = [(0, before["where (new)"])] + [(n, d["exact_match"]) for n, d in trainer.history.evals]
+    steps, scores = zip(*evals)
     ax2.plot(steps, scores, marker="o", label=subset)
 ax1.set(yscale="log", xlabel="step", ylabel="training loss")
 ax2.set(ylim=(0, 1.05), xlabel="step", ylabel="held-out accuracy, new skill")
