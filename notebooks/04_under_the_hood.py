@@ -126,6 +126,25 @@ print(cfg_3b.llm)
 print(len(pk.CHECKPOINTS), "checkpoints, e.g.", sorted(pk.CHECKPOINTS)[:3])
 
 # %% [markdown]
+# The registry shows the kinds of checkpoints and their resolutions. `pt`
+# checkpoints are pretrained, in stages at 224, then 448, then 896 px (more pixels
+# give more image tokens and come with a longer text): the ones to fine-tune, as
+# chapter 3 does. `mix` checkpoints were then fine-tuned on a mixture of tasks and
+# answer prompts as they are; `ft` ones were transferred to one task each.
+
+# %%
+from collections import defaultdict
+
+kinds = defaultdict(list)  # ("paligemma2-3b", "pt") -> its checkpoints
+for info in pk.CHECKPOINTS.values():
+    family, size, kind = info.name.split("-")[:3]
+    kinds[(f"{family}-{size}", kind)].append(info)
+for (family, kind), infos in sorted(kinds.items()):
+    sizes = sorted({(i.resolution, i.config.vision.num_tokens, i.text_len) for i in infos})
+    shown = ", ".join(f"{r} px ({n} image tokens, text {t})" for r, n, t in sizes)
+    print(f"{family:16} {kind:3} {len(infos):3} checkpoint(s): {shown}")
+
+# %% [markdown]
 # `pk.param_shapes` gives the parameter tree of any config as shapes only
 # (`jax.eval_shape`): the 3B model's full table, with no memory used. Layers are
 # *stacked*: each per-layer weight has a leading axis of size `depth`, exactly as
