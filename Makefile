@@ -33,6 +33,17 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests
 
+# The prompt panel in JupyterLab + headless Chromium (tests/test_browser.py). The
+# browser is Debian's chromium (apt-get install chromium), never a download; without
+# it the test fails here (make test skips it and says so).
+.PHONY: test-browser
+$(VENV)/.installed-browser: pyproject.toml $(VENV)/.installed-test
+	$(PIP) install -q -e '.[browser]'
+	touch $@
+
+test-browser: $(VENV)/.installed-browser
+	PALI_KIT_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q -m browser tests/test_browser.py
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check pali_kit tests bench

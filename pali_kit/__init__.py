@@ -50,7 +50,7 @@ _EXPORTS = {
 _SUBMODULES = {
     "api", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
     "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
-    "devices",
+    "constrain", "tasks", "devices",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

@@ -221,6 +221,43 @@ class Model:
         if text.startswith(shown) and len(text) > len(shown):
             yield text[len(shown) :]
 
+    # --- detection and segmentation -------------------------------------------------------------
+    def detect(self, images, labels, *, sampler="greedy", seed: int = 0,
+               max_objects: int | None = None, constrained: bool = True,
+               keep_duplicates: bool = False, **kw) -> list[list]:  # fmt: skip
+        """Find ``labels`` in ``images``: one list of objects per image (always a list of lists).
+
+        images: one image or a list (paths, bytes, PIL, arrays); labels: one list
+        of names for every image, or one list per image. Each object (a
+        ``pk.detection.Detection``) has ``.label`` (a requested one), ``.box``
+        (x0, y0, x1, y1 in pixels of the original image) and ``.score`` in [0, 1]
+        (the model's probability of this object, docs/detection_scores.md).
+        ``constrained=True`` decodes only answers that parse with requested
+        labels (any sampler, beam included); ``False`` parses the raw answer.
+        ``max_objects`` caps objects per image; same-label boxes with IoU > 0.7
+        are dropped after decoding (the higher score stays) unless
+        ``keep_duplicates``. Keywords: ``max_new_tokens``, ``window``.
+        """
+        from . import tasks
+
+        return tasks.run(self, images, labels, task="detect", sampler=sampler, seed=seed,
+                         max_objects=max_objects, constrained=constrained,
+                         keep_duplicates=keep_duplicates, **kw)  # fmt: skip
+
+    def segment(self, images, labels, *, vae=None, sampler="greedy", seed: int = 0,
+                max_objects: int | None = None, constrained: bool = True,
+                keep_duplicates: bool = False, **kw) -> list[list]:  # fmt: skip
+        """As ``detect``, and each object has ``.mask``: bool [H, W] at the original image size.
+
+        vae: the mask VQ-VAE: a path to ``vae-oid.npz``, a ``pk.load_vae(...)``
+        result or "demo"; the demo model finds its own (None).
+        """
+        from . import tasks
+
+        return tasks.run(self, images, labels, task="segment", vae=vae, sampler=sampler,
+                         seed=seed, max_objects=max_objects, constrained=constrained,
+                         keep_duplicates=keep_duplicates, **kw)  # fmt: skip
+
 
 def _length_with_eos(tokens) -> int:
     hits = np.flatnonzero(np.asarray(tokens) == decode.EOS_ID)

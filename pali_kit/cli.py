@@ -4,6 +4,8 @@ pali-kit demo                                   the embedded demo model on the s
 pali-kit generate IMAGE "caption en" [--model demo|NAME|PATH] [--sampler ...]
 pali-kit info [NAME]                            registry entries, parameter counts
 pali-kit export-hf MODEL FOLDER                 a folder transformers loads
+pali-kit finetune TRAIN.jsonl --model M --out DIR   fine-tune (pali_kit/cli_train.py)
+pali-kit eval MODEL VAL.jsonl [--json]          task metrics
 """
 
 from __future__ import annotations
@@ -154,6 +156,10 @@ def main(argv=None) -> int:
     e.add_argument("model")
     e.add_argument("folder")
     e.set_defaults(func=_export)
+
+    from pali_kit import cli_train  # finetune, eval
+
+    cli_train.add_parsers(sub)
 
     args = ap.parse_args(argv)
     try:

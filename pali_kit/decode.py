@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import constrain
 from .configs import PaliGemmaConfig
 from .model import PaliGemma
 
@@ -170,6 +171,20 @@ def _sampler_fn(sampler: Sampler):
     return _count_traces(jax.jit(choose), "sample")
 
 
+@functools.lru_cache(maxsize=64)
+def _constrained_fn(sampler: Sampler):
+    """As ``_sampler_fn``, masking logits with a ``constrain`` automaton whose per-row
+    state (int32[B, 2]) is advanced by the chosen token, all inside one compiled call."""
+
+    def choose(logits, rng, t, done, tables, state):
+        mask = constrain.allowed_tokens(tables, state, t, logits.shape[-1])
+        tok, logp = _choose(logits, jax.random.fold_in(rng, t), sampler, mask)
+        tok, logp, done = _finish(tok, logp, done)
+        return tok, logp, done, constrain.advance(tables, state, tok)
+
+    return _count_traces(jax.jit(choose), "sample")
+
+
 def _finish(tok, logp, done):
     """Rows already finished emit padding; a row is finished once it emits EOS."""
     tok = jnp.where(done, PAD_ID, tok)
@@ -220,12 +235,15 @@ def iter_tokens(
     seed: int = 0,
     cache_dtype=None,
     logit_mask=None,
+    constraint=None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(tokens int32[B], logprobs float32[B])`` once per generated position.
 
     images: float[B, H, W, 3] in [-1, 1] (or [B, F, H, W, 3] frames);
     text: int32[B, T] right-padded prompts (all prefix); mask_input: bool[B, T].
     Stops early once every row has produced EOS. Rows that finished emit PAD (0).
+    ``constraint``: a ``constrain.Constraint`` (one start state per row): only
+    tokens its automaton allows are sampled; log-probs stay unmasked.
     """
     sampler = parse_sampler(sampler)
     if sampler.name == "beam":
@@ -251,6 +269,9 @@ def iter_tokens(
     done = np.arange(bb) >= b  # dummy rows count as finished
     rng = jax.random.key(seed)
     mask = None if logit_mask is None else jnp.asarray(logit_mask, bool)
+    if constraint is not None:
+        choose = _constrained_fn(sampler)
+        tables, cstate = constraint.tables(max_new_tokens), constraint.initial_state(pad_to=bb, batch=b)
 
     logits, cache, valid, pos = prefill(params, images, text, mask_input)
     slot, tok = n_img + tt, None
@@ -259,7 +280,10 @@ def iter_tokens(
             logits, cache, valid = step(
                 params, tok, cache, valid, pos + (i - 1), jnp.int32(slot + i - 1)
             )
-        tok, logp, done = choose(logits, rng, jnp.int32(i), done, mask)
+        if constraint is None:
+            tok, logp, done = choose(logits, rng, jnp.int32(i), done, mask)
+        else:
+            tok, logp, done, cstate = choose(logits, rng, jnp.int32(i), done, tables, cstate)
         yield np.asarray(tok)[:b], np.asarray(logp)[:b]
         if bool(np.all(np.asarray(done))):
             return
@@ -278,6 +302,7 @@ def generate_tokens(
     cache_dtype=None,
     logit_mask=None,
     best_of: int = 1,
+    constraint=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Generate up to ``max_new_tokens`` per row.
 
@@ -290,7 +315,7 @@ def generate_tokens(
     if sampler.name == "beam":
         return beam_search(
             config, params, images, text, mask_input, beam_size=int(sampler.args[0]),
-            max_new_tokens=max_new_tokens, cache_dtype=cache_dtype,
+            max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, constraint=constraint,
         )  # fmt: skip
     if best_of > 1:
         rep = lambda x: np.repeat(np.asarray(x), best_of, axis=0)
@@ -298,6 +323,7 @@ def generate_tokens(
             config, params, rep(images), rep(text), rep(mask_input),
             max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
             cache_dtype=cache_dtype, logit_mask=logit_mask,
+            constraint=None if constraint is None else constraint.repeat(best_of),
         )  # fmt: skip
         scores = sequence_scores(toks, logps).reshape(-1, best_of)
         pick = np.arange(scores.shape[0]) * best_of + np.argmax(scores, axis=1)
@@ -308,6 +334,7 @@ def generate_tokens(
     steps = iter_tokens(
         config, params, images, text, mask_input, max_new_tokens=max_new_tokens,
         sampler=sampler, seed=seed, cache_dtype=cache_dtype, logit_mask=logit_mask,
+        constraint=constraint,
     )  # fmt: skip
     for i, (tok, logp) in enumerate(steps):
         tokens[:, i], logprobs[:, i] = tok, logp
@@ -326,25 +353,39 @@ def sequence_scores(tokens, logprobs) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, width: int):
-    """Prefill/step that return each beam's top ``width`` log-probs (not all V of them)."""
+    """Prefill/step that return each beam's top ``width`` log-probs (not all V of them).
+
+    With a constraint (``tables`` and the beams' states int32[B*n, 2], else None)
+    only allowed tokens are candidates (their log-probs stay unmasked); a beam's
+    automaton state follows its parent like its cache.
+    """
     module = PaliGemma(config)
     dtype = jnp.dtype(cache_dtype)
 
-    def prefill(params, images, text, mask_input):
+    def top(logits, t, tables, cstate):
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        if tables is not None:
+            mask = constrain.allowed_tokens(tables, cstate, t, logits.shape[-1])
+            logp = jnp.where(mask, logp, -jnp.inf)
+        return jax.lax.top_k(logp, width)
+
+    def prefill(params, images, text, mask_input, tables=None, cstate=None):
         logits, cache, valid, pos = module.apply(
             {"params": params}, images, text, mask_input, cache_size, dtype,
             method=PaliGemma.prefill,
         )  # fmt: skip
-        return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), width), cache, valid, pos
+        return top(logits, jnp.int32(0), tables, cstate), cache, valid, pos
 
-    def step(params, tok, cache, valid, pos, slot, parents):
+    def step(params, tok, cache, valid, pos, slot, parents, tables=None, cstate=None, t=None):
         # Reorder the cache so each beam continues from its parent, then extend by one token.
         cache = cache.take(parents)
         valid, pos = jnp.take(valid, parents, axis=0), jnp.take(pos, parents, axis=0)
         logits, cache, valid = module.apply(
             {"params": params}, tok, cache, valid, pos, slot, method=PaliGemma.decode_step
         )
-        return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), width), cache, valid, pos + 1
+        if tables is not None:
+            cstate = constrain.advance(tables, constrain.reorder(cstate, parents), tok)
+        return top(logits, t, tables, cstate), cache, valid, pos + 1, cstate
 
     return (
         _count_traces(jax.jit(prefill), "beam"),
@@ -354,7 +395,7 @@ def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, wid
 
 def beam_search(
     config, params, images, text, mask_input, *, beam_size: int, max_new_tokens: int,
-    cache_dtype=None,
+    cache_dtype=None, constraint=None,
 ):  # fmt: skip
     """Standard beam search on summed log-probs (no length penalty).
 
@@ -368,6 +409,9 @@ def beam_search(
     (big_vision's ``beam_decode`` also treats every live beam as finished at
     every step, which favours short answers and makes beam(1) differ from
     greedy; the kit uses the standard rule.)
+
+    ``constraint``: a ``constrain.Constraint``; only the tokens its automaton
+    allows are expanded.
 
     Returns ``(tokens int32[B, max_new_tokens], logprobs float32[B, max_new_tokens])``.
     """
@@ -384,7 +428,12 @@ def beam_search(
     rep = lambda x: np.repeat(np.asarray(x), n, axis=0)
     text = np.pad(rep(text), ((0, 0), (0, tt - t)))
     mask_input = np.pad(rep(mask_input), ((0, 0), (0, tt - t)))
-    (top_lp, top_tok), cache, valid, pos = prefill(params, rep(images), text, mask_input)
+    extra = ()
+    if constraint is not None:
+        tables = constraint.tables(max_new_tokens)
+        cstate = constraint.initial_state(np.repeat(np.arange(b), n), batch=b)
+        extra = (tables, cstate)
+    (top_lp, top_tok), cache, valid, pos = prefill(params, rep(images), text, mask_input, *extra)
 
     seqs = np.zeros((b, n, max_new_tokens), np.int32)
     seq_lp = np.zeros((b, n, max_new_tokens), np.float32)
@@ -424,10 +473,12 @@ def beam_search(
         if i + 1 == max_new_tokens or np.all(best_score >= live.max(axis=1)):
             break
         parents = (np.arange(b)[:, None] * n + parent).reshape(-1)
-        (top_lp, top_tok), cache, valid, pos = step(
+        (top_lp, top_tok), cache, valid, pos, cstate = step(
             params, jnp.asarray(new_tok.reshape(-1)), cache, valid, pos,
             jnp.int32(n_img + tt + i), jnp.asarray(parents, jnp.int32),
+            *(extra and (tables, cstate, jnp.int32(i + 1))),
         )  # fmt: skip
+        extra = extra and (tables, cstate)
     # Rows that never finished return their best live beam.
     open_rows = live.max(axis=1) > best_score
     j = np.argmax(live, axis=1)

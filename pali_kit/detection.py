@@ -52,9 +52,11 @@ class Detection:
         text; after the swap of an inverted box they are the swapped bins, so
         they always agree with ``box``.
       seg_codes: the 16 VQ-VAE codes (ints in [0, 127]) or None.
-      score: always 1.0 for parsed text (PaliGemma gives no confidence).
-      mask: float32 [H, W] soft mask in [0, 1] or None (see
-        ``segmentation.with_masks``).
+      score: in [0, 1]; 1.0 for parsed text (the text carries no confidence);
+        ``Model.detect`` / ``Model.segment`` set the model's own probability of
+        the object (docs/detection_scores.md).
+      mask: float32 [H, W] soft mask in [0, 1] (``segmentation.with_masks``),
+        bool [H, W] (``Model.segment``), or None.
       binary_mask: bool [H, W] or None; big_vision's rule (decoder output > 0).
     """
 
@@ -294,8 +296,8 @@ def _import_supervision():
 def to_supervision(detections: Sequence[Detection], *, classes: Sequence[str] | None = None):
     """Detections -> ``supervision.Detections`` (needs ``pip install supervision``).
 
-    ``xyxy`` are the pixel boxes, ``confidence`` the scores (1.0 for parsed
-    text), ``data["class_name"]`` the labels, and ``class_id`` the index of each
+    ``xyxy`` are the pixel boxes, ``confidence`` the scores (``Model.detect``'s
+    probabilities; 1.0 for parsed text), ``data["class_name"]`` the labels, and ``class_id`` the index of each
     label in ``classes`` (default: labels in order of first appearance; a label
     missing from ``classes`` gets -1). ``mask`` is set when every detection has
     a ``binary_mask``.

@@ -3,6 +3,7 @@
     from pali_kit import metrics
     metrics.box_iou([0, 0, 10, 10], [5, 0, 15, 10])              # 0.333...
     metrics.detection_map(pred_dets_per_image, gt_dets_per_image)  # {"map": .., "map50": .., "map75": ..}
+    metrics.precision_recall(pred_dets_per_image, gt_dets_per_image)  # {"recall": [101], "precision": [101]}
     metrics.vqa_accuracy("2", ["2"] * 3 + ["3"] * 7)               # 0.9 (3 of 10 humans)
     metrics.anls("hello world", ["Hello world!"])                  # 0.917
     metrics.cider(["a cat", "a dog"], [["a cat"], ["a dog"]])      # 5.0, corpus CIDEr-D
@@ -76,16 +77,60 @@ def detection_map(
     Args:
       predictions: one list per image of Detection-like objects (``.label``,
         ``.box`` (x0, y0, x1, y1) pixels, optional ``.score``) or tuples
-        ``(label, box)`` / ``(label, box, score)``. PaliGemma gives no
-        confidence, so the score defaults to 1.0: all predictions tie, and COCO
-        ranks ties in the given order (a stable sort), so mAP then measures
-        the set of boxes, not a ranking.
+        ``(label, box)`` / ``(label, box, score)``. ``Model.detect`` /
+        ``Model.segment`` give each object a score (the model's probability of
+        it, docs/detection_scores.md), which COCO uses to rank. Parsed text has
+        none: the score defaults to 1.0, all predictions tie, and COCO ranks
+        ties in the given order (a stable sort), so mAP then measures the set
+        of boxes, not a ranking.
       ground_truths: one list per image, same forms (scores ignored).
       max_detections: COCO's maxDets for the reported numbers.
     Returns:
       ``{"map": mAP@[.5:.95], "map50": mAP@.5, "map75": mAP@.75}``; categories
       are the labels (exact strings). NaN when there is no ground-truth box.
     """
+    ev = _coco_eval(predictions, ground_truths, max_detections)
+    if ev is None or isinstance(ev, float):
+        value = math.nan if ev is None else ev
+        return {"map": value, "map50": value, "map75": value}
+    return {"map": _coco_stat(ev.stats[0]), "map50": _coco_stat(ev.stats[1]),
+            "map75": _coco_stat(ev.stats[2])}  # fmt: skip
+
+
+def precision_recall(
+    predictions: Sequence[Iterable[Any]],
+    ground_truths: Sequence[Iterable[Any]],
+    *,
+    iou: float = 0.5,
+    max_detections: int = 100,
+) -> dict[str, np.ndarray]:
+    """COCO's precision-recall curve at one IoU threshold, ranked by the scores.
+
+    Same inputs as ``detection_map``; ``iou`` is one of COCO's thresholds
+    0.5, 0.55, ..., 0.95. Returns ``{"recall": float64 [101] (0, 0.01, ..., 1),
+    "precision": float64 [101]}``: COCO's interpolated precision at each recall
+    (0 past the highest recall reached), averaged over the labels with ground
+    truth. Its mean over the recall points is AP at this IoU (``map50`` for 0.5).
+    No ground truth: NaN; no predictions: 0.
+    """
+    thresholds = np.linspace(0.5, 0.95, 10)
+    k = int(np.argmin(np.abs(thresholds - iou)))
+    if abs(thresholds[k] - iou) > 1e-9:
+        raise ValueError(f"iou must be one of COCO's thresholds 0.5, 0.55, ..., 0.95, got {iou}")
+    recall = np.linspace(0.0, 1.0, 101)
+    ev = _coco_eval(predictions, ground_truths, max_detections)
+    if ev is None or isinstance(ev, float):
+        value = math.nan if ev is None else ev
+        return {"recall": recall, "precision": np.full(101, value)}
+    p = ev.eval["precision"][k, :, :, 0, -1]  # [recall 101, label K]; -1: label without GT
+    # Labels that only occur in predictions have no curve (-1); every recall row has
+    # at least one label with ground truth (else _coco_eval returned None).
+    precision = np.nanmean(np.where(p < 0, np.nan, p), axis=1)
+    return {"recall": recall, "precision": precision}
+
+
+def _coco_eval(predictions, ground_truths, max_detections):
+    """A finished COCOeval (bbox), or None (no ground truth) or 0.0 (no predictions)."""
     if len(predictions) != len(ground_truths):
         raise ValueError(f"{len(predictions)} prediction lists for {len(ground_truths)} images")
     try:
@@ -106,14 +151,14 @@ def detection_map(
     for i, ann in enumerate(gt_anns):
         ann["id"] = i + 1  # COCO annotation ids start at 1
     if not gt_anns:
-        return {"map": math.nan, "map50": math.nan, "map75": math.nan}
+        return None
     dt_anns = [
         _coco_ann(img, cat[label], box) | {"score": score}
         for img, image in enumerate(preds)
         for label, box, score in image
     ]
     if not dt_anns:
-        return {"map": 0.0, "map50": 0.0, "map75": 0.0}
+        return 0.0
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco_gt = COCO()
@@ -129,8 +174,7 @@ def detection_map(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    return {"map": _coco_stat(ev.stats[0]), "map50": _coco_stat(ev.stats[1]),
-            "map75": _coco_stat(ev.stats[2])}  # fmt: skip
+    return ev
 
 
 def _as_box_tuple(obj) -> tuple[str, tuple[float, ...], float]:

@@ -97,6 +97,7 @@ def draw_detections(
     alpha: float = 0.45,
     line_width: int | None = None,
     font_size: int | None = None,
+    captions: Sequence[str] | None = None,
 ) -> PIL.Image.Image:
     """Draw boxes with labels, and masks as translucent overlays.
 
@@ -109,6 +110,8 @@ def draw_detections(
       show_masks: overlay the masks.
       alpha: opacity of a mask where its value is 1.
       line_width, font_size: default to a size relative to the image.
+      captions: the text of each object's tag (e.g. ``"circle 0.93"``), one per
+        detection; default: the labels. The colour stays the label's.
     Returns:
       a new RGB PIL image.
     """
@@ -118,13 +121,20 @@ def draw_detections(
     font = _font(font_size or max(10, round(min(w, h) / 28)))
     if show_masks:
         out = _overlay_masks(out, detections, alpha)
+    if captions is None:
+        captions = [det.label for det in detections]
+    elif len(captions) != len(detections):
+        raise ValueError(
+            f"captions has {len(captions)} entries for {len(detections)} detections: give one "
+            "per detection, or None for the labels"
+        )
     draw = PIL.ImageDraw.Draw(out)
-    for det in detections:
+    for det, caption in zip(detections, captions):
         color = label_color(det.label)
         x0, y0, x1, y1 = (float(v) for v in det.box)
         draw.rectangle((x0, y0, max(x1 - 1, x0), max(y1 - 1, y0)), outline=color, width=line_width)
-        if det.label:
-            _draw_label(draw, det.label, (x0, y0), color, font)
+        if caption:
+            _draw_label(draw, caption, (x0, y0), color, font)
     return out
 
 

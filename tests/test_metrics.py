@@ -96,6 +96,26 @@ def test_no_predictions_score_zero_and_no_ground_truth_is_nan(coco):
     assert math.isnan(metrics.detection_map(GT, [[], []])["map"])
 
 
+def test_scores_rank_the_predictions(coco):
+    right, wrong = (10, 10, 50, 50), (60, 0, 99, 40)
+    gt = [[("cat", right)]]
+    # A wrong box scored above the right one costs precision; scored below, nothing.
+    bad = metrics.detection_map([[("cat", wrong, 0.9), ("cat", right, 0.1)]], gt)["map50"]
+    good = metrics.detection_map([[("cat", wrong, 0.1), ("cat", right, 0.9)]], gt)["map50"]
+    assert good == pytest.approx(1.0) and bad == pytest.approx(0.5)
+
+
+def test_precision_recall_curve_averages_to_ap(coco):
+    preds = [[("cat", (12, 10, 50, 50))], []]  # as in the half-recall test above
+    curve = metrics.precision_recall(preds, GT)
+    assert curve["recall"].shape == curve["precision"].shape == (101,)
+    np.testing.assert_allclose(curve["precision"][:51], 0.5)  # cat 1, dog 0 up to recall 0.5
+    np.testing.assert_allclose(curve["precision"][51:], 0.0)
+    assert curve["precision"].mean() == pytest.approx(metrics.detection_map(preds, GT)["map50"])
+    with pytest.raises(ValueError, match="iou"):
+        metrics.precision_recall(preds, GT, iou=0.52)
+
+
 # ----------------------------------------------------------------------------- VQA
 
 

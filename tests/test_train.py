@@ -374,3 +374,24 @@ def test_t4_advice_names_the_largest_subset_and_batch_that_fit(config, monkeypat
         assert not pt.plan(config, trainable="llm", batch_size=2 * batch, **kw).fits("tiny device")
     monkeypatch.setitem(memory.DEVICES, "tiny device", (1.0, 1))
     assert "nothing fits" in pt.t4_advice(config, device="tiny device", text_len=8)
+
+
+def test_auto_metric_scores_each_task_with_its_metric():
+    image = np.zeros((28, 28, 3), np.uint8)
+    box = "<loc0000><loc0000><loc0512><loc0512> red"
+    examples = [
+        pdata.Example(image, "caption en", "a red square", meta={"task": "caption"}),
+        pdata.Example(image, "answer en how many shapes", "2", meta={"task": "count"}),
+        pdata.Example(image, "answer en how many shapes", "3", meta={"task": "count"}),
+        pdata.Example(image, "answer en what is it", "", meta={"answers": ["a", "a", "a", "b"]}),
+        pdata.Example(image, "detect red", box),
+    ]
+    predictions = ["a red square", "2", "4", "a", box]
+    scores = pt._metric_fns()["auto"](predictions, examples, 28)
+    assert list(scores) == ["caption/cider", "count/exact_match", "answer/vqa_accuracy",
+                            "detect/map", "detect/mean_iou"]  # fmt: skip
+    assert scores["count/exact_match"] == 0.5  # one of two
+    assert scores["answer/vqa_accuracy"] == 1.0  # 3 humans said "a"
+    assert scores["detect/mean_iou"] == pytest.approx(1.0)
+    only_counts = pt._metric_fns()["auto"](predictions[1:3], examples[1:3], 28)
+    assert only_counts == {"exact_match": 0.5}  # one task: plain names

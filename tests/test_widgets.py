@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import importlib.util
 import io
 import re
@@ -74,6 +75,7 @@ def panel(echo):
         ("question", "red", "en", "question en red"),
         ("detect", "circle", "en", "detect circle"),
         ("detect", "circle;square ; ", "en", "detect circle ; square"),
+        ("detect", " red  circle ; square;red circle", "en", "detect red circle ; square"),
         ("segment", "yellow triangle", "en", "segment yellow triangle"),
         ("prompt", "  caption pt ", "en", "caption pt"),
     ],
@@ -138,6 +140,17 @@ def test_render_answer_decodes_masks_when_a_vae_is_given(tmp_path):
     assert drawn.size == (64, 64)
 
 
+def test_boxes_take_captions_one_per_object():
+    from pali_kit import viz
+
+    image = solid((255, 255, 255), size=(100, 200))
+    detections, drawn = render_answer(image, BOXED)
+    captioned = viz.draw_detections(image, detections, captions=["circle 0.93"])
+    assert not np.array_equal(np.asarray(captioned), np.asarray(drawn))  # a longer tag
+    with pytest.raises(ValueError, match="captions has 2 entries for 1 detections"):
+        viz.draw_detections(image, detections, captions=["a", "b"])
+
+
 # ----------------------------------------------------------------------------- the panel
 
 
@@ -147,7 +160,7 @@ def test_panel_streams_the_same_answer_as_generate(tiny_model):
     pieces, statuses = [], []
     panel.answer.observe(lambda c: pieces.append(c["new"]), "value")
     panel.status.observe(lambda c: statuses.append(c["new"]), "value")
-    panel.task.value, panel.text.value, panel.max_new_tokens.value = "detect", "circle", 6
+    panel.task.value, panel.text.value, panel.max_new_tokens.value = "prompt", "detect circle", 6
     assert panel.prompt.value == "detect circle"
 
     panel.run_button.click()
@@ -159,8 +172,6 @@ def test_panel_streams_the_same_answer_as_generate(tiny_model):
     assert len(pieces) > 2 and all(expected.text.startswith(p) for p in pieces)  # live updates
     assert "compiling" in statuses[0] and "done" in statuses[-1]
     assert "tokens/s" in panel.footer.value and "first token" in panel.footer.value
-    assert result.image.size == (32, 24)  # detect answers are drawn on the image
-    assert bytes(panel.result_image.value).startswith(b"\x89PNG")
 
 
 def test_panel_uses_generate_for_beam_search(panel, echo):
@@ -174,13 +185,15 @@ def test_panel_uses_generate_for_beam_search(panel, echo):
     assert "beam search" in panel.footer.value
 
 
-def test_panel_draws_detections_and_lists_them(panel):
-    panel.task.value, panel.text.value = "detect", "circle"
+def test_a_free_form_answer_with_boxes_is_drawn_and_listed_without_scores(panel):
+    panel.task.value, panel.text.value = "prompt", "detect circle"
     result = panel.run()
     assert [d.label for d in result.detections] == ["circle"]
     assert result.detections[0].box == (0.0, 0.0, 16.0, 12.0)
-    assert "circle" in panel.objects.value
+    assert "circle" in panel.objects.value and "score" not in panel.objects.value
     assert panel._result_box.layout.display is None  # shown
+    assert result.image.size == (32, 24)  # drawn on the image
+    assert bytes(panel.result_image.value).startswith(b"\x89PNG")
 
 
 def test_panel_shows_the_prompt_and_the_code_that_reproduces_it(panel):
@@ -220,16 +233,134 @@ def test_empty_question_is_shown_in_the_panel_not_raised(panel, echo):
     panel.task.value, panel.text.value = "answer", ""
     result = panel.run()
     assert "the answer task needs a question" in result.error
-    assert "the answer task needs a question" in panel.status.value
+    assert "the answer task needs a question: type it in the &#x27;question&#x27; box" in (
+        panel.status.value
+    )
     assert echo.calls == [] and not panel.run_button.disabled
 
 
-def test_model_errors_are_shown_with_their_type(demo_tokenizer):
+def test_model_errors_are_shown_recorded_and_raised_by_run(demo_tokenizer):
     panel = PromptPanel(EchoModel(demo_tokenizer, error=RuntimeError("out of memory")), [solid(0)])
-    result = panel.run()
-    assert result.error == "RuntimeError: out of memory"
+    with pytest.raises(RuntimeError, match="out of memory"):  # a notebook calling run() fails
+        panel.run()
+    assert panel.last_result.error == "RuntimeError: out of memory"
+    assert panel.last_result.text == ""
     assert "RuntimeError: out of memory" in panel.status.value
     assert not panel.run_button.disabled
+
+
+def test_the_run_button_shows_and_records_errors_without_raising(demo_tokenizer, caplog):
+    panel = PromptPanel(EchoModel(demo_tokenizer, error=KeyError("bug")), [solid(0)])
+    panel.run_button.click()  # raising here would reach only the kernel's log
+    assert panel.last_result.error == "KeyError: 'bug'"
+    assert "KeyError: &#x27;bug&#x27;" in panel.status.value
+    assert "KeyError: 'bug'" in caplog.text  # the traceback is logged
+    assert not panel.run_button.disabled
+
+
+def test_a_validation_error_clears_the_previous_answer_drawing_and_timing(panel):
+    panel.task.value, panel.text.value = "prompt", "detect circle"
+    assert panel.run().error is None and panel.answer.value == BOXED
+    assert panel._result_box.layout.display is None and panel.footer.value
+
+    panel.task.value, panel.text.value = "answer", ""
+    result = panel.run()
+    assert "the answer task needs a question" in result.error
+    assert (result.text, result.detections, result.image, result.timing) == ("", [], None, None)
+    assert panel.last_result is result
+    assert panel.answer.value == "" and panel.footer.value == "" and panel.objects.value == ""
+    assert panel._result_box.layout.display == "none"
+    assert bytes(panel.result_image.value) == b""
+
+
+@pytest.mark.parametrize("task", ["caption", "describe", "ocr"])
+def test_the_prompt_stays_visible_when_the_text_box_is_hidden(panel, task):
+    panel.task.value = task
+    assert panel.text.layout.display == "none"
+    assert panel.prompt.layout.display is None
+    assert panel.prompt.value == widgets.build_prompt(task)
+
+
+@pytest.mark.parametrize("task", list(widgets.TASKS))
+def test_the_visible_fields_have_distinct_labels(panel, task):
+    panel.task.value = task
+    fields = [panel.text, panel.language, panel.prompt, panel.sampler, panel.seed,
+              panel.constrained, panel.max_new_tokens]  # fmt: skip
+    labels = [f.description for f in fields if f.layout.display != "none"]
+    assert len(labels) == len(set(labels)), labels
+
+
+def test_the_code_line_is_shown_and_selectable_with_one_click(panel):
+    panel.task.value, panel.language.value = "caption", "de"
+    line = "model.generate(image, 'caption de', max_new_tokens=32, sampler='greedy', seed=0)"
+    assert panel.code_line() == line + "[0].text"
+    assert html.escape(panel.code_line()) in panel.code.value
+    assert "user-select:all" in panel.code.value
+
+
+def test_the_code_line_of_detect_and_segment_is_the_one_call(panel):
+    panel.task.value, panel.text.value = "detect", "circle ;  red  square"
+    kw = "max_new_tokens=32, sampler='greedy', seed=0"
+    assert panel.code_line() == f"model.detect(image, ['circle', 'red square'], {kw})[0]"
+    assert html.escape(panel.code_line()) in panel.code.value
+    panel.constrained.value = False
+    assert panel.code_line().endswith(f"{kw}, constrained=False)[0]")
+    assert html.escape(panel.code_line()) in panel.code.value  # the shown line follows
+    panel.task.value = "segment"  # the demo tokenizer: segment finds the demo VAE itself
+    assert panel.code_line() == (
+        f"model.segment(image, ['circle', 'red square'], {kw}, constrained=False)[0]"
+    )
+
+
+def test_the_segment_code_line_names_the_vae_of_a_model_that_needs_one(demo_tokenizer):
+    panel = PromptPanel(EchoModel(OtherTokenizer(demo_tokenizer)), [solid(0)])
+    panel.task.value, panel.text.value = "segment", "blob"
+    assert panel.code_line().startswith("model.segment(image, ['blob'], vae=vae, ")
+
+
+def test_the_constrained_box_shows_for_detect_and_segment_only(panel):
+    for task in widgets.TASKS:
+        panel.task.value = task
+        shown = panel.constrained.layout.display != "none"
+        assert shown == (task in ("detect", "segment")), task
+    assert panel.constrained.value  # ticked by default
+
+
+SEGMENTED = "<loc0100><loc0100><loc0900><loc0900>" + "".join(
+    f"<seg{j:03d}>" for j in range(16)
+) + " blob"  # fmt: skip
+
+
+def test_segment_with_the_demo_tokenizer_finds_the_demo_vae(demo_tokenizer):
+    panel = PromptPanel(EchoModel(demo_tokenizer, reply=SEGMENTED), [solid(0, size=(40, 40))])
+    panel.task.value, panel.text.value = "prompt", "segment blob"  # drawn as text: no JAX
+    result = panel.run()
+    assert result.error is None and panel.vae is not None
+    assert result.detections[0].mask.shape == (40, 40)
+    assert "mask" in panel.objects.value and "no masks" not in panel.status.value
+
+
+class OtherTokenizer:
+    """The demo tokenizer under another file name: a model that is not the demo model."""
+
+    path = "elsewhere/tokenizer.model"
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_segment_without_a_vae_says_how_to_get_masks(demo_tokenizer):
+    model = EchoModel(OtherTokenizer(demo_tokenizer), reply=SEGMENTED)
+    panel = PromptPanel(model, [solid(0, size=(40, 40))])
+    panel.task.value, panel.text.value = "prompt", "segment blob"  # drawn as text: no JAX
+    result = panel.run()
+    assert result.error is None and panel.vae is None
+    assert result.detections[0].mask is None and result.detections[0].seg_codes is not None
+    assert "codes, no VAE" in panel.objects.value
+    assert "no masks: give the panel a VAE" in panel.status.value
 
 
 def test_default_images_are_the_kits_samples(echo):
@@ -238,8 +369,185 @@ def test_default_images_are_the_kits_samples(echo):
     assert panel.image.shape == (256, 256, 3)  # data/images/shapes_0.png
 
 
+def widget_views(published: list[dict]) -> int:
+    return sum("application/vnd.jupyter.widget-view+json" in data for data in published)
+
+
+def test_a_cell_ending_in_prompt_panel_shows_one_panel(echo):
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    try:
+        published = []
+        shell.display_pub.publish = lambda data, *args, **kw: published.append(data)
+        shell.user_ns.update(widgets=widgets, model=echo, images=[solid(0)])
+        cells = {
+            "widgets.prompt_panel(model, images)": 1,  # shown once, not again as the value
+            "panel = widgets.prompt_panel(model, images)": 1,
+            "panel": 1,  # a later cell ending in the panel shows it
+            "panel\npanel": 1,  # only the last expression is displayed
+            "from IPython.display import display\ndisplay(panel)\npanel": 2,
+        }
+        for cell, views in cells.items():
+            published.clear()
+            assert shell.run_cell(cell).success
+            assert widget_views(published) == views, cell
+    finally:
+        InteractiveShell.clear_instance()
+
+
 def test_panel_is_one_widget_and_displays_headless(panel, capsys):
     assert isinstance(panel.widget, W.VBox)
     shown = widgets.prompt_panel(panel.model, images=[solid(0)])
     assert isinstance(shown, PromptPanel)
     capsys.readouterr()
+
+
+# ----------------------------------------------------------------------------- scores (demo model)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    import pali_kit as pk
+
+    return pk.load("demo", verbose=False)
+
+
+def scene(i: int = 0):
+    """A held-out shapes scene (the demo model trained on seed 0), 4x up to 256 x 256."""
+    from pali_kit import data
+
+    s = data.make_scene(12345, i, 64)
+    return s.image.repeat(4, 0).repeat(4, 1), [o.label for o in s.objects]
+
+
+def table_rows(objects_html: str) -> list[list[str]]:
+    """The objects table's body rows as lists of cell texts."""
+    rows = re.findall(r"<tr>(.*?)</tr>", objects_html)[1:]
+    return [[html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", r)] for r in rows]
+
+
+def detect_panel(model, image, labels, **settings) -> PromptPanel:
+    panel = PromptPanel(model, images={"scene": image})
+    panel.task.value, panel.text.value = "detect", " ; ".join(labels)
+    for name, value in settings.items():
+        getattr(panel, name).value = value
+    return panel
+
+
+def test_detect_shows_each_objects_score_in_the_table_and_on_the_image(demo):
+    from pali_kit import viz
+
+    image, labels = scene(0)
+    panel = detect_panel(demo, image, labels)
+    result = panel.run()
+    dets = result.detections
+    assert result.error is None and len(dets) >= 2
+    assert all(0.0 <= d.score <= 1.0 for d in dets)
+    assert len({d.score for d in dets}) > 1  # the model's own numbers, not a constant
+    # the table: label, score, box, mask; one row per object, in order
+    assert "<th>score</th>" in panel.objects.value
+    rows = table_rows(panel.objects.value)
+    assert [r[:2] for r in rows] == [[d.label, widgets._score_text(d.score)] for d in dets]
+    # the drawing: boxes captioned "label score", pixel for pixel
+    captions = [f"{d.label} {widgets._score_text(d.score)}" for d in dets]
+    expected = np.asarray(viz.draw_detections(image, dets, captions=captions))
+    np.testing.assert_array_equal(np.asarray(result.image), expected)
+    assert not np.array_equal(expected, np.asarray(viz.draw_detections(image, dets)))
+    shown = PIL.Image.open(io.BytesIO(bytes(panel.result_image.value)))
+    np.testing.assert_array_equal(np.asarray(shown.convert("RGB")), expected)  # 256 px: as is
+    assert "then scoring" in panel.footer.value and "tokens/s" in panel.footer.value
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"sampler": "temperature(0.7)", "seed": 3}, {"constrained": False}],
+    ids=["greedy", "temperature", "unconstrained"],
+)
+def test_the_panels_objects_are_what_its_code_line_returns(demo, settings):
+    image, labels = scene(1)
+    panel = detect_panel(demo, image, labels, **settings)
+    streamed = []
+    panel.answer.observe(lambda c: streamed.append(c["new"]), "value")
+    result = panel.run()
+    assert result.error is None and result.detections
+    assert panel.code_line().startswith(f"model.detect(image, {labels!r}, ")
+    # run the line the panel shows, with the panel's image: the same objects, scores included
+    assert eval(panel.code_line(), {"model": demo, "image": panel.image}) == result.detections
+    values = [v for v in streamed if v]  # streamed: the text grew token by token
+    assert len(values) >= 4 and values[-1] == result.text
+    assert all(b.startswith(a) for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("sampler", ["greedy", "temperature(0.7)", "nucleus(0.9)", "beam(3)"])
+def test_constrained_answers_parse_when_unconstrained_ones_are_cut_off(demo, sampler):
+    # 12 tokens hold one object (4 <loc>, a label, EOS) but not two plus EOS: the
+    # unconstrained answer runs into the budget mid-list (no EOS: it does not parse),
+    # the constrained one closes after the objects that fit.
+    from pali_kit import constrain
+
+    tok = demo.tokenizer
+    image, labels = scene(0)
+    c = constrain.build(tok, [labels])
+    parses = {}
+    for constrained in (True, False):
+        panel = detect_panel(demo, image, labels, sampler=sampler, max_new_tokens=12,
+                             constrained=constrained)  # fmt: skip
+        result = panel.run()
+        assert result.error is None
+        tokens = tok.encode(result.text) + [tok.eos_id] * (result.timing.num_tokens < 12)
+        parses[constrained] = constrain.accepts(c, 0, tokens, 12)
+        if constrained:
+            assert result.detections and all(d.label in labels for d in result.detections)
+            assert all(0.0 <= d.score <= 1.0 for d in result.detections)
+    assert parses == {True: True, False: False}
+
+
+def test_segment_objects_have_masks_and_scores(demo):
+    image, labels = scene(2)
+    panel = PromptPanel(demo, images={"scene": image})
+    panel.task.value, panel.text.value = "segment", labels[0]
+    result = panel.run()
+    assert result.error is None and result.detections
+    for d in result.detections:
+        assert d.label == labels[0] and 0.0 <= d.score <= 1.0
+        assert d.mask.dtype == bool and d.mask.shape == image.shape[:2]
+    assert [r[1] for r in table_rows(panel.objects.value)] == [
+        widgets._score_text(d.score) for d in result.detections
+    ]
+    assert "mask" in panel.objects.value and "no masks" not in panel.status.value
+    [again] = [eval(panel.code_line(), {"model": demo, "image": panel.image})]
+    assert [(d.label, d.box, d.score) for d in again] == [
+        (d.label, d.box, d.score) for d in result.detections
+    ]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(again, result.detections))
+
+
+def test_segment_on_a_model_without_a_vae_shows_scored_boxes_and_says_how(demo):
+    from pali_kit.api import Model
+
+    model = Model(demo.params, demo.config, OtherTokenizer(demo.tokenizer), name="my model")
+    image, labels = scene(2)
+    panel = PromptPanel(model, images={"scene": image})
+    panel.task.value, panel.text.value = "segment", labels[0]
+    result = panel.run()
+    assert result.error is None and panel.vae is None and result.detections
+    assert all(d.mask is None and d.seg_codes is not None for d in result.detections)
+    assert all(0.0 <= d.score <= 1.0 for d in result.detections)
+    assert "codes, no VAE" in panel.objects.value
+    assert "no masks: give the panel a VAE" in panel.status.value
+
+
+def test_too_few_tokens_for_one_constrained_object_is_an_input_error(panel):
+    panel.task.value, panel.text.value, panel.max_new_tokens.value = "segment", "blob", 10
+    result = panel.run()  # returned, not raised: the user fixes it in the panel
+    assert "max tokens is 10 but one segment object" in result.error
+    assert "raise &#x27;max tokens&#x27; to at least" in panel.status.value
+    assert panel.model.calls == []  # the model never ran
+
+
+def test_scores_are_written_so_that_small_ones_do_not_read_as_zero():
+    assert widgets._score_text(0.934) == "0.93"
+    assert widgets._score_text(1.0) == "1.00" and widgets._score_text(0.0) == "0.00"
+    assert widgets._score_text(0.01) == "0.01"
+    assert widgets._score_text(3.2e-5) == "3e-05"

@@ -19,6 +19,8 @@ Each module holds one piece, usable on its own in a notebook:
 - ``trainer.py``: ``Trainer``, ``History``, ``save_checkpoint`` / ``read_training_state``.
 - ``evaluation.py``: ``evaluate`` / ``Evaluator``, metrics, ``plot_history``, ``draw_previews``.
 - ``memory.py``: ``plan`` / ``t4_advice``, the device memory a configuration needs.
+- ``distributed.py``: several processes (``initialize_distributed``, each
+  process's rows of the global batch: ``process_rows`` / ``ProcessBatches``).
 
 Every name is importable from here (``pt.Trainer``, ``pt.plan``, ...).
 """
@@ -26,8 +28,17 @@ Every name is importable from here (``pt.Trainer``, ``pt.plan``, ...).
 from __future__ import annotations
 
 # ``X as X``: names outside ``__all__`` that stay importable as ``pali_kit.train.X``
+from .distributed import (
+    ProcessBatches,
+    devices_are_cpus,
+    gather_to_host,
+    initialize_distributed,
+    is_main_process,
+    process_rows,
+)
 from .evaluation import (
     METRICS,
+    TASK_METRICS,
     EvalResult,
     Evaluator,
     Preview,
@@ -71,5 +82,6 @@ __all__ = [
     "load_for_training", "TrainState", "init_state", "make_train_step", "NonFiniteLossError",
     "Trainer", "History", "Evaluator", "EvalResult", "Preview", "evaluate", "METRICS",
     "save_checkpoint", "read_training_state", "plot_history", "draw_previews", "Plan", "plan",
-    "t4_advice", "DEVICES",
+    "t4_advice", "DEVICES", "TASK_METRICS", "initialize_distributed", "devices_are_cpus",
+    "process_rows", "ProcessBatches", "gather_to_host", "is_main_process",
 ]  # fmt: skip

@@ -107,10 +107,50 @@ def _metric_fns() -> dict[str, Callable]:
             "exact_match": _mean(metrics.exact_match(x, r) for x, r in zip(p, refs(e)))
         },
         "detection": _detection_scores,
+        "auto": _auto_scores,
     }
 
 
-METRICS = ("cider", "bleu", "vqa", "anls", "exact_match", "detection")
+METRICS = ("auto", "cider", "bleu", "vqa", "anls", "exact_match", "detection")
+
+# metric="auto": the metric of each task, by the prompt's first word
+TASK_METRICS = {
+    "caption": "cider", "cap": "cider", "describe": "cider", "ocr": "anls",
+    "answer": "vqa", "question": "cider", "detect": "detection",
+}  # fmt: skip
+
+
+def _task_of(example) -> str:
+    """An example's task: ``meta["task"]`` if present, else the prompt's first word."""
+    task = example.meta.get("task") if example.meta else None
+    return str(task) if task else (example.prefix.split() or ["?"])[0]
+
+
+def _metric_of(example) -> str:
+    """The metric ``"auto"`` uses for an example: by its prompt's first word.
+
+    ``answer`` prompts: VQA accuracy when the example has several reference
+    answers (``meta["answers"]``), otherwise exact match. Unknown tasks: exact match.
+    """
+    word = (example.prefix.split() or [""])[0]
+    metric = TASK_METRICS.get(word, "exact_match")
+    if metric == "vqa" and len(_references(example)) < 2:
+        metric = "exact_match"
+    return metric
+
+
+def _auto_scores(predictions, examples, size: int) -> dict[str, float]:
+    """Each task scored with its metric; names ``task/metric`` when there are several tasks."""
+    fns = _metric_fns()
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault((_task_of(ex), _metric_of(ex)), []).append(i)
+    scores = {}
+    for (task, metric), rows in groups.items():
+        part = fns[metric]([predictions[i] for i in rows], [examples[i] for i in rows], size)
+        for name, value in part.items():
+            scores[name if len(groups) == 1 else f"{task}/{name}"] = value
+    return scores
 
 
 def evaluate(
@@ -128,7 +168,10 @@ def evaluate(
 ) -> EvalResult:
     """Greedy-decode a validation split and score it.
 
-    metric: one of ``METRICS`` or ``f(predictions, examples) -> float | dict``.
+    metric: one of ``METRICS`` or ``f(predictions, examples) -> float | dict``;
+    ``"auto"`` scores every task with its own metric (``TASK_METRICS``: captions
+    CIDEr, answers VQA accuracy or exact match, detections mAP and IoU), named
+    ``task/metric`` when the split mixes tasks.
     References: ``example.meta["answers"]`` (or ``"references"``) when present,
     else ``example.suffix``. Detection boxes are compared in model pixels.
     """

@@ -14,12 +14,12 @@ its devices with its sharding and training dtype as it is read, so host
 memory beyond what the devices hold peaks near one leaf.
 
 Multi-host (a TPU pod slice, several GPU hosts): call
-``jax.distributed.initialize()`` first thing in every process, then run the
-same notebook code on every host. ``make_mesh()`` then spans every device of
-every host (``jax.devices()``), ``shard_batch`` turns each host's own batch
-into its slice of the global batch (``jax.make_array_from_process_local_data``;
-give each host a different shard of the data, e.g. ``Batcher(seed=...)`` over
-``dataset[process_index::process_count]``), ``load_for_training`` builds each
+``initialize_distributed()`` (``distributed.py``) first thing in every
+process, then run the same notebook code on every host. ``make_mesh()`` then
+spans every device of every host (``jax.devices()``), ``shard_batch`` turns
+each host's rows into the global batch (``jax.make_array_from_process_local_data``;
+``Trainer.fit`` has each host build only its rows of the same ``Batcher``
+batch, ``distributed.ProcessBatches``), ``load_for_training`` builds each
 global array from the slices each host reads (``jax.make_array_from_callback``)
 and ``save_checkpoint`` gathers the shards and writes from process 0 only.
 The jitted step is unchanged: it is one SPMD program over the global mesh.

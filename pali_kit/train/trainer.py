@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from .. import checkpoints
+from .. import data as pdata
 from ..configs import PaliGemmaConfig
+from .distributed import ProcessBatches, gather_to_host
 from .evaluation import EvalResult, plot_history
 from .params import (
     Params,
@@ -223,6 +224,7 @@ class Trainer:
         checkpoint=None,
         checkpoint_every: int | None = None,
         progress: bool = True,
+        callback: Callable[[dict], None] | None = None,
     ) -> History:
         """Train until ``num_steps`` updates in total (default: the schedule's).
 
@@ -231,15 +233,23 @@ class Trainer:
         ``f(params, config) -> EvalResult | dict``, run every ``eval_every``
         steps and at the end. checkpoint: a path written atomically every
         ``checkpoint_every`` steps (default: at evals) and at the end.
+        callback: called after every update with a dict: ``step``, ``loss``,
+        ``grad_norm``, ``lr``, and the evaluation scores when it evaluated.
+
+        With several processes (``jax.process_count() > 1``) give every
+        process the same ``Batcher``: each builds only its rows of the global
+        batch (``ProcessBatches``); the progress bar shows in process 0 only.
         """
         end = self.num_steps if num_steps is None else num_steps
         start = self.step_count
+        if jax.process_count() > 1 and isinstance(batches, pdata.Batcher):
+            batches = ProcessBatches(batches, self.mesh)
         if hasattr(batches, "iterate"):
             batches = batches.iterate(start_step=start)
         batches = iter(batches)
         checkpoint_every = checkpoint_every or eval_every
         due = lambda step, every: step == end or bool(every and step % every == 0)
-        bar = _progress_bar(start, end, progress)
+        bar = _progress_bar(start, end, progress and jax.process_index() == 0)
         try:
             for _ in range(start, end):
                 batch = next(batches, None)
@@ -248,14 +258,18 @@ class Trainer:
                 metrics = self.step(batch)
                 step = self.step_count
                 postfix = {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.3g}"}
+                record = {"step": step, **{k: metrics[k] for k in ("loss", "grad_norm", "lr")}}
                 if evaluator is not None and due(step, eval_every):
                     result = self.evaluate(evaluator)
                     postfix[result.metric] = f"{result.score:.4g}"
+                    record.update(result.scores)
                 if checkpoint and due(step, checkpoint_every):
                     self.save(checkpoint)
+                if callback is not None:
+                    callback(record)
                 if bar is not None:
-                    bar.update(1)
                     bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
         finally:
             if bar is not None:
                 bar.close()
@@ -265,8 +279,15 @@ class Trainer:
         return self.history
 
     def evaluate(self, evaluator: Callable) -> EvalResult:
-        """Run an evaluator on the current weights; the result is logged in ``history``."""
-        result = evaluator(self.params, self.config)
+        """Run an evaluator on the current weights; the result is logged in ``history``.
+
+        With several processes the weights are first gathered to every host
+        (a collective) and every process evaluates them (same result everywhere).
+        """
+        params = self.params
+        if jax.process_count() > 1:
+            params = gather_to_host(params)
+        result = evaluator(params, self.config)
         if not isinstance(result, EvalResult):
             scores = dict(result) if isinstance(result, Mapping) else {"score": float(result)}
             result = EvalResult(scores, [], [], [])
@@ -305,7 +326,9 @@ class Trainer:
         else:
             trainable = self.state.params
         step, opt_state, history = read_training_state(path, self.state.opt_state)
-        self.state = self._put_state(TrainState(jnp.asarray(step, jnp.int32), trainable, opt_state))
+        # host arrays (not one device's): device_put spreads them over every process's devices
+        step = np.asarray(step, np.int32)
+        self.state = self._put_state(TrainState(step, trainable, opt_state))
         self.history = History()
         for s, loss in zip(history.get("step", []), history.get("loss", [])):
             self.history.add(
