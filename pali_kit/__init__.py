@@ -34,7 +34,7 @@ _EXPORTS = {
     "load_params": "checkpoints",
     "save_params": "checkpoints",
     "export_hf": "hf",
-    "CheckpointError": "checkpoints",
+    "CheckpointError": "errors",
     # text and images
     "Tokenizer": "tokenizer",
     "preprocess": "images",
@@ -45,12 +45,23 @@ _EXPORTS = {
     "parse_detections": "detection",
     "load_vae": "segmentation",
     "reconstruct_masks": "segmentation",
+    # errors (docs/errors.md)
+    "PaliKitError": "errors",
+    "ArgumentError": "errors",
+    "ArgumentTypeError": "errors",
+    "SamplerError": "errors",
+    "PromptTooLongError": "errors",
+    "UnknownNameError": "errors",
+    "ImageError": "errors",
+    "MissingFileError": "errors",
+    "ExportFolderError": "errors",
+    "NoTokenizerError": "errors",
 }
 
 _SUBMODULES = {
     "api", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
     "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
-    "constrain", "tasks", "devices",
+    "constrain", "tasks", "errors", "devices",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

@@ -15,8 +15,10 @@ tree) and ``tokenizer``; all math lives in ``pali_kit.model`` and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,19 @@ import numpy as np
 
 from . import checkpoints, decode
 from .configs import CHECKPOINTS, PaliGemmaConfig, checkpoint_info, paligemma_config
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    CheckpointError,
+    MissingFileError,
+    NoTokenizerError,
+    PromptTooLongError,
+    _short,
+    check_bool,
+    check_float_dtype,
+    check_int,
+    check_keywords,
+)
 from .images import preprocess
 from .model import PaliGemma, count_params, inference_params, init_params
 from .tokenizer import Tokenizer, data_dir
@@ -108,18 +123,19 @@ class Model:
 
     def astype(self, dtype) -> Model:
         """A copy with every parameter cast (e.g. to bfloat16 for faster CPU inference)."""
-        dt = checkpoints.as_dtype(dtype)
+        dt = _check_weight_dtype(dtype, "Model.astype", allow_none=False)
         params = jax.tree.map(lambda a: a.astype(dt), self.params)
         return Model(params, self.config, self.tokenizer, self.name, self.text_len)
 
     # --- numerics ---------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
-        """Any image input -> float32[B, R, R, 3] in [-1, 1] at this model's resolution."""
-        if isinstance(images, (np.ndarray, jax.Array)) and images.dtype != np.uint8:
-            shape = images.shape
-            res = self.resolution
-            if images.ndim in (4, 5) and shape[-3:] == (res, res, 3):
-                return images  # already model input
+        """Any image input -> float32[B, R, R, 3] in [-1, 1] at this model's resolution.
+
+        The same as ``pk.preprocess(images, model.resolution)``, with the kit's one
+        rule for float arrays (``pk.images.float_range``): values in [-1, 1] with
+        a negative value are model input (so this function's output can be passed
+        back in), otherwise floats are an image in [0, 1]; other values raise.
+        """
         return preprocess(images, self.resolution)
 
     def embed_image(self, images) -> jax.Array:
@@ -129,64 +145,131 @@ class Model:
     def logits(self, images, text, mask_ar, mask_input=None) -> jax.Array:
         """Text logits float32[B, T, V] of one full prefix-LM forward pass.
 
-        images: float[B, R, R, 3] in [-1, 1]; text: int32[B, T]; mask_ar: int[B, T]
-        (0 = prefix, full attention; 1 = causal); mask_input: bool[B, T] real tokens.
+        images: any image input (see ``preprocess``), B images, e.g. float[B, R, R, 3]
+        in [-1, 1]; text: int[B, T] token ids in [0, V); mask_ar: int or bool [B, T]
+        (0 = prefix, full attention; 1 = causal); mask_input: bool[B, T] real tokens
+        (default: all True).
         """
-        text = jnp.asarray(text, jnp.int32)
-        mask_input = jnp.ones(text.shape, bool) if mask_input is None else jnp.asarray(mask_input)
-        return _logits_fn(self.config)(
-            self.run_params, self.preprocess(images), text, jnp.asarray(mask_ar), mask_input
+        where = "Model.logits"
+        pixels = self.preprocess(images)
+        text = _check_tokens(text, "text", self.config.llm.vocab_size, where)
+        mask_ar = _check_mask(mask_ar, "mask_ar", text.shape, where)
+        mask_input = (
+            np.ones(text.shape, bool)
+            if mask_input is None
+            else _check_mask(mask_input, "mask_input", text.shape, where)
         )
+        _check_batch(pixels, text.shape[0], where)
+        return _logits_fn(self.config)(
+            self.run_params, pixels, jnp.asarray(text), jnp.asarray(mask_ar),
+            jnp.asarray(mask_input, bool),
+        )  # fmt: skip
 
     def generate_tokens(self, images, text, mask_input, *, max_new_tokens: int,
-                        sampler="greedy", seed: int = 0, **kw):  # fmt: skip
-        """Token-level generation: (tokens int32[B, max_new_tokens], logprobs float32[B, ...]).
+                        sampler="greedy", seed: int = 0, cache_dtype=None, logit_mask=None,
+                        best_of: int = 1, constraint=None, **kw):  # fmt: skip
+        """Token-level generation: (tokens int32[B, N], logprobs float32[B, N]), N = max_new_tokens.
 
-        text: int32[B, T] right-padded prompts; mask_input: bool[B, T]; every
-        prompt token is prefix. Tokens after EOS are padding (0).
-        Keywords: ``cache_dtype``, ``logit_mask`` (bool[V] allowed tokens), ``best_of``.
+        images: B images (any input ``preprocess`` takes); text: int[B, T]
+        right-padded prompt token ids in [0, V); mask_input: bool[B, T], True on
+        real tokens, at least one per row; every prompt token is prefix. Tokens
+        after EOS are padding (0). The keywords are those of :meth:`generate`
+        (sampler strings listed there) except ``text_len``, plus ``constraint``
+        (a ``pk.constrain.Constraint`` with one start state per row).
         """
+        where = "Model.generate_tokens"
+        check_keywords(where, kw, (_GENERATE_KEYWORDS - {"text_len"}) | {"constraint"})
+        decode.check_generate_args(
+            self.config, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+            best_of=best_of, cache_dtype=cache_dtype, logit_mask=logit_mask, where=where,
+        )  # fmt: skip
+        pixels = self.preprocess(images)
+        text = _check_tokens(text, "text", self.config.llm.vocab_size, where)
+        mask_input = _check_mask(mask_input, "mask_input", text.shape, where, need_one=True)
+        _check_batch(pixels, text.shape[0], where)
         return decode.generate_tokens(
-            self.config, self.run_params, self.preprocess(images), text, mask_input,
-            max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, **kw,
+            self.config, self.run_params, pixels, text, mask_input,
+            max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, cache_dtype=cache_dtype,
+            logit_mask=logit_mask, best_of=best_of, constraint=constraint,
         )  # fmt: skip
 
     # --- text in, text out ---------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
-            raise RuntimeError(
+            raise NoTokenizerError(
                 "this model has no tokenizer: pass tokenizer='path/to/paligemma_tokenizer.model' "
                 "to pk.load, or set model.tokenizer = pk.Tokenizer(path)"
             )
         return self.tokenizer
 
-    def _encode(self, images, prompts, text_len):
+    def _encode(self, images, prompts, text_len, where):
+        """-> pixels float32[B, R, R, 3], prompts list[str] (B), {text, mask_input} [B, T]."""
         tok = self._need_tokenizer()
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
+        prompts = _check_prompts(prompts, where)
+        if text_len is not None:
+            text_len = check_int(text_len, "text_len", where, low=1,
+                                 fix="the prompt budget in tokens, or None for the model's")  # fmt: skip
+        else:
+            text_len = self.text_len
         pixels = self.preprocess(images)
         if pixels.shape[0] == 1 and len(prompts) > 1:
             pixels = np.repeat(np.asarray(pixels), len(prompts), axis=0)
         elif len(prompts) == 1 and pixels.shape[0] > 1:
             prompts = prompts * pixels.shape[0]
         if pixels.shape[0] != len(prompts):
-            raise ValueError(f"{pixels.shape[0]} images but {len(prompts)} prompts")
-        enc = tok.encode_prompts(prompts, text_len=text_len, bucket=None)
+            raise ArgumentError(
+                f"{where}: {pixels.shape[0]} images but {len(prompts)} prompts: pass one "
+                "image per prompt, one image for all prompts, or one prompt for all images"
+            )
+        enc = tok.encode_prompts(prompts, text_len=None, bucket=None)
+        lengths = enc["mask_input"].sum(axis=1)
+        if text_len is not None:
+            _check_prompt_lengths(lengths, text_len, self.text_len, where)
+            pad = ((0, 0), (0, text_len - enc["text"].shape[1]))
+            enc = {"text": np.pad(enc["text"], pad), "mask_input": np.pad(enc["mask_input"], pad)}
         return pixels, prompts, enc
 
     def generate(self, images, prompts: str | Sequence[str], *, max_new_tokens: int = 64,
                  sampler="greedy", seed: int = 0, text_len: int | None = None,
+                 cache_dtype=None, logit_mask=None, best_of: int = 1,
                  **kw) -> list[Generation]:  # fmt: skip
         """Answer prompts about images; one :class:`Generation` per prompt.
 
-        images: one image or a list (paths, bytes, PIL, arrays; see pk.preprocess);
-        one image with several prompts (or one prompt with several images) is broadcast.
+        images: one image or a list (paths, bytes, PIL, arrays; see ``pk.preprocess``
+          and its float rule); one image with several prompts (or one prompt with
+          several images) is broadcast.
+        prompts: a string or a list of strings, e.g. ``"caption en"``, ``"detect cat"``.
+        max_new_tokens: int in [1, 65536], the most tokens generated per prompt.
+        sampler: ``"greedy"`` (default) | ``"temperature(t)"`` (t > 0) |
+          ``"nucleus(p)"`` / ``"nucleus(p, t)"`` (0 < p <= 1) | ``"top_k(k)"`` /
+          ``"top_k(k, t)"`` (1 <= k <= vocabulary) | ``"beam(n)"`` (1 <= n <=
+          vocabulary); see ``pali_kit.decode.parse_sampler``.
+        seed: int, the random key of the sampling samplers (greedy and beam are
+          deterministic and do not use it).
+        text_len: int, the prompt budget in tokens (default: the checkpoint's, e.g.
+          32 for the demo). A longer prompt raises ``PromptTooLongError``; prompts
+          are never cut.
+        cache_dtype: the KV cache's float dtype (float32 default, bfloat16, float16).
+        logit_mask: bool[V], True where a token may be generated; honoured by every
+          sampler, beam search included. Log-probs are the unmasked model's.
+        best_of: int >= 1; sample every prompt n times and keep the likeliest
+          answer (sampling samplers only).
+
+        Any other keyword, or a value outside these ranges, raises one of the kit's
+        errors (``pk.ArgumentError``, ``pk.ArgumentTypeError``, ``pk.SamplerError``)
+        naming it.
         """
-        pixels, prompts, enc = self._encode(images, prompts, text_len or self.text_len)
+        where = "Model.generate"
+        check_keywords(where, kw, _GENERATE_KEYWORDS)
+        decode.check_generate_args(
+            self.config, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+            best_of=best_of, cache_dtype=cache_dtype, logit_mask=logit_mask, where=where,
+        )  # fmt: skip
+        pixels, prompts, enc = self._encode(images, prompts, text_len, where)
         tokens, logprobs = decode.generate_tokens(
             self.config, self.run_params, pixels, enc["text"], enc["mask_input"],
-            max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, **kw,
+            max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, cache_dtype=cache_dtype,
+            logit_mask=logit_mask, best_of=best_of,
         )  # fmt: skip
         return [self._result(p, t, lp) for p, t, lp in zip(prompts, tokens, logprobs)]
 
@@ -196,12 +279,43 @@ class Model:
         return Generation(prompt, text, tokens[:n].copy(), logprobs[:n].copy())
 
     def stream(self, image, prompt: str, *, max_new_tokens: int = 64, sampler="greedy",
-               seed: int = 0, **kw) -> Iterator[str]:  # fmt: skip
-        """Yield the answer's text in pieces as tokens are produced (one image, one prompt)."""
-        pixels, _, enc = self._encode(image, [prompt], self.text_len)
+               seed: int = 0, text_len: int | None = None, cache_dtype=None, logit_mask=None,
+               **kw) -> Iterator[str]:  # fmt: skip
+        """Yield the answer's text in pieces as tokens are produced (one image, one prompt).
+
+        The keywords are those of :meth:`generate`, except ``best_of`` and
+        ``beam(n)`` (they need whole answers: use generate). Arguments are checked
+        when ``stream`` is called, before the first piece.
+        """
+        where = "Model.stream"
+        check_keywords(where, kw, _GENERATE_KEYWORDS - {"best_of"})
+        sampler, *_ = decode.check_generate_args(
+            self.config, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+            cache_dtype=cache_dtype, logit_mask=logit_mask, where=where,
+        )  # fmt: skip
+        if sampler.name == "beam":
+            raise decode.SamplerError(
+                f"{where}: sampler={str(sampler)!r}: beam search ranks whole answers, so it "
+                "cannot stream; use model.generate(..., sampler='beam(n)')"
+            )
+        if not isinstance(prompt, str):
+            raise ArgumentTypeError(
+                f"{where}: prompt={_short(prompt)} must be one string; for several prompts "
+                "use model.generate(image, [prompt, ...])"
+            )
+        pixels, _, enc = self._encode(image, [prompt], text_len, where)
+        if pixels.shape[0] != 1:
+            raise ArgumentError(
+                f"{where}: got {pixels.shape[0]} images; stream answers about one image: pass "
+                "one, or use model.generate(images, prompt) for several"
+            )
+        return self._stream(pixels, enc, max_new_tokens, sampler, seed, cache_dtype, logit_mask)
+
+    def _stream(self, pixels, enc, max_new_tokens, sampler, seed, cache_dtype, logit_mask):
         steps = decode.iter_tokens(
             self.config, self.run_params, pixels, enc["text"], enc["mask_input"],
-            max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, **kw,
+            max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, cache_dtype=cache_dtype,
+            logit_mask=logit_mask,
         )  # fmt: skip
         tokens: list[int] = []
         shown = ""
@@ -259,6 +373,171 @@ class Model:
                          keep_duplicates=keep_duplicates, **kw)  # fmt: skip
 
 
+# --- argument checks (the public methods call these first) -----------------------------------
+
+_GENERATE_KEYWORDS = frozenset(
+    {"max_new_tokens", "sampler", "seed", "text_len", "cache_dtype", "logit_mask", "best_of"}
+)
+
+
+def _check_prompts(prompts, where: str) -> list[str]:
+    """A string or a non-empty sequence of strings -> list[str]."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts:
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise ArgumentTypeError(
+                    f"{where}: prompts[{i}]={_short(p)} is a {type(p).__name__}, not a string"
+                )
+        return list(prompts)
+    if isinstance(prompts, (list, tuple)):
+        raise ArgumentError(f"{where}: prompts=[] is empty: pass a string or a list of strings")
+    raise ArgumentTypeError(
+        f"{where}: prompts={_short(prompts)} must be a string or a list of strings, "
+        f"not a {type(prompts).__name__}"
+    )
+
+
+def _check_prompt_lengths(lengths, text_len: int, trained: int | None, where: str) -> None:
+    """Prompts are never cut: one longer than ``text_len`` tokens is an error."""
+    long = np.flatnonzero(np.asarray(lengths) > text_len)
+    if long.size == 0:
+        return
+    i, n = int(long[0]), int(lengths[long[0]])
+    note = f" (the length this model was trained with is {trained})" if trained else ""
+    raise PromptTooLongError(
+        f"{where}: prompts[{i}] is {n} tokens (BOS + prompt + '\\n') but text_len={text_len}"
+        f"{note}; prompts are never cut: shorten it, or pass text_len={n} or more to allow "
+        "longer prompts (beyond the trained length answers may get worse)"
+    )
+
+
+def _check_tokens(text, name: str, vocab: int, where: str) -> np.ndarray:
+    """int[B, T] token ids in [0, vocab), B, T >= 1 -> numpy int32."""
+    try:
+        ids = np.asarray(text)
+    except Exception:
+        ids = np.asarray(None, object)
+    if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
+        raise ArgumentTypeError(
+            f"{where}: {name}={_short(text)} must be an int array [B, T] of token ids "
+            "(e.g. model.tokenizer.encode_prompts(prompts)['text'])"
+        )
+    if ids.ndim != 2 or 0 in ids.shape:
+        raise ArgumentError(
+            f"{where}: {name} has shape {ids.shape}, expected [B, T] with B, T >= 1 "
+            "(one row of token ids per prompt; add a batch axis with text[None])"
+        )
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ArgumentError(
+            f"{where}: {name} holds token ids in [{ids.min()}, {ids.max()}], but this model's "
+            f"vocabulary is [0, {vocab}): encode with this model's tokenizer"
+        )
+    return ids.astype(np.int32)
+
+
+def _check_mask(mask, name: str, shape, where: str, need_one: bool = False) -> np.ndarray:
+    """bool or 0/1 int [B, T] of ``shape`` -> numpy (same dtype kind)."""
+    try:
+        m = np.asarray(mask)
+    except Exception:
+        m = np.asarray(None, object)
+    if not (
+        m.dtype == np.bool_ or (np.issubdtype(m.dtype, np.integer) and np.isin(m, (0, 1)).all())
+    ):
+        raise ArgumentTypeError(
+            f"{where}: {name}={_short(mask)} must be a bool (or 0/1 int) array of shape {shape}"
+        )
+    if m.shape != tuple(shape):
+        raise ArgumentError(
+            f"{where}: {name} has shape {m.shape} but text has shape {tuple(shape)}: they "
+            "must match (one entry per token)"
+        )
+    if need_one and not m.any(axis=1).all():
+        row = int(np.flatnonzero(~m.any(axis=1))[0])
+        raise ArgumentError(
+            f"{where}: {name}[{row}] is all False: every prompt needs at least one real token"
+        )
+    return m
+
+
+def _check_batch(pixels, b: int, where: str) -> None:
+    if pixels.shape[0] != b:
+        raise ArgumentError(
+            f"{where}: {pixels.shape[0]} images but {b} rows of text: pass one image per row"
+        )
+
+
+def _check_load_args(source, dtype, verbose, where: str = "pk.load"):
+    """-> dtype as checkpoints.as_dtype gives it."""
+    if not isinstance(source, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            f"{where}: source={_short(source)} must be 'demo', a checkpoint name (see "
+            "pk.CHECKPOINTS), a .npz path or a transformers folder, not a "
+            f"{type(source).__name__}"
+        )
+    check_bool(verbose, "verbose", where)
+    return _check_weight_dtype(dtype, where)
+
+
+def _check_weight_dtype(dtype, where: str, allow_none: bool = True):
+    """float32 / bfloat16 / float16 (names, aliases such as "bf16", dtypes) -> numpy dtype."""
+    if isinstance(dtype, str):
+        try:
+            return checkpoints.as_dtype(dtype)
+        except ValueError:
+            raise ArgumentError(
+                f"{where}: dtype={dtype!r} is not a weight dtype: use float32, bfloat16 or "
+                "float16" + (" (or None to keep the stored one)" if allow_none else "")
+            ) from None
+    if dtype is None and not allow_none:
+        raise ArgumentTypeError(f"{where}: dtype=None: use float32, bfloat16 or float16")
+    return check_float_dtype(dtype, "dtype", where)
+
+
+def _with_overrides(config: PaliGemmaConfig, overrides: dict, where: str) -> PaliGemmaConfig:
+    """config.replace(**overrides), each value checked against the field's type."""
+    if not overrides:
+        return config
+    try:
+        new = config.replace(**overrides)
+    except TypeError as e:
+        raise ArgumentTypeError(f"{where}: {e}") from None
+    for part in ("vision", "llm"):
+        old_part, new_part = getattr(config, part), getattr(new, part)
+        for f in dataclasses.fields(old_part):
+            old, value = getattr(old_part, f.name), getattr(new_part, f.name)
+            if value is old or value == old:
+                continue
+            kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+            want = kinds.get(type(old))
+            bad = want and (
+                not isinstance(value, want) or (bool not in want and isinstance(value, bool))
+            )
+            if bad or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                       and not np.isfinite(value)):  # fmt: skip
+                raise ArgumentTypeError(
+                    f"{where}: override {f.name}={_short(value)} must be a finite "
+                    f"{type(old).__name__}, like the current value {old!r}"
+                )
+    return new
+
+
+def _check_overrides_fit(params, config, overrides: dict, where: str, what: str) -> None:
+    """Overrides may change what the weights' shapes do not decide, nothing else."""
+    if not overrides:
+        return
+    try:
+        checkpoints.check_params(params, config, what)
+    except CheckpointError as e:
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        raise CheckpointError(
+            f"{where} with {given}: the overrides do not fit the weights: {e}. Overrides may only "
+            "change what the weights' shapes do not fix (e.g. final_logits_softcap); remove them"
+        ) from None
+
+
 def _length_with_eos(tokens) -> int:
     hits = np.flatnonzero(np.asarray(tokens) == decode.EOS_ID)
     if hits.size:
@@ -304,14 +583,15 @@ def _demo(dtype, overrides):
     tok = Tokenizer.demo()
     if path.exists():
         params = checkpoints.load_params(path, dtype)
-        config = checkpoints.infer_config(params, str(path)).replace(**overrides)
+        config = _with_overrides(checkpoints.infer_config(params, str(path)), overrides, "pk.load")
+        _check_overrides_fit(params, config, overrides, "pk.load('demo')", str(path))
         return Model(params, config, tok, name="pali_kit demo", text_len=32)
     warnings.warn(
         f"{path} does not exist yet: using a small RANDOM model with the demo tokenizer "
         "(its answers are noise)",
         stacklevel=3,
     )
-    config = demo_config().replace(**overrides)
+    config = _with_overrides(demo_config(), overrides, "pk.load")
     params = init_params(config, 0, dtype)
     return Model(params, config, tok, name="random demo-size model", text_len=32)
 
@@ -334,6 +614,7 @@ def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **override
     tokenizer: a path or Tokenizer; by default one found beside the checkpoint.
     overrides: config fields by their big_vision names, e.g. ``final_logits_softcap=0.0``.
     """
+    dtype = _check_load_args(source, dtype, verbose)
     enable_compilation_cache()
     text_len = None
     if source == "demo":
@@ -353,7 +634,7 @@ def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **override
         else:
             path = Path(source)
             if not path.exists():
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"{source}: no such file or folder, and not a checkpoint name "
                     "(see pk.CHECKPOINTS for names such as 'paligemma2-3b-pt-224')"
                 )
@@ -361,19 +642,23 @@ def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **override
             from . import hf
 
             params, config = hf.load_hf(path, dtype)
-            config = config.replace(**overrides) if overrides else config
+            config = _with_overrides(config, overrides, "pk.load")
+            _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
+                                 str(path))  # fmt: skip
         else:
             params = checkpoints.load_params(path, dtype)
             config = checkpoints.infer_config(params, str(path))
             if name is not None:
                 config = _registry_semantics(config, checkpoint_info(name).config)
-            config = config.replace(**overrides) if overrides else config
+            config = _with_overrides(config, overrides, "pk.load")
+            _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
+                                 str(path))  # fmt: skip
             checkpoints.check_params(params, config, str(path))
         tok = _as_tokenizer(tokenizer) or _find_tokenizer(path.parent if path.is_file() else path,
                                                           config.llm.vocab_size)  # fmt: skip
         model = Model(params, config, tok, name=name or path.name, text_len=text_len)
-    if verbose:
-        print(f"pali_kit: {model.summary()}")
+    if verbose:  # a status line: on stderr, so that printed answers can be redirected cleanly
+        print(f"pali_kit: {model.summary()}", file=sys.stderr)
     return model
 
 
@@ -391,6 +676,16 @@ def _registry_semantics(inferred: PaliGemmaConfig, registered: PaliGemmaConfig):
 def _as_tokenizer(tokenizer):
     if tokenizer is None or isinstance(tokenizer, Tokenizer):
         return tokenizer
+    if not isinstance(tokenizer, (str, os.PathLike)):
+        raise ArgumentTypeError(
+            f"pk.load: tokenizer={_short(tokenizer)} must be a path to a SentencePiece "
+            "tokenizer.model or a pk.Tokenizer"
+        )
+    if not Path(tokenizer).is_file():
+        raise MissingFileError(
+            f"pk.load: tokenizer={str(tokenizer)!r}: no such file; pass the path of "
+            "paligemma_tokenizer.model (or leave it out to use the one beside the checkpoint)"
+        )
     return Tokenizer(tokenizer)
 
 

@@ -36,13 +36,10 @@ from .configs import (
     PaliGemmaConfig,
     VisionConfig,
 )
+from .errors import CheckpointError  # noqa: F401  (defined with the kit's other errors)
 from .model.common import to_device
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as it is; the message says why and what to do."""
 
 
 # --- dtypes ----------------------------------------------------------------------

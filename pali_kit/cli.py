@@ -3,14 +3,21 @@
 pali-kit demo                                   the embedded demo model on the sample images
 pali-kit generate IMAGE "caption en" [--model demo|NAME|PATH] [--sampler ...]
 pali-kit info [NAME]                            registry entries, parameter counts
-pali-kit export-hf MODEL FOLDER                 a folder transformers loads
+pali-kit export-hf MODEL FOLDER [--force]       a folder transformers loads
 pali-kit finetune TRAIN.jsonl --model M --out DIR   fine-tune (pali_kit/cli_train.py)
 pali-kit eval MODEL VAL.jsonl [--json]          task metrics
+
+Answers go to stdout, status lines to stderr. Every failure is one line on
+stderr, ``pali-kit: error: ...``, and exit status 2 (the command line is wrong:
+a usage error, an unknown model name, a bad option value or image) or 1 (it
+failed while running: a missing or broken checkpoint, no credentials, ...).
+``--debug`` (anywhere on the line) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -90,10 +97,20 @@ def _demo_world(model, out: Path, n: int = 50) -> None:
     print(f"  ({time.perf_counter() - t0:.1f} s)")
 
 
-def _generate(args) -> int:
+def _status(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _load(source, dtype=None):
     import pali_kit as pk
 
-    model = pk.load(args.model, dtype=args.dtype)
+    model = pk.load(source, dtype=dtype, verbose=False)
+    _status(f"pali_kit: {model.summary()}")
+    return model
+
+
+def _generate(args) -> int:
+    model = _load(args.model, args.dtype)
     if args.stream:
         for piece in model.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                                   sampler=args.sampler, seed=args.seed):  # fmt: skip
@@ -123,14 +140,105 @@ def _info(args) -> int:
 def _export(args) -> int:
     import pali_kit as pk
 
-    model = pk.load(args.model)
+    check_export_folder(Path(args.folder), args.force)
+    model = _load(args.model)
     folder = pk.export_hf(model, args.folder)
-    print(f"wrote {folder}")
+    print(folder)
+    _status(f"wrote a transformers folder: {folder}")
     return 0
 
 
+_EXPORT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def check_export_folder(folder: Path, force: bool = False) -> None:
+    """Refuse a target that is a file, or a non-empty folder that is not an earlier export.
+
+    An earlier export holds only config.json (a PaliGemma one) and model*.safetensors
+    (+ index); writing over it is allowed. Anything else needs ``--force``.
+    """
+    from pali_kit.errors import ExportFolderError
+
+    if folder.exists() and not folder.is_dir():
+        raise ExportFolderError(
+            f"export-hf: {folder} is a file, not a folder: give the path of a new or empty folder"
+        )
+    if not folder.is_dir() or force:
+        return
+    entries = sorted(p.name for p in folder.iterdir())
+    others = [n for n in entries if n not in _EXPORT_FILES and not _is_shard(n)]
+    if not entries or (not others and _is_paligemma_config(folder / "config.json")):
+        return
+    shown = ", ".join((others or entries)[:4]) + (" ..." if len(others or entries) > 4 else "")
+    raise ExportFolderError(
+        f"export-hf: {folder} is not empty and is not an earlier pali-kit export (it holds "
+        f"{shown}); nothing was written. Choose a new or empty folder, or pass --force to "
+        "write config.json and model*.safetensors into it (other files are kept)"
+    )
+
+
+def _is_shard(name: str) -> bool:
+    return name.startswith("model-") and "-of-" in name and name.endswith(".safetensors")
+
+
+def _is_paligemma_config(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("model_type") == "paligemma"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+class UsageError(Exception):
+    """A command line argparse cannot parse (exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the usage and exit; we print one line
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__
+
+
+def exit_status(error: BaseException) -> int:
+    """2 when the command line is wrong (usage, an argument's value, an export target that
+    needs --force), 1 when running failed."""
+    from pali_kit.errors import ArgumentError, ArgumentTypeError, ExportFolderError
+
+    usage = (UsageError, ArgumentError, ArgumentTypeError, ExportFolderError)
+    return 2 if isinstance(error, usage) else 1
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="pali-kit", description="PaliGemma on JAX, for notebooks.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("pali-kit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if debug:
+            raise
+        from pali_kit.errors import PaliKitError
+
+        known = isinstance(error, (PaliKitError, UsageError, OSError, ValueError, TypeError))
+        where = "" if known else f"unexpected {type(error).__name__}: "
+        hint = "" if known else " (run with --debug for the traceback)"
+        print(f"pali-kit: error: {where}{_one_line(error)}{hint}", file=sys.stderr)
+        return exit_status(error)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pali-kit`` argument parser; subcommands are registered here."""
+    ap = _Parser(
+        prog="pali-kit",
+        description="PaliGemma on JAX, for notebooks. Add --debug anywhere for tracebacks.",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the embedded demo model on the sample images")
@@ -155,18 +263,14 @@ def main(argv=None) -> int:
     e = sub.add_parser("export-hf", help="write a transformers folder")
     e.add_argument("model")
     e.add_argument("folder")
+    e.add_argument("--force", action="store_true",
+                   help="write into a non-empty folder that is not an earlier export")  # fmt: skip
     e.set_defaults(func=_export)
 
     from pali_kit import cli_train  # finetune, eval
 
     cli_train.add_parsers(sub)
-
-    args = ap.parse_args(argv)
-    try:
-        return args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"pali-kit: error: {e}", file=sys.stderr)
-        return 2
+    return ap
 
 
 if __name__ == "__main__":

@@ -279,10 +279,11 @@ def checkpoint_info(name: str) -> CheckpointInfo:
     m = _FT_PATTERN.match(name)
     if m:
         return _pg1("ft", int(m["res"]), m["task"])
-    close = [n for n in CHECKPOINTS if name.split("-")[0] in n][:8]
-    raise KeyError(
-        f"unknown checkpoint {name!r}. Known names look like 'paligemma-3b-pt-224', "
-        f"'paligemma2-10b-mix-448' (see pk.CHECKPOINTS); close: {close}"
+    from .errors import UnknownNameError, did_you_mean
+
+    raise UnknownNameError(
+        f"unknown checkpoint {name!r}{did_you_mean(name, CHECKPOINTS)}. Known names look like "
+        "'paligemma-3b-pt-224', 'paligemma2-10b-mix-448': see pk.CHECKPOINTS or `pali-kit info`"
     )
 
 

@@ -54,6 +54,7 @@ from pali_kit import images as pimages
 from pali_kit import metrics
 from pali_kit import tokenizer as ptok
 from pali_kit.detection import detections_to_text, parse_detections
+from pali_kit.errors import PaliKitError
 
 __all__ = [
     "DataError",
@@ -89,7 +90,7 @@ ON_ERROR = ("raise", "warn", "skip")
 # ============================================================================ examples
 
 
-class DataError(ValueError):
+class DataError(PaliKitError, ValueError):
     """Bad training data; the message names the file (and line) and what is wrong."""
 
 

@@ -34,6 +34,15 @@ import numpy as np
 
 from . import constrain
 from .configs import PaliGemmaConfig
+from .errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    SamplerError,
+    _short,
+    check_float_dtype,
+    check_int,
+    did_you_mean,
+)
 from .model import PaliGemma
 
 EOS_ID = 1
@@ -75,32 +84,129 @@ class Sampler:
         return self.name + (f"({', '.join(f'{a:g}' for a in self.args)})" if self.args else "")
 
 
-def parse_sampler(spec: str | Sampler) -> Sampler:
-    """ "nucleus(0.9, 0.7)" -> Sampler("nucleus", (0.9, 0.7)); validates names and ranges."""
+SAMPLER_HELP = (
+    "greedy | temperature(t) | nucleus(p) | nucleus(p, t) | top_k(k) | top_k(k, t) | beam(n)"
+)
+
+
+def parse_sampler(spec: str | Sampler, vocab_size: int | None = None) -> Sampler:
+    """ "nucleus(0.9, 0.7)" -> Sampler("nucleus", (0.9, 0.7)); checks names and ranges once.
+
+    The rules (``vocab_size`` V bounds k and n when given; ``SamplerError`` otherwise):
+      greedy            the most likely token; deterministic (``seed`` is not used)
+      temperature(t)    sample from softmax(logits / t), 0 < t (finite); t -> 0 is greedy,
+                        so t = 0 is refused: write "greedy"
+      nucleus(p[, t])   sample from the smallest set of tokens with probability >= p,
+                        0 < p <= 1; optional temperature t > 0
+      top_k(k[, t])     sample among the k most likely tokens, 1 <= k <= V (an integer)
+      beam(n)           beam search with n beams, 1 <= n <= V; deterministic
+    """
     if isinstance(spec, Sampler):
-        return spec
-    m = _SAMPLER_RE.match(str(spec))
-    if not m or m[1] not in _SAMPLER_ARGS:
-        raise ValueError(
-            f"unknown sampler {spec!r}; use one of: greedy, temperature(t), nucleus(p), "
-            "nucleus(p, t), top_k(k), top_k(k, t), beam(n)"
+        name, args, text = spec.name, tuple(spec.args), str(spec)
+    elif isinstance(spec, str):
+        text = spec
+        m = _SAMPLER_RE.match(spec)
+        if not m or m[1] not in _SAMPLER_ARGS:
+            guess = did_you_mean(m[1], _SAMPLER_ARGS) if m else ""
+            raise SamplerError(f"sampler={spec!r} is not a sampler{guess}; use {SAMPLER_HELP}")
+        name, raw = m[1], (m[2] or "").strip()
+        try:
+            args = tuple(float(a) for a in raw.split(",")) if raw else ()
+        except ValueError:
+            raise SamplerError(
+                f"sampler={spec!r}: the arguments must be numbers, e.g. {name}(0.9)"
+            ) from None
+    else:
+        raise ArgumentTypeError(
+            f"sampler={spec!r} must be a string such as 'greedy' or 'top_k(40)', "
+            f"not a {type(spec).__name__}; use {SAMPLER_HELP}"
         )
-    name, raw = m[1], (m[2] or "").strip()
-    try:
-        args = tuple(float(a) for a in raw.split(",")) if raw else ()
-    except ValueError:
-        raise ValueError(f"sampler {spec!r}: arguments must be numbers") from None
+    if name not in _SAMPLER_ARGS:
+        raise SamplerError(f"sampler={text!r} is not a sampler; use {SAMPLER_HELP}")
     lo, hi = _SAMPLER_ARGS[name]
     if not lo <= len(args) <= hi:
-        raise ValueError(f"sampler {name} takes {lo}..{hi} arguments, got {spec!r}")
+        want = "no arguments" if hi == 0 else f"{lo}" + (f" or {hi}" if hi > lo else "")
+        raise SamplerError(
+            f"sampler={text!r}: {name} takes {want} argument(s), got {len(args)}; "
+            f"use {SAMPLER_HELP}"
+        )
+    if not all(math.isfinite(a) for a in args):
+        raise SamplerError(f"sampler={text!r}: arguments must be finite numbers")
     temps = {"temperature": args[:1], "nucleus": args[1:2], "top_k": args[1:2]}.get(name, ())
     if any(t <= 0 for t in temps):
-        raise ValueError(f"sampler {spec!r}: temperature must be > 0 (use 'greedy' for t -> 0)")
+        raise SamplerError(
+            f"sampler={text!r}: the temperature must be > 0 (t -> 0 is greedy decoding: "
+            "write sampler='greedy')"
+        )
     if name == "nucleus" and not 0 < args[0] <= 1:
-        raise ValueError(f"sampler {spec!r}: p must be in (0, 1]")
-    if name in ("top_k", "beam") and (args[0] < 1 or args[0] != int(args[0])):
-        raise ValueError(f"sampler {spec!r}: needs a positive integer")
+        raise SamplerError(
+            f"sampler={text!r}: p={args[0]:g} must be in (0, 1] (the probability mass kept)"
+        )
+    if name in ("top_k", "beam"):
+        what = "k" if name == "top_k" else "n"
+        top = f"{vocab_size} (the vocabulary size)" if vocab_size else "the vocabulary size"
+        if args[0] != int(args[0]) or args[0] < 1 or (vocab_size and args[0] > vocab_size):
+            raise SamplerError(
+                f"sampler={text!r}: {what}={args[0]:g} must be an integer with 1 <= {what} <= {top}"
+            )
     return Sampler(name, args)
+
+
+DETERMINISTIC = ("greedy", "beam")
+MAX_NEW_TOKENS_LIMIT = 1 << 16
+
+
+def check_generate_args(config: PaliGemmaConfig, *, max_new_tokens, sampler, seed, best_of=1,
+                        cache_dtype=None, logit_mask=None, where: str = "generate_tokens"):  # fmt: skip
+    """Check every generation keyword once; returns them parsed.
+
+    Returns ``(sampler Sampler, max_new_tokens int, seed int, best_of int,
+    cache_dtype str | None, logit_mask bool[V] | None)``; raises the kit's
+    ArgumentError / ArgumentTypeError / SamplerError naming the keyword.
+    """
+    vocab = config.llm.vocab_size
+    sampler = parse_sampler(sampler, vocab)
+    max_new_tokens = check_int(
+        max_new_tokens, "max_new_tokens", where, low=1, high=MAX_NEW_TOKENS_LIMIT,
+        fix="it is the number of tokens to generate per prompt, e.g. 32",
+    )  # fmt: skip
+    seed = check_int(seed, "seed", where, fix="e.g. seed=0")
+    if not -(1 << 63) <= seed < (1 << 63):
+        raise ArgumentError(f"{where}: seed={seed} does not fit in 64 bits: use a smaller int")
+    best_of = check_int(best_of, "best_of", where, low=1,
+                        fix="best_of=n samples each prompt n times and keeps the likeliest")  # fmt: skip
+    if best_of > 1 and sampler.name in DETERMINISTIC:
+        raise ArgumentError(
+            f"{where}: best_of={best_of} with sampler={str(sampler)!r}: {sampler.name} is "
+            "deterministic, so every try gives the same answer; use best_of with temperature(t), "
+            "nucleus(p) or top_k(k), or a wider beam(n)"
+        )
+    dtype = check_float_dtype(cache_dtype, "cache_dtype", where)
+    mask = None if logit_mask is None else check_logit_mask(logit_mask, vocab, where)
+    return sampler, max_new_tokens, seed, best_of, (None if dtype is None else dtype.name), mask
+
+
+def check_logit_mask(logit_mask, vocab_size: int, where: str) -> np.ndarray:
+    """bool[V] (or 0/1 integers) with at least one allowed token -> numpy bool[V]."""
+    try:
+        mask = np.asarray(logit_mask)
+    except Exception:
+        mask = np.asarray(None, object)
+    if mask.dtype != np.bool_ and not (
+        np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()
+    ):
+        raise ArgumentTypeError(
+            f"{where}: logit_mask={_short(logit_mask)} must be a bool array of shape "
+            f"[{vocab_size}] (True = the token may be generated)"
+        )
+    if mask.shape != (vocab_size,):
+        raise ArgumentError(
+            f"{where}: logit_mask has shape {mask.shape}, expected [{vocab_size}] (one entry per "
+            f"vocabulary token); build it with np.zeros({vocab_size}, bool) and set allowed ids"
+        )
+    if not mask.any():
+        raise ArgumentError(f"{where}: logit_mask allows no token at all: set some entries True")
+    return mask.astype(bool)
 
 
 def sample(logits, rng, sampler: Sampler):
@@ -245,17 +351,25 @@ def iter_tokens(
     ``constraint``: a ``constrain.Constraint`` (one start state per row): only
     tokens its automaton allows are sampled; log-probs stay unmasked.
     """
-    sampler = parse_sampler(sampler)
+    sampler, max_new_tokens, seed, _, cache_dtype, logit_mask = check_generate_args(
+        config, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+        cache_dtype=cache_dtype, logit_mask=logit_mask, where="iter_tokens",
+    )  # fmt: skip
     if sampler.name == "beam":
-        raise ValueError("beam search returns whole sequences: use generate_tokens")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise SamplerError(
+            f"sampler={str(sampler)!r}: beam search returns whole sequences, not a stream of "
+            "tokens; use generate / generate_tokens for beam(n), or a sampler such as 'greedy'"
+        )
     text, mask_input = np.asarray(text, np.int32), np.asarray(mask_input, bool)
     b, t = text.shape
     if b == 0:
-        raise ValueError("empty batch: give at least one prompt")
+        raise ArgumentError(
+            "iter_tokens: text has 0 rows (an empty batch): give at least one prompt"
+        )
     if np.any(mask_input.sum(axis=1) == 0):
-        raise ValueError("every prompt needs at least one real token (mask_input is all False)")
+        raise ArgumentError(
+            "iter_tokens: a row of mask_input is all False: every prompt needs at least one real token"
+        )
     bb, tt = bucket_batch(b), bucket_length(t)
     n_img = config.vision.num_tokens * (images.shape[1] if np.ndim(images) == 5 else 1)
     cache_size = bucket_cache(n_img, tt, max_new_tokens)
@@ -271,7 +385,10 @@ def iter_tokens(
     mask = None if logit_mask is None else jnp.asarray(logit_mask, bool)
     if constraint is not None:
         choose = _constrained_fn(sampler)
-        tables, cstate = constraint.tables(max_new_tokens), constraint.initial_state(pad_to=bb, batch=b)
+        tables, cstate = (
+            constraint.tables(max_new_tokens),
+            constraint.initial_state(pad_to=bb, batch=b),
+        )
 
     logits, cache, valid, pos = prefill(params, images, text, mask_input)
     slot, tok = n_img + tt, None
@@ -309,13 +426,22 @@ def generate_tokens(
     Returns ``(tokens int32[B, max_new_tokens], logprobs float32[B, max_new_tokens])``;
     positions after a row's EOS (and after an early stop) hold PAD (0) with log-prob 0.
     ``best_of=n`` samples every row n times and keeps the most likely sequence
-    (sum of log-probs up to and including the first EOS), as big_vision does.
+    (sum of log-probs up to and including the first EOS), as big_vision does;
+    it is refused with the deterministic samplers (greedy, beam). ``logit_mask``
+    (bool[V], True = allowed) restricts every sampler, beam search included;
+    log-probs are those of the unmasked model. ``seed`` is used by the sampling
+    samplers only (greedy and beam are deterministic). Every keyword is checked
+    by ``check_generate_args``.
     """
-    sampler = parse_sampler(sampler)
+    sampler, max_new_tokens, seed, best_of, cache_dtype, logit_mask = check_generate_args(
+        config, max_new_tokens=max_new_tokens, sampler=sampler, seed=seed, best_of=best_of,
+        cache_dtype=cache_dtype, logit_mask=logit_mask, where="generate_tokens",
+    )  # fmt: skip
     if sampler.name == "beam":
         return beam_search(
             config, params, images, text, mask_input, beam_size=int(sampler.args[0]),
-            max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, constraint=constraint,
+            max_new_tokens=max_new_tokens, cache_dtype=cache_dtype, logit_mask=logit_mask,
+            constraint=constraint,
         )  # fmt: skip
     if best_of > 1:
         rep = lambda x: np.repeat(np.asarray(x), best_of, axis=0)
@@ -355,28 +481,31 @@ def sequence_scores(tokens, logprobs) -> np.ndarray:
 def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, width: int):
     """Prefill/step that return each beam's top ``width`` log-probs (not all V of them).
 
-    With a constraint (``tables`` and the beams' states int32[B*n, 2], else None)
-    only allowed tokens are candidates (their log-probs stay unmasked); a beam's
-    automaton state follows its parent like its cache.
+    ``mask`` (bool[V], the user's logit_mask, all True by default) and a
+    constraint (``tables`` and the beams' states int32[B*n, 2], else None) remove
+    disallowed tokens from the candidates (they come back as -inf; the log-probs
+    kept are the unmasked model's); a beam's automaton state follows its parent
+    like its cache.
     """
     module = PaliGemma(config)
     dtype = jnp.dtype(cache_dtype)
 
-    def top(logits, t, tables, cstate):
-        logp = jax.nn.log_softmax(logits, axis=-1)
+    def top(logits, mask, t, tables, cstate):
+        logp = jnp.where(mask, jax.nn.log_softmax(logits, axis=-1), -jnp.inf)
         if tables is not None:
-            mask = constrain.allowed_tokens(tables, cstate, t, logits.shape[-1])
-            logp = jnp.where(mask, logp, -jnp.inf)
+            allowed = constrain.allowed_tokens(tables, cstate, t, logits.shape[-1])
+            logp = jnp.where(allowed, logp, -jnp.inf)
         return jax.lax.top_k(logp, width)
 
-    def prefill(params, images, text, mask_input, tables=None, cstate=None):
+    def prefill(params, images, text, mask_input, mask, tables=None, cstate=None):
         logits, cache, valid, pos = module.apply(
             {"params": params}, images, text, mask_input, cache_size, dtype,
             method=PaliGemma.prefill,
         )  # fmt: skip
-        return top(logits, jnp.int32(0), tables, cstate), cache, valid, pos
+        return top(logits, mask, jnp.int32(0), tables, cstate), cache, valid, pos
 
-    def step(params, tok, cache, valid, pos, slot, parents, tables=None, cstate=None, t=None):
+    def step(params, tok, cache, valid, pos, slot, parents, mask, tables=None, cstate=None,
+             t=None):  # fmt: skip
         # Reorder the cache so each beam continues from its parent, then extend by one token.
         cache = cache.take(parents)
         valid, pos = jnp.take(valid, parents, axis=0), jnp.take(pos, parents, axis=0)
@@ -385,7 +514,7 @@ def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, wid
         )
         if tables is not None:
             cstate = constrain.advance(tables, constrain.reorder(cstate, parents), tok)
-        return top(logits, t, tables, cstate), cache, valid, pos + 1, cstate
+        return top(logits, mask, t, tables, cstate), cache, valid, pos + 1, cstate
 
     return (
         _count_traces(jax.jit(prefill), "beam"),
@@ -395,7 +524,7 @@ def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, wid
 
 def beam_search(
     config, params, images, text, mask_input, *, beam_size: int, max_new_tokens: int,
-    cache_dtype=None, constraint=None,
+    cache_dtype=None, logit_mask=None, constraint=None,
 ):  # fmt: skip
     """Standard beam search on summed log-probs (no length penalty).
 
@@ -410,8 +539,9 @@ def beam_search(
     every step, which favours short answers and makes beam(1) differ from
     greedy; the kit uses the standard rule.)
 
-    ``constraint``: a ``constrain.Constraint``; only the tokens its automaton
-    allows are expanded.
+    ``logit_mask`` (bool[V]) restricts every step to the allowed tokens (a
+    constrained search); ``constraint`` (a ``constrain.Constraint``) expands only
+    the tokens its automaton allows. The log-probs returned are the unmasked model's.
 
     Returns ``(tokens int32[B, max_new_tokens], logprobs float32[B, max_new_tokens])``.
     """
@@ -422,7 +552,11 @@ def beam_search(
     n_img = config.vision.num_tokens * (images.shape[1] if np.ndim(images) == 5 else 1)
     cache_size = bucket_cache(n_img, tt, max_new_tokens)
     cache_dt = jnp.dtype(cache_dtype or jnp.float32).name
-    prefill, step = _beam_jitted(config, cache_size, cache_dt, 2 * n)
+    width = min(2 * n, config.llm.vocab_size)  # candidates kept per beam and step
+    prefill, step = _beam_jitted(config, cache_size, cache_dt, width)
+    # Always a mask (all True by default): one compiled search serves masked and free calls.
+    v = config.llm.vocab_size
+    mask = jnp.ones(v, bool) if logit_mask is None else jnp.asarray(logit_mask, bool)
 
     # Every row is repeated n times; beam j of row i lives in row i * n + j.
     rep = lambda x: np.repeat(np.asarray(x), n, axis=0)
@@ -433,7 +567,9 @@ def beam_search(
         tables = constraint.tables(max_new_tokens)
         cstate = constraint.initial_state(np.repeat(np.arange(b), n), batch=b)
         extra = (tables, cstate)
-    (top_lp, top_tok), cache, valid, pos = prefill(params, rep(images), text, mask_input, *extra)
+    (top_lp, top_tok), cache, valid, pos = prefill(
+        params, rep(images), text, mask_input, mask, *extra
+    )
 
     seqs = np.zeros((b, n, max_new_tokens), np.int32)
     seq_lp = np.zeros((b, n, max_new_tokens), np.float32)
@@ -444,8 +580,8 @@ def beam_search(
     best_score = np.full((b,), -np.inf)
 
     for i in range(max_new_tokens):
-        lp = np.asarray(top_lp, np.float64).reshape(b, n, 2 * n)
-        tok = np.asarray(top_tok).reshape(b, n, 2 * n)
+        lp = np.asarray(top_lp, np.float64).reshape(b, n, width)
+        tok = np.asarray(top_tok).reshape(b, n, width)
         cand = (live[:, :, None] + lp).reshape(b, -1)
         order = np.argsort(-cand, axis=1, kind="stable")
         new_live = np.full((b, n), -np.inf)
@@ -457,7 +593,7 @@ def beam_search(
             for rank, c in enumerate(order[r]):
                 if k == n or not np.isfinite(cand[r, c]):
                     break
-                j, w = divmod(int(c), 2 * n)
+                j, w = divmod(int(c), width)
                 if tok[r, j, w] != EOS_ID:  # stays live
                     new_live[r, k], parent[r, k] = cand[r, c], j
                     new_tok[r, k], new_lp[r, k] = tok[r, j, w], lp[r, j, w]
@@ -475,7 +611,7 @@ def beam_search(
         parents = (np.arange(b)[:, None] * n + parent).reshape(-1)
         (top_lp, top_tok), cache, valid, pos, cstate = step(
             params, jnp.asarray(new_tok.reshape(-1)), cache, valid, pos,
-            jnp.int32(n_img + tt + i), jnp.asarray(parents, jnp.int32),
+            jnp.int32(n_img + tt + i), jnp.asarray(parents, jnp.int32), mask,
             *(extra and (tables, cstate, jnp.int32(i + 1))),
         )  # fmt: skip
         extra = extra and (tables, cstate)

@@ -25,12 +25,16 @@ This module is deliberately light (no JAX): masks are filled in by
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from .errors import ArgumentError, ArgumentTypeError, _short, check_int
 
 NUM_LOC_BINS = 1024  # <loc0000> ... <loc1023>
 NUM_SEG_CODES = 128  # <seg000> ... <seg127>
@@ -102,6 +106,7 @@ _OBJECT_RE = re.compile(
     re.DOTALL,
 )
 _SEG_RE = re.compile(r"<seg(\d{3})>")
+_LOC_RUN_RE = re.compile(r"(?:<loc\d{4}>\s*)+")  # consecutive loc tokens
 _TAG_RE = re.compile(r"<[^<>]*>")  # <eos>, <unk>, stray <segNNN>, ...
 _PAD_RE = re.compile(r"<pad>|<bos>")
 
@@ -115,7 +120,7 @@ def parse_detections(
     max_objects: int = 100,
     inverted: str = "swap",
 ) -> list[Detection]:
-    """Parse model output text into a list of Detection; never raises on any text.
+    """Parse model output text into a list of Detection; never raises on any string.
 
     Args:
       text: decoded suffix, e.g. ``"<loc0102><loc0250><loc0870><loc0990> cat ; ..."``.
@@ -129,8 +134,10 @@ def parse_detections(
     Rules, in order:
       - Text after the first ``<eos>`` is padding and ignored; ``<pad>`` and
         ``<bos>`` are removed.
-      - An object needs 4 consecutive ``<locNNNN>`` (whitespace between them is
-        allowed); fewer (a truncated output) are skipped with their label.
+      - An object is a run of exactly 4 consecutive ``<locNNNN>`` (whitespace
+        between them is allowed). A run of any other length, fewer (a truncated
+        output) or more (``<loc>`` x 5: which four are the box?), is malformed
+        and skipped with its label, so 3 and 5 are treated alike.
       - A bin above 1023 is not a PaliGemma token: that object is dropped.
       - Seg codes are kept only if at least 16 ``<segNNN>`` follow the loc
         tokens, and the first 16 are all in [0, 127]; otherwise the box is kept
@@ -140,13 +147,9 @@ def parse_detections(
       - Zero-area boxes (ymin == ymax) are kept; identical objects (label, bins,
         codes) are kept once, in order of first appearance.
     """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be positive, got {width}x{height}")
-    if inverted not in ("swap", "drop"):
-        raise ValueError(f'inverted must be "swap" or "drop", got {inverted!r}')
-    if not isinstance(text, str) or max_objects <= 0:
-        return []
+    _check_parse_args(text, width, height, scale, max_objects, inverted)
     text = _PAD_RE.sub("", text.split("<eos>", 1)[0])
+    text = _LOC_RUN_RE.sub(_keep_runs_of_four, text)
     found: dict[tuple, Detection] = {}
     for match in _OBJECT_RE.finditer(text):
         det = _to_detection(match, width, height, scale, inverted)
@@ -155,6 +158,35 @@ def parse_detections(
             if len(found) >= max_objects:
                 break
     return list(found.values())
+
+
+def _check_parse_args(text, width, height, scale, max_objects, inverted) -> None:
+    where = "parse_detections"
+    if not isinstance(text, str):
+        hint = ": pass its .text" if hasattr(text, "text") else ""
+        raise ArgumentTypeError(
+            f"{where}: text={_short(text)} must be the model's answer as a string, not a "
+            f"{type(text).__name__}{hint}"
+        )
+    for name, value in (("width", width), ("height", height), ("scale", scale)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ArgumentTypeError(
+                f"{where}: {name}={_short(value)} must be a positive number (pixels), not a "
+                f"{type(value).__name__}"
+            )
+        if not (math.isfinite(value) and value > 0):
+            raise ArgumentError(
+                f"{where}: {name}={value!r} must be positive and finite; width and height are "
+                "the image size in pixels, e.g. parse_detections(text, *image.size)"
+            )
+    check_int(max_objects, "max_objects", where, low=1)
+    if inverted not in ("swap", "drop"):
+        raise ArgumentError(f'{where}: inverted={inverted!r}: use "swap" or "drop"')
+
+
+def _keep_runs_of_four(run: re.Match) -> str:
+    """A run of 4 loc tokens is an object; any other run is cut off from its label."""
+    return run.group(0) if run.group(0).count("<loc") == 4 else " ; "
 
 
 def _to_detection(match, width, height, scale, inverted) -> Detection | None:

@@ -28,12 +28,13 @@ import os
 from pathlib import Path
 
 from .configs import CheckpointInfo, checkpoint_info
+from .errors import PaliKitError
 
 KAGGLE_INPUT = Path("/kaggle/input")  # where Kaggle notebooks mount attached models
 KAGGLE_SETTINGS = "https://www.kaggle.com/settings"  # "Create New Token" lives here
 
 
-class KaggleAuthError(RuntimeError):
+class KaggleAuthError(PaliKitError, RuntimeError):
     """No usable Kaggle credentials, or the licence was not accepted; the message says what to do."""
 
 

@@ -18,8 +18,19 @@ Pixel values read from each input kind:
   uint8 arrays, 8-bit images           0..255
   uint16 arrays, 16-bit images (I;16)  0..65535 (scaled by 255/65535, precision kept)
   other integer and bool arrays        0..255 (bool: False 0, True 255)
-  float arrays, float ("F") images     0..1 (anything outside is an error: it usually
-                                       means the image is already normalised)
+  float arrays, float ("F") images     the float rule below
+
+The float rule, one for the whole kit (``pk.preprocess``, ``Model.preprocess`` and
+every Model call that takes images, the prompt panel, ``viz``; see ``float_range``):
+a float array (float16/32/64, bfloat16; numpy or JAX) must be finite with values in
+[-1, 1]. If any value is negative it is on the model's scale [-1, 1] (what
+``pk.preprocess`` returns, so its output can be passed back in anywhere); otherwise
+it is an image in [0, 1] (matplotlib's, PIL's and scikit-image's convention).
+Values below -1 or above 1 (e.g. floats on the 0..255 scale), NaN and infinity are
+an ``ImageError``. A batch array [B, H, W, C] is judged as a whole. The rule's one
+blind spot: a [-1, 1] array with no negative value at all (every channel of every
+pixel at least mid-grey) reads as [0, 1], i.e. darker; pass such images as uint8
+(``pk.images.to_uint8(x)``) or as their file.
 Arrays are [H, W] or [H, W, C] with C = 1 (gray), 2 (gray + alpha), 3 (RGB) or
 4 (RGBA). CMYK, palette and other PIL modes go through ``PIL.Image.convert("RGB")``
 (no colour management).
@@ -43,8 +54,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError  # an ArgumentError, so a ValueError
+
 __all__ = [
     "ImageError",
+    "float_range",
     "preprocess",
     "load_image",
     "resize",
@@ -54,10 +68,6 @@ __all__ = [
 ]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class ImageError(ValueError):
-    """An input that pali_kit cannot read as an image; the message says what to do."""
 
 
 # --------------------------------------------------------------------------- resize
@@ -171,6 +181,8 @@ def _decode(raw: bytes, what: str) -> Image.Image:
         raise ImageError(f"{what} is empty (0 bytes): nothing to decode")
     try:
         image = Image.open(io.BytesIO(raw))
+    except Image.DecompressionBombError as error:
+        raise ImageError(_bomb_message(what, error)) from error
     except UnidentifiedImageError as error:
         raise ImageError(
             f"{what} ({len(raw)} bytes) is not in an image format PIL knows "
@@ -184,10 +196,22 @@ def _decode(raw: bytes, what: str) -> Image.Image:
     return _upright(_load(image, what))
 
 
+def _bomb_message(what: str, error: Exception) -> str:
+    limit = Image.MAX_IMAGE_PIXELS
+    return (
+        f"{what} is too large to decode safely: {error} PIL refuses images above "
+        f"2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * limit:,} pixels as a possible decompression "
+        "bomb. The model sees it at 224-896 px anyway: downscale it first, or, if you trust "
+        "the file, raise PIL.Image.MAX_IMAGE_PIXELS."
+    )
+
+
 def _load(image: Image.Image, what: str) -> Image.Image:
     """Decode every pixel now: PIL reads lazily, so a truncated file would fail later."""
     try:
         image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageError(_bomb_message(what, error)) from error
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, ... per format
         raise ImageError(
             f"could not decode {what}: {error} ({type(error).__name__}). The file is "
@@ -254,10 +278,46 @@ def _scale_to_255(array: np.ndarray) -> np.ndarray:
     if np.issubdtype(dtype, np.integer):
         _check_range(array, 0, 255, f"{dtype} pixels", "convert them to uint8 or uint16")
         return array.astype(np.float32)
-    if np.issubdtype(dtype, np.floating):
-        _check_range(array, 0.0, 1.0, "float pixels", "divide [0, 255] floats by 255")
-        return array.astype(np.float32) * 255
-    raise ImageError(f"unsupported image dtype {dtype}: use uint8, uint16 or float in [0, 1]")
+    if is_float(dtype):
+        low, _ = float_range(array)
+        x = array.astype(np.float32)
+        return (x + 1) * np.float32(127.5) if low < 0 else x * np.float32(255)
+    raise ImageError(
+        f"unsupported image dtype {dtype}: use uint8, uint16, or floats in [0, 1] or [-1, 1]"
+    )
+
+
+def is_float(dtype) -> bool:
+    """numpy floats and ml_dtypes' bfloat16 (which numpy does not count as floating)."""
+    dtype = np.dtype(dtype)
+    return np.issubdtype(dtype, np.floating) or dtype.name == "bfloat16"
+
+
+def float_range(array, what: str = "float pixels") -> tuple[float, float]:
+    """The kit's one rule for float image arrays: (-1.0, 1.0) or (0.0, 1.0), else ImageError.
+
+    Values must be finite and in [-1, 1]; any negative value means the model's
+    scale [-1, 1] (pk.preprocess's output), otherwise an image in [0, 1]. Used
+    by preprocess (so by every Model call taking images), the panel and viz.
+    """
+    x = np.asarray(array)
+    if x.size == 0:
+        return (0.0, 1.0)
+    x = x.astype(np.float32) if x.dtype.name == "bfloat16" else x
+    if not np.isfinite(x).all():
+        raise ImageError(f"{what} contain NaN or infinity: every value must be finite")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1 or hi > 1:
+        fix = (
+            "floats on the 0..255 scale: divide by 255, or pass uint8 (np.uint8(np.round(x)))"
+            if hi > 1 and lo >= 0
+            else "rescale them to [0, 1], or pass uint8"
+        )
+        raise ImageError(
+            f"{what} must lie in [0, 1] (an image) or [-1, 1] (the model's input, as "
+            f"pk.preprocess returns), got values in [{lo:g}, {hi:g}]: {fix}"
+        )
+    return (-1.0, 1.0) if lo < 0 else (0.0, 1.0)
 
 
 def _check_range(array: np.ndarray, low, high, what: str, fix: str = "") -> None:
@@ -315,6 +375,8 @@ def _preprocess_array_batch(images: np.ndarray, size: tuple[int, int]) -> np.nda
             f"a batch array must be [B, H, W, C] or [B, F, H, W, C] with C in 1-4 and no "
             f"empty axis, got shape {images.shape}"
         )
+    if is_float(images.dtype) and float_range(images, "float pixels of the batch")[0] < 0:
+        images = (images.astype(np.float32) + 1) * np.float32(0.5)  # judged as a whole
     frames = images.reshape(-1, *images.shape[-3:])  # one at a time: big videos fit in memory
     resized = np.stack([_preprocess_one(frame, size) for frame in frames])
     return resized.reshape(*images.shape[:-3], *size, 3)

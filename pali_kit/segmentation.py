@@ -33,6 +33,7 @@ import numpy as np
 import PIL.Image
 
 from pali_kit.detection import Detection, parse_detections
+from pali_kit.errors import ArgumentError, ArgumentTypeError, _short
 
 MASK_SIZE = 64
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 convs even on TPU/GPU (no bf16/tf32 passes)
@@ -277,16 +278,43 @@ def nearest_codes(codebook: jax.Array, features: jax.Array) -> jax.Array:
 def reconstruct_masks(vae: MaskVAE, indices) -> np.ndarray:
     """int [B, 16] (or [16]) codes -> float32 [B, 64, 64] (or [64, 64]) masks, about [-1, 1].
 
-    Raises ValueError for codes outside [0, K) or a wrong shape.
+    vae: from ``load_vae``; indices: integers (a list, tuple or int array; a
+    Detection's ``seg_codes``). Raises the kit's ArgumentTypeError for a wrong
+    type (e.g. floats, or the arguments swapped) and ArgumentError for codes
+    outside [0, K) or a shape other than [16] / [B, 16].
     """
-    indices = np.asarray(indices)
+    where = "reconstruct_masks"
+    if not isinstance(vae, MaskVAE):
+        raise ArgumentTypeError(
+            f"{where}: vae={_short(vae)} must be a MaskVAE from pk.load_vae('demo') or "
+            "pk.load_vae('vae-oid.npz'); the call is reconstruct_masks(vae, codes)"
+        )
+    if indices is None:
+        raise ArgumentTypeError(
+            f"{where}: indices=None: pass 16 codes, e.g. a detection's seg_codes"
+        )
+    try:
+        indices = np.asarray(indices)
+    except Exception:
+        indices = np.asarray(None, object)
+    if indices.dtype == np.bool_ or not np.issubdtype(indices.dtype, np.integer):
+        if indices.size == 0 and indices.dtype == np.float64:  # [] or np.zeros((0, 16))
+            indices = indices.astype(np.int32)
+        else:
+            raise ArgumentTypeError(
+                f"{where}: indices={_short(indices)} must be integer codes (int [16] or "
+                f"[B, 16]), got dtype {indices.dtype}"
+            )
     single = indices.ndim == 1
     indices = indices[None] if single else indices
     if indices.ndim != 2 or indices.shape[1] != 16:
-        raise ValueError(f"expected codes of shape [B, 16], got {indices.shape}")
+        raise ArgumentError(
+            f"{where}: indices has shape {indices.shape if not single else indices.shape[1:]}, "
+            "expected [16] or [B, 16] (16 <seg> codes per mask)"
+        )
     if indices.size and (indices.min() < 0 or indices.max() >= vae.num_codes):
-        raise ValueError(
-            f"codes must be in [0, {vae.num_codes}), got {indices.min()}..{indices.max()}"
+        raise ArgumentError(
+            f"{where}: codes must be in [0, {vae.num_codes}), got {indices.min()}..{indices.max()}"
         )
     if len(indices) == 0:
         return np.zeros((0, MASK_SIZE, MASK_SIZE), np.float32)
@@ -297,12 +325,17 @@ def reconstruct_masks(vae: MaskVAE, indices) -> np.ndarray:
 def encode_masks(vae: MaskVAE, masks64) -> np.ndarray:
     """float [B, 64, 64] (or [64, 64]) masks in [0, 1] -> int32 [B, 16] (or [16]) codes."""
     if not vae.has_encoder:
-        raise ValueError(f"{vae.source}: this VAE file has no encoder.* weights")
+        raise ArgumentError(
+            f"encode_masks: {vae.source}: this VAE file has no encoder.* weights (decoding only)"
+        )
     masks64 = np.asarray(masks64, np.float32)
     single = masks64.ndim == 2
     masks64 = masks64[None] if single else masks64
     if masks64.shape[1:] != (MASK_SIZE, MASK_SIZE):
-        raise ValueError(f"expected masks of shape [B, 64, 64], got {masks64.shape}")
+        raise ArgumentError(
+            f"encode_masks: masks have shape {masks64.shape}, expected [64, 64] or [B, 64, 64]: "
+            "crop and resize with crop_and_resize(mask, box) first"
+        )
     features = encode_features(vae.params, jnp.asarray(masks64))
     codes = np.asarray(nearest_codes(vae.params["codebook"], features))
     return codes[0] if single else codes
@@ -320,7 +353,7 @@ def crop_and_resize(mask, box: Sequence[float]) -> np.ndarray:
     h, w = mask.shape
     x0, y0, x1, y1 = _pixel_box(box, w, h)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"box {tuple(box)} is empty inside a {w}x{h} mask")
+        raise ArgumentError(f"crop_and_resize: box={tuple(box)} is empty inside a {w}x{h} mask")
     crop = jnp.asarray(mask[y0:y1, x0:x1], jnp.float32) / scale
     resized = jax.image.resize(crop, (MASK_SIZE, MASK_SIZE), "bilinear", antialias=True)
     return np.asarray(resized)

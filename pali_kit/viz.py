@@ -6,9 +6,10 @@
     viz.draw_caption(image, "a red circle")           # -> PIL.Image with the text below
     viz.show([image, model_input], titles=["original", "[-1, 1] input"])  # -> matplotlib Figure
 
-Images may be PIL images, uint8 arrays [H, W(, C)] or float arrays in [-1, 1]
-(the model's input range; ``value_range`` says otherwise), with or without a
-leading batch axis of 1. Every label gets the same colour in every call and
+Images may be PIL images, uint8 arrays [H, W(, C)] or float arrays read by the
+kit's one float rule (``pali_kit.images.float_range``: [-1, 1], the model's input,
+if any value is negative, else [0, 1]; ``value_range`` says otherwise), with or
+without a leading batch axis of 1. Every label gets the same colour in every call and
 every process (a CRC32 of the label picks from a fixed palette). Figures are
 built on matplotlib's Agg canvas without pyplot, so nothing needs a display;
 Jupyter shows a returned Figure inline.
@@ -25,6 +26,9 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
+from .errors import ArgumentError, ArgumentTypeError, ImageError, _short
+from .images import float_range, is_float
+
 # A qualitative palette (Tableau 10 followed by its light variants): 20 colours.
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -37,13 +41,13 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
 # ----------------------------------------------------------------------------- images in
 
 
-def to_pil(image: Any, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> PIL.Image.Image:
+def to_pil(image: Any, *, value_range: tuple[float, float] | None = None) -> PIL.Image.Image:
     """Any image -> RGB PIL image.
 
     Args:
       image: PIL image; uint8 array [H, W], [H, W, 1|3|4]; a float array in
-        ``value_range`` (default [-1, 1], the model input); a leading batch axis
-        of size 1 is dropped. JAX arrays work too.
+        ``value_range`` (default: the kit's float rule, [-1, 1] or [0, 1]); a
+        leading batch axis of size 1 is dropped. JAX arrays work too.
       value_range: the (low, high) of float inputs, mapped to 0..255.
     """
     if isinstance(image, PIL.Image.Image):
@@ -51,7 +55,7 @@ def to_pil(image: Any, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> PIL
     return PIL.Image.fromarray(to_uint8(image, value_range=value_range)).convert("RGB")
 
 
-def to_uint8(image: Any, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+def to_uint8(image: Any, *, value_range: tuple[float, float] | None = None) -> np.ndarray:
     """Array image -> uint8 [H, W] or [H, W, C]; floats are mapped from ``value_range``."""
     x = np.asarray(image)
     while x.ndim > 3 and x.shape[0] == 1:
@@ -59,12 +63,17 @@ def to_uint8(image: Any, *, value_range: tuple[float, float] = (-1.0, 1.0)) -> n
     if x.ndim == 3 and x.shape[-1] == 1:
         x = x[..., 0]
     if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] not in (3, 4)):
-        raise ValueError(f"expected an image [H, W] or [H, W, 3|4], got shape {x.shape}")
+        raise ImageError(
+            f"viz: expected an image [H, W] or [H, W, 3|4] (a PIL image or an array), got "
+            f"{type(image).__name__} of shape {x.shape}"
+        )
     if x.dtype == np.uint8:
         return x
     if x.dtype == bool:
         return x.astype(np.uint8) * 255
-    lo, hi = value_range
+    if not (is_float(x.dtype) or np.issubdtype(x.dtype, np.integer)):
+        raise ImageError(f"viz: unsupported image dtype {x.dtype}: use uint8, bool or floats")
+    lo, hi = value_range or float_range(x, "float image values")
     x = (x.astype(np.float32) - lo) / (hi - lo) * 255.0
     return np.clip(np.round(x), 0, 255).astype(np.uint8)
 
@@ -115,6 +124,7 @@ def draw_detections(
     Returns:
       a new RGB PIL image.
     """
+    _check_detections(detections)
     out = to_pil(image)
     w, h = out.size
     line_width = line_width or max(1, round(min(w, h) / 160))
@@ -136,6 +146,20 @@ def draw_detections(
         if caption:
             _draw_label(draw, caption, (x0, y0), color, font)
     return out
+
+
+def _check_detections(detections) -> None:
+    if isinstance(detections, str) or not isinstance(detections, Sequence):
+        raise ArgumentTypeError(
+            f"draw_detections: detections={_short(detections)} must be a list of objects with "
+            ".label and .box: parse the model's text first, pk.parse_detections(text, *image.size)"
+        )
+    for i, det in enumerate(detections):
+        if not (hasattr(det, "label") and hasattr(det, "box")):
+            raise ArgumentTypeError(
+                f"draw_detections: detections[{i}]={_short(det)} has no .label and .box: "
+                "pass the Detection objects of pk.parse_detections(text, *image.size)"
+            )
 
 
 def _overlay_masks(image: PIL.Image.Image, detections, alpha: float) -> PIL.Image.Image:
@@ -189,8 +213,12 @@ def draw_caption(
     Returns:
       a new RGB PIL image, taller than the input by the text band.
     """
+    if not isinstance(text, str):
+        raise ArgumentTypeError(
+            f"draw_caption: text={_short(text)} must be a string (e.g. generation.text)"
+        )
     if position not in ("below", "above"):
-        raise ValueError(f'position must be "below" or "above", got {position!r}')
+        raise ArgumentError(f'draw_caption: position={position!r}: use "below" or "above"')
     img = to_pil(image)
     w, h = img.size
     font = _font(font_size or max(10, round(w / 24)))
@@ -231,7 +259,7 @@ def image_grid(
     """Tile images into one PIL image, row-major; cells are the largest image's size."""
     pils = [to_pil(im) for im in images]
     if not pils:
-        raise ValueError("image_grid needs at least one image")
+        raise ArgumentError("image_grid: images is empty: pass at least one image")
     cols = cols or min(len(pils), 4)
     rows = -(-len(pils) // cols)
     cw, ch = max(p.width for p in pils), max(p.height for p in pils)
@@ -269,7 +297,9 @@ def show(
         images = [images]
     images = list(images)
     if titles is not None and len(titles) != len(images):
-        raise ValueError(f"got {len(titles)} titles for {len(images)} images")
+        raise ArgumentError(
+            f"show: got {len(titles)} titles for {len(images)} images: give one title per image"
+        )
     cols = max(1, min(cols, len(images)))
     rows = -(-len(images) // cols)
     fig = Figure(figsize=(size * cols, size * rows))

@@ -110,7 +110,7 @@ def test_pk_load_npz_with_overrides(tmp_path, tiny_params):
 
 def test_pk_load_prints_a_summary(tmp_path, tiny_params, capsys):
     pk.load(save_params(tiny_params, tmp_path / "tiny.npz"))
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a status line: on stderr
     assert "params" in out and "float32" in out and "28 px" in out
 
 

@@ -185,8 +185,9 @@ def test_seg_code_above_127_drops_the_codes_only():
     assert det.seg_codes is None and det.label == "cat"
 
 
-def test_non_string_input_gives_nothing():
-    assert parse_detections(None, 224, 224) == []
+def test_non_string_input_is_a_type_error_naming_text():
+    with pytest.raises(TypeError, match="text=None"):
+        parse_detections(None, 224, 224)
 
 
 def test_bad_image_size_raises():

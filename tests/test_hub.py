@@ -290,7 +290,7 @@ def test_pk_load_of_a_registry_name_reads_the_cached_download(tiny_params, tmp_p
 
     put_in_cache(tiny_params, tmp_path / "cache")
     model = pk.load(NAME)
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err  # a status line: on stderr
     assert NAME in out and f"{model.num_params():,}" in out  # the one-line summary
     assert model.config.llm.vocab_size == TINY.llm.vocab_size  # architecture from the file
     assert model.config.llm.post_norms  # Gemma 2, as the file says

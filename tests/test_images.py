@@ -357,8 +357,8 @@ def test_array_of_wrong_shape(shape, message):
     ("array", "message"),
     [
         (np.full((4, 4, 3), 300, np.int32), r"int32 pixels must lie in \[0, 255\].*uint8"),
-        (np.full((4, 4, 3), 2.0), r"float pixels must lie in \[0.0, 1.0\].*divide"),
-        (np.full((4, 4, 3), -0.5), "already normalised"),
+        (np.full((4, 4, 3), 2.0), r"float pixels must lie in \[0, 1\].*\[-1, 1\].*divide"),
+        (np.full((4, 4, 3), -1.5), r"float pixels must lie in \[0, 1\].*\[-1, 1\]"),
         (np.full((4, 4, 3), np.nan), "NaN"),
         (np.zeros((4, 4, 3), np.complex64), "unsupported image dtype complex64"),
     ],

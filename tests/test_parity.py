@@ -358,7 +358,7 @@ def test_pk_load_of_the_folder_decodes_like_transformers_generate(saved, capsys)
 
     name, model, folder = saved
     kit = pk.load(str(folder))
-    assert folder.name in capsys.readouterr().out  # the one-line summary
+    assert folder.name in capsys.readouterr().err  # the one-line status summary
     pixels, text, _ = inputs(seed=1)
     prompt, steps = text[:, :PREFIX], SUFFIX
     allowed = np.ones(V_KIT, bool)
