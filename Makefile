@@ -91,10 +91,10 @@ test-browser: $(VENV)/.installed-browser
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check pali_kit tests bench
-	$(BIN)/python scripts/make_notebooks.py --check
+	$(BIN)/python -m pytest -q tests/test_notebooks.py -k ipynb_is_generated
 
 notebooks: $(VENV)/.installed-test
-	$(BIN)/python scripts/make_notebooks.py
+	$(BIN)/jupytext --update --to ipynb notebooks/0*.py
 	$(BIN)/python -m pytest -q -m notebooks tests/test_notebooks.py
 
 bench: $(VENV)/.installed-test

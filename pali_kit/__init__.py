@@ -41,6 +41,9 @@ _EXPORTS = {
     # text and images
     "Tokenizer": "tokenizer",
     "preprocess": "images",
+    # devices
+    "device_dtype": "devices",
+    "machine": "devices",
     # detection / segmentation
     "parse_detections": "detection",
     "load_vae": "segmentation",
@@ -61,7 +64,7 @@ _EXPORTS = {
 _SUBMODULES = {
     "api", "assets", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
     "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
-    "constrain", "tasks", "errors",
+    "constrain", "tasks", "errors", "devices",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

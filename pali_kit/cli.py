@@ -25,31 +25,51 @@ from pathlib import Path
 
 def _demo(args) -> int:
     import pali_kit as pk
-    from pali_kit import viz
-
+    from pali_kit import data, viz
+    
     model = pk.load("demo")
-    images = [path for name, path in pk.sample_images().items() if name.startswith("shapes_")]
+    truths = data.sample_ground_truth()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    prompts = ["caption en", "answer en how many shapes", "answer en what color is the circle",
-               "detect circle ; square ; triangle"]  # fmt: skip
-    t0 = time.perf_counter()
-    for path in images:
-        print(f"\n{path.name}")
-        results = model.generate(path, prompts, max_new_tokens=48)
+    marks = {True: "right", False: "WRONG", None: "?"}
+    t0, right, graded = time.perf_counter(), 0, 0
+    for name, truth in truths.items():
+        path = pk.asset_dir() / "images" / name
+        where = "in the demo's world" if truth["in_domain"] else "OUT of the demo's world"
+        print(f"\n{name} ({where})")
+        if not truth["in_domain"]:
+            print(f"  {truth['about']}")
+        results = model.generate(path, _demo_prompts(truth), max_new_tokens=48)
         for r in results:
-            print(f"  {r.prompt:<40} -> {r.text!r}")
+            ok = data.grade_answer(r.prompt, r.text, truth)
+            if truth["in_domain"] and ok is not None:
+                right, graded = right + ok, graded + 1
+            print(f"  {r.prompt:<36} -> {r.text!r:<52} {marks[ok]}")
         picture = pk.images.load_image(path)
         h, w = picture.shape[:2]
-        dets = pk.parse_detections(results[-1].text, w, h)
-        drawn = viz.draw_detections(picture, dets)
-        drawn = viz.draw_caption(drawn, results[0].text)
-        target = out / f"{path.stem}_demo.png"
+        dets = [d for r in results if r.prompt.startswith("detect ")
+                for d in pk.parse_detections(r.text, w, h)[:1]]  # fmt: skip
+        drawn = viz.draw_caption(viz.draw_detections(picture, dets), results[0].text)
+        target = out / f"{Path(name).stem}_demo.png"
         drawn.save(target)
-        print(f"  {len(dets)} objects drawn -> {target}")
-    print(f"\n{len(images)} images x {len(prompts)} prompts in {time.perf_counter() - t0:.1f} s")
+        print(f"  {len(dets)} boxes drawn -> {target}")
+    print(f"\nin-domain images: {right} of {graded} answers right; "
+          f"{len(truths)} images in {time.perf_counter() - t0:.1f} s")  # fmt: skip
     _demo_world(model, out)
     return 0
+
+
+def _demo_prompts(truth) -> list[str]:
+    """Caption, count, and for each object its colour and its box (one label per prompt)."""
+    from pali_kit import tokenizer as ptok
+
+    labels = [o["label"] for o in truth["objects"]]
+    return [
+        ptok.caption("en"),
+        ptok.answer("how many shapes"),
+        *(ptok.answer(f"what color is the {label}") for label in labels),
+        *(ptok.detect(label) for label in labels),
+    ]
 
 
 def _demo_world(model, out: Path, n: int = 50) -> None:

@@ -72,6 +72,10 @@ __all__ = [
     "SHAPES",
     "COLOURS",
     "SHAPE_TASKS",
+    "quadrant",
+    "clear_quadrant",
+    "sample_ground_truth",
+    "grade_answer",
     "collate",
     "Batcher",
     "batches",
@@ -609,7 +613,10 @@ COLOURS = {
     "blue": (40, 80, 220),
     "yellow": (240, 205, 40),
 }
-SHAPE_TASKS = ("caption", "count", "color", "detect", "detect_all", "segment")
+SHAPE_TASKS = ("caption", "count", "color", "detect", "detect_all", "segment", "where")
+WHERE_MARGIN = (
+    1 / 16
+)  # "where" asks about objects whose centre is this far (x size) from the middle
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -730,8 +737,11 @@ def shape_task(
       detect       detect circle                    <loc..>x4 circle
       detect_all   detect square ; circle           <loc..>x4 square ; <loc..>x4 circle
       segment      segment circle                   <loc..>x4<seg..>x16 circle
+      where        answer en where is the circle    top left
 
-    ``rng`` picks the object asked about (and the order for ``detect_all``;
+    ``where`` is not in the demo model's training mix (chapter 3 teaches it):
+    the quadrant of the object's box centre, asked about an object that is
+    clearly in one (``clear_quadrant``) when the scene has one. ``rng`` picks the object asked about (and the order for ``detect_all``;
     answers follow the prompt's order). ``codes(shape) -> 16 ints`` is needed
     for ``segment``.
     """
@@ -754,11 +764,28 @@ def shape_task(
             raise ValueError("the 'segment' task needs seg codes: pass a VAE")
         suffix = detections_to_text([(obj.label, obj.box, codes(obj))], size, size)
         return ptok.segment(obj.label), suffix, (obj,)
+    if task == "where":
+        clear = [o for o in objects if clear_quadrant(o.box, size)] or list(objects)
+        obj = clear[int(rng.integers(len(clear)))]
+        return ptok.answer(f"where is the {obj.label}"), quadrant(obj.box, size), (obj,)
     if task == "detect_all":
         chosen = tuple(objects[k] for k in rng.permutation(len(objects)))
         suffix = detections_to_text([(o.label, o.box) for o in chosen], size, size)
         return ptok.detect(*[o.label for o in chosen]), suffix, chosen
     raise ValueError(f"unknown task {task!r}: use one of {SHAPE_TASKS}")
+
+
+def quadrant(box, size: int) -> str:
+    """``"top left"``, ``"top right"``, ``"bottom left"`` or ``"bottom right"``: where the
+    centre of ``box`` (x0, y0, x1, y1 pixels) lies in a ``size`` x ``size`` image."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return ("top" if cy < size / 2 else "bottom") + " " + ("left" if cx < size / 2 else "right")
+
+
+def clear_quadrant(box, size: int, margin: float = WHERE_MARGIN) -> bool:
+    """The centre of ``box`` is at least ``margin * size`` pixels from both middle lines."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return min(abs(cx - size / 2), abs(cy - size / 2)) >= margin * size
 
 
 class ShapesDataset(Dataset):
@@ -892,6 +919,55 @@ def _shape_hit(task: str, text: str, ex: Example, size: int, vae) -> bool:
     return (
         det.binary_mask is not None and float(metrics.mask_iou(det.binary_mask, want.mask)) >= 0.5
     )
+
+
+def sample_ground_truth(folder=None) -> dict[str, dict]:
+    """The ground truth of the sample images: ``{file name: truth}``.
+
+    Read from ``data/images/ground_truth.json`` (written by
+    ``scripts/make_sample_images.py``), or from ``folder``. A truth holds
+    ``in_domain`` (bool: drawn from the demo model's world), ``size``
+    [width, height], ``caption`` (str, or None), ``count`` and ``objects``
+    (``label``, ``colour``, ``box`` [x0, y0, x1, y1] in pixels, x1/y1 exclusive).
+    """
+    folder = Path(folder) if folder is not None else ptok.data_dir() / "images"
+    return json.loads((folder / "ground_truth.json").read_text("utf-8"))
+
+
+def grade_answer(prompt: str, text: str, truth: Mapping) -> bool | None:
+    """Is ``text`` the right answer to ``prompt`` about an image with ground truth ``truth``?
+
+    Prompts: ``caption en`` (exact caption), ``answer en how many shapes``
+    (exact count), ``answer en what color is the <label>`` (exact colour),
+    ``detect <label> [; <label> ...]`` (every asked label that is in the image
+    has its first box of that label at IoU >= 0.5 with the true box, the rule
+    of ``score_shapes``). Returns None when the truth cannot say (another
+    prompt, or no caption known).
+    """
+    answer = text.strip()
+    objects = {o["label"]: o for o in truth["objects"]}
+    if prompt == ptok.caption("en"):
+        return None if truth.get("caption") is None else answer == truth["caption"]
+    if prompt == ptok.answer("how many shapes"):
+        return answer == str(truth["count"])
+    colour_question = ptok.answer("what color is the x")[:-1]  # the prompt up to the label
+    if prompt.startswith(colour_question):
+        label = prompt[len(colour_question) :]
+        return answer == objects[label]["colour"] if label in objects else None
+    if prompt.startswith("detect "):
+        width, height = truth["size"]
+        found = parse_detections(answer, width, height)
+        asked = [label.strip() for label in prompt[len("detect ") :].split(";")]
+        present = [label for label in asked if label in objects]
+        if not present:
+            return None
+        for label in present:
+            boxes = [d.box for d in found if d.label == label]
+            true_box = np.array(objects[label]["box"], np.float64)
+            if not boxes or float(metrics.box_iou(np.array(boxes[0]), true_box)) < 0.5:
+                return False
+        return True
+    return None
 
 
 # ============================================================================ batches

@@ -366,7 +366,7 @@ def test_segment_without_a_vae_says_how_to_get_masks(demo_tokenizer):
 def test_default_images_are_the_kits_samples(echo):
     panel = PromptPanel(echo)
     assert "shapes_0.png" in panel.image_picker.options
-    assert panel.image.shape == (240, 320, 3)
+    assert panel.image.shape == (256, 256, 3)  # data/images/shapes_0.png
 
 
 def widget_views(published: list[dict]) -> int:
