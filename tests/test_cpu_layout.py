@@ -54,7 +54,10 @@ def test_accelerator_programs_have_no_optimization_barrier(tiny, platform, dtype
     p = _shapes(jax.tree.map(lambda a: a.astype(dtype), params))
     image, text = _spec((1, 28, 28, 3), jnp.float32), _spec((1, 8), jnp.int32)
     programs = {
-        "forward": (lambda p, i, t, m: module.apply({"params": p}, i, t, m), (p, image, text, text)),
+        "forward": (
+            lambda p, i, t, m: module.apply({"params": p}, i, t, m),
+            (p, image, text, text),
+        ),
         "prefill": (
             lambda p, i, t, m: module.apply({"params": p}, i, t, m, 64, method=PaliGemma.prefill),
             (p, image, text, _spec((1, 8), bool)),
@@ -105,7 +108,7 @@ def test_cpu_layout_decodes_like_the_official_tree(tiny):
     text = rng.integers(2, 2000, (2, 5)).astype(np.int32)
     mask = np.ones(text.shape, bool)
     for dtype in ("float32", "bfloat16"):
-        p = jax.tree.map(lambda a: a.astype(dtype), params)
+        p = jax.tree.map(lambda a, dt=dtype: a.astype(dt), params)
         a = decode.generate_tokens(config, p, image, text, mask, max_new_tokens=6)
         b = decode.generate_tokens(config, inference_params(p), image, text, mask, max_new_tokens=6)
         np.testing.assert_array_equal(a[0], b[0])
@@ -120,9 +123,7 @@ def test_layer_views_share_the_stacked_memory(ref):
     head = run["llm"]["layers"]["attn"]["q_einsum"]["w"][1].groups[0][0]  # layer 1, head 0
     offset = stacked_q[0].size * stacked_q.dtype.itemsize
     assert head.unsafe_buffer_pointer() == stacked_q.unsafe_buffer_pointer() + offset
-    assert len(run["llm"]["layers"]["pre_ffw_norm"]["scale"]) == (
-        model.config.llm.depth
-    )
+    assert len(run["llm"]["layers"]["pre_ffw_norm"]["scale"]) == (model.config.llm.depth)
 
 
 @pytest.mark.parametrize("rows", [1, 3])
@@ -144,3 +145,41 @@ def test_out_in_blocks_multiply_like_the_plain_matrix(rows, dtype):
     np.testing.assert_allclose(
         np.asarray(got), np.asarray(want), rtol=0, atol=1e-4 * np.abs(want).max()
     )
+
+
+def test_loaded_bf16_model_keeps_one_copy_and_still_gives_the_official_tree(tmp_path):
+    config = tiny_config(llm_mlp_dim=BLOCK + 64)  # the down-projection needs 2 blocks
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
+    path = pk.save(pk.Model(params, config), tmp_path / "m.npz")
+    model = pk.load(path, verbose=False)
+    stacked = model._params["llm"]["layers"]["mlp"]["linear"]  # (model.params: see below)
+    start, end = stacked.unsafe_buffer_pointer(), stacked.unsafe_buffer_pointer() + stacked.nbytes
+    run = model.run_params
+    # the (out, in) blocks live in the official array's memory: nothing was added
+    blocks = [b for m in run["llm"]["layers"]["mlp"]["linear"] for b in m.groups[0]]
+    assert len(blocks) == 2 * config.llm.depth
+    assert all(start <= b.unsafe_buffer_pointer() < end for b in blocks)
+    del stacked
+    # the official tree is rebuilt on request, bit for bit
+    rebuilt = model.params
+    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    assert model.num_params() == pk.model.count_params(params)
+    # and the in-place layout computes what a copied layout computes
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32)
+    text, mask = np.array([[5, 6, 7]], np.int32), np.ones((1, 3), bool)
+    a = model.generate_tokens(image, text, mask, max_new_tokens=4)
+    b = pk.Model(params, config).generate_tokens(image, text, mask, max_new_tokens=4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])  # the same program on the same values
+
+
+def test_taking_the_params_before_inference_keeps_them_intact(tmp_path):
+    config = tiny_config()
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
+    model = pk.load(pk.save(pk.Model(params, config), tmp_path / "m.npz"), verbose=False)
+    held = model.params  # e.g. handed to a Trainer before a first generate
+    model.run_params
+    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))

@@ -165,7 +165,7 @@ def test_train_step_with_frozen_float16_weights_is_finite(large):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_product_with_half_weights_is_exact_up_to_input_rounding(dtype):
     rng = np.random.default_rng(1)
-    x = (rng.standard_normal((3, 5, 64)) * np.array([1e-3, 1.0, 1e6])[:, None, None])
+    x = rng.standard_normal((3, 5, 64)) * np.array([1e-3, 1.0, 1e6])[:, None, None]
     w = jnp.asarray(rng.standard_normal((64, 16)), dtype)
     got = np.asarray(jax.jit(common.mm, static_argnums=0)("btd,df->btf", x, w))
     exact = np.einsum("btd,df->btf", x, np.asarray(w, np.float64))
