@@ -96,12 +96,23 @@ class Matrix:
             raise ValueError(f"{eq}: the contracted axes must be the input's last axes")
         lead = x.shape[: x.ndim - len(c_labels)]
         k = math.prod(x.shape[len(lead) :])
-        # The barrier gives each product its own copy of the input as far as XLA
-        # can tell; otherwise the dot merger concatenates weights sharing it.
-        x2 = jax.lax.optimization_barrier(x.reshape(-1, k))
-        ys = [self._product(x2, group, compute_dtype) for group in self.groups]
+        x2, scale = x.reshape(-1, k), None
+        if compute_dtype is None and narrow_range(self.dtype):
+            # float16: scale each row once for all groups and blocks (see common.py),
+            # then the products cast without scaling again.
+            x2, scale = scale_rows(x2.astype(jnp.float32), (1,))
+            compute_dtype = jnp.dtype(self.dtype).name
+        # A barrier per group gives each product its own copy of the input as far
+        # as XLA can tell; otherwise the dot merger concatenates the weights that
+        # share it (heads, gate and up) on every call.
+        ys = [
+            self._product(jax.lax.optimization_barrier(x2), group, compute_dtype)
+            for group in self.groups
+        ]
+        y = jnp.stack(ys) if len(ys) > 1 else ys[0]  # [G, M, F] or [M, F]
+        y = y if scale is None else y * scale
         fshape = self.fshape or self.groups[0][0].shape[len(c_labels) :]
-        y = (jnp.stack(ys) if len(ys) > 1 else ys[0]).reshape(*self.gshape, *lead, *fshape)
+        y = y.reshape(*self.gshape, *lead, *fshape)
         src = g_labels + xl[: len(lead)] + f_labels
         return y if src == ol else jnp.einsum(f"{src}->{ol}", y)
 
