@@ -200,7 +200,11 @@ def main():
         hf_folder = source.with_suffix(".hf")
         if not hf_folder.exists():
             print(f"exporting {hf_folder} for transformers ...", flush=True)
-            pk.export_hf(pk.load(source, verbose=False), hf_folder)
+            # in a child process: this one should not hold the weights during the runs
+            code = "import pali_kit as pk; pk.export_hf(pk.load({!r}, verbose=False), {!r})"
+            subprocess.run(
+                [sys.executable, "-c", code.format(str(source), str(hf_folder))], check=True
+            )
 
     rows = []
     for dtype in args.dtypes.split(","):
