@@ -180,6 +180,6 @@ def test_taking_the_params_before_inference_keeps_them_intact(tmp_path):
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
     model = pk.load(pk.save(pk.Model(params, config), tmp_path / "m.npz"), verbose=False)
     held = model.params  # e.g. handed to a Trainer before a first generate
-    model.run_params
+    assert model.run_params is not None and not model._run_replaced  # the layout copied
     for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
