@@ -26,7 +26,7 @@ from pathlib import Path
 def _demo(args) -> int:
     import pali_kit as pk
     from pali_kit import data, viz
-    
+
     model = pk.load("demo")
     truths = data.sample_ground_truth()
     out = Path(args.out)
