@@ -43,7 +43,7 @@ pytestmark = pytest.mark.browser
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path(os.environ.get("PALI_KIT_CHROMIUM", "/usr/bin/chromium"))
 OUT = Path(os.environ.get("PALI_KIT_BROWSER_OUT", ROOT / "out" / "browser"))
-SAMPLE = "shapes_0.png"  # 320x240, see data/images/README.md
+SAMPLE = "shapes_0.png"  # a scene of the demo's world, see data/images/README.md
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -308,6 +308,12 @@ def assert_streamed(page, answer: str, name: str) -> None:
     assert all(b.startswith(a) for a, b in zip(values, values[1:])), values
 
 
+def sample_size() -> tuple[int, int]:
+    """(width, height) of the sample image the test picks, as the panel reads it."""
+    height, width = load_image(ROOT / "data" / "images" / SAMPLE).shape[:2]
+    return width, height
+
+
 def shown_objects(page, answer: str) -> tuple[list, list[str]]:
     """The objects the panel's table lists: (the answer's parsed objects in the table's
     order, each row's box caption "label score"). Every row must be an object of the
@@ -315,7 +321,8 @@ def shown_objects(page, answer: str) -> tuple[list, list[str]]:
     rows = page.locator(".pk-objects tr").all()[1:]
     cells = [[c.inner_text().strip() for c in row.locator("td").all()] for row in rows]
     parsed = {}  # (label, box as the table writes it) -> the answer's object
-    for d in reversed(parse_detections(answer, 320, 240)):
+    width, height = sample_size()
+    for d in reversed(parse_detections(answer, width, height)):
         parsed[d.label, "(" + ", ".join(f"{v:.0f}" for v in d.box) + ")"] = d
     objects, captions = [], []
     for label, score, box, _mask in cells:
@@ -359,7 +366,7 @@ def test_detect_streams_the_answer_and_draws_boxes(page):
     objects, captions = shown_objects(page, answer)
     expected = viz.draw_detections(image, objects, captions=captions)
     shown = displayed_image(page)
-    assert shown.size == (320, 240)
+    assert shown.size == sample_size()
     assert np.array_equal(np.asarray(shown), np.asarray(expected))
     assert not np.array_equal(np.asarray(shown), image)  # boxes were drawn
     shot(page, "1_detect")
@@ -388,7 +395,7 @@ def test_segment_draws_masks(page):
         viz.draw_detections(image, detections, show_masks=False, captions=captions)
     )
     shown = np.asarray(displayed_image(page))
-    assert shown.shape == (240, 320, 3)
+    assert shown.shape == (*sample_size()[::-1], 3)
     x0, y0, x1, y1 = (round(v) for v in detections[0].box)
     inside = np.any(shown[y0:y1, x0:x1] != boxes_only[y0:y1, x0:x1], axis=-1)
     assert inside.mean() > 0.05, f"only {inside.mean():.1%} of the box is covered by a mask"

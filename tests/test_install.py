@@ -29,7 +29,11 @@ def test_asset_dir_of_a_checkout_is_data_and_lists_the_sample_images(monkeypatch
     monkeypatch.delenv("PALI_KIT_DATA", raising=False)
     assert pk.asset_dir() == ROOT / "data"
     images = pk.sample_images()
-    on_disk = sorted(p.name for p in (ROOT / "data/images").iterdir() if p.suffix != ".md")
+    from pali_kit.assets import IMAGE_SUFFIXES
+
+    on_disk = sorted(
+        p.name for p in (ROOT / "data/images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES
+    )
     assert list(images) == on_disk and images[on_disk[0]] == ROOT / "data/images" / on_disk[0]
 
 
