@@ -1,0 +1,485 @@
+"""Weight-only int8 / int4 quantization: a pytree leaf type, quantize, dequantize, matmul.
+
+Every large matrix of the model (attention and MLP weights of both towers, the
+vision head and the LLM's embedding table, which is also the output layer)
+can be replaced by a :class:`QArray`: integer values and float32 scales,
+symmetric (no zero point). Activations, norms, biases, the patch embedding
+and the position embedding stay in floating point.
+
+Schemes::
+
+    "int8"  per output channel: one scale per output column, s = max|w| / 127 over
+            the contraction axes, q = round(w / s) in [-127, 127], one byte each.
+    "int4"  grouped: one scale per output column and per group of GROUP_SIZE = 64
+            consecutive inputs, s = max|w| / 7 over the group, q = round(w / s) in
+            [-7, 7], two values per byte; plus 4 bytes of scale per 64 weights.
+
+Bytes per weight: int8 1 (+4 per column), int4 0.5625; bfloat16 is 2.
+Rounding to the nearest level bounds the round-trip error of every element by
+half a step: ``|w - dequantize(quantize(w))| <= s / 2`` (``s`` the scale of its
+column / group), up to float32 rounding of ``w / s``.
+
+Storage layout: a QArray stands for a weight of the official (logical) shape,
+say ``q_einsum/w`` (L, Nh, W, H) contracted over W. Its values are kept with
+the contraction axes moved last and flattened, ``(L, Nh, H, W)``: "(out, in)",
+the layout XLA:CPU reads at memory speed for one token, and one XLA:GPU/TPU
+matmuls read just as well. Leading (layer) axes index like an array:
+``q[i]`` is layer ``i``.
+
+Matmuls: :func:`einsum` (and :func:`matmul`) accept a QArray as the weight.
+Everywhere they dequantize right before the dot (``x @ (q * s)``): XLA:GPU and
+TPU fuse the conversion into the matmul, so no full-precision copy of the
+weight is written to memory (see ``bench/quantize.py --hlo``). On CPU,
+:func:`cpu_layout` marks QArrays so that one- and two-row products (decoding)
+run as one fused multiply-and-sum over the int8 values instead, which reads
+each weight byte once and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZE = 64  # int4: inputs per scale, along the contraction axes
+_QMAX = {"int8": 127, "int4": 7}
+
+# Which weights are quantized, and over which axes each is contracted (negative
+# axes: the leading layer axis, where present, is not counted).
+RULES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    (r"llm/embedder/input_embedding", (-1,)),  # (V, W): the output layer contracts W
+    (r"llm/layers/attn/q_einsum/w", (-2,)),  # (L, Nh, W, H)
+    (r"llm/layers/attn/kv_einsum/w", (-2,)),  # (L, 2, K, W, H)
+    (r"llm/layers/attn/attn_vec_einsum/w", (-3, -2)),  # (L, Nh, H, W)
+    (r"llm/layers/mlp/gating_einsum", (-2,)),  # (L, 2, W, F)
+    (r"llm/layers/mlp/linear", (-2,)),  # (L, F, W)
+    (
+        r"img/Transformer/encoderblock/MultiHeadDotProductAttention_0/(query|key|value)/kernel",
+        (-3,),
+    ),  # (L, D, heads, head_dim)  # fmt: skip
+    (r"img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel", (-3, -2)),
+    (r"img/Transformer/encoderblock/MlpBlock_0/Dense_[01]/kernel", (-2,)),  # (L, D, M) / (L, M, D)
+    (r"img/head/kernel", (-2,)),  # (D, W)
+)
+
+
+def check_scheme(quantize) -> str | None:
+    """Validate a ``quantize=`` argument: None, "int8" or "int4"."""
+    if quantize is None or quantize in SCHEMES:
+        return quantize
+    raise ValueError(
+        f"quantize={quantize!r} is not a quantization scheme: use 'int8' (per-channel, "
+        f"1 byte per weight), 'int4' (groups of {GROUP_SIZE}, ~0.56 bytes per weight) or None"
+    )
+
+
+def contraction_axes(key: str) -> tuple[int, ...] | None:
+    """The contraction axes of the weight named ``key`` (``/``-joined), None if not quantized."""
+    for pattern, axes in RULES:
+        if re.fullmatch(pattern, key):
+            return axes
+    return None
+
+
+# ============================================================================ the leaf type
+
+
+@jax.tree_util.register_pytree_node_class
+class QArray:
+    """A quantized weight that stands for a float array of logical shape ``shape``.
+
+    Children (arrays, what jit sees):
+      values: int8[*out, in] for "int8"; int8[*out, in_padded // 2] for "int4"
+        (two 4-bit values per byte: input 2j in the low nibble, 2j+1 in the high one;
+        ``in`` padded with zeros to a multiple of GROUP_SIZE).
+      scales: float32[*out, groups]: groups = 1 ("int8") or in_padded // GROUP_SIZE.
+    Static:
+      scheme "int8" | "int4"; in_axes: the contracted axes of the logical shape
+      (negative); in_shape: their sizes; dtype: the float dtype it stands for
+      (what dequantize returns).
+
+    ``out`` are the logical axes not contracted, in their order. Indexing a
+    leading axis (``q[i]``, layer ``i``) and ``jax.tree.map`` over the children
+    keep it a QArray.
+    """
+
+    def __init__(self, values, scales, scheme: str, in_axes, in_shape, dtype=np.float32):
+        self.values = values
+        self.scales = scales
+        self.scheme = scheme
+        self.in_axes = tuple(int(a) for a in in_axes)
+        self.in_shape = tuple(int(n) for n in in_shape)
+        self.dtype = np.dtype(dtype)
+
+    # --- pytree
+    def tree_flatten(self):
+        aux = (self.scheme, self.in_axes, self.in_shape, self.dtype)
+        return (self.values, self.scales), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def _replace(self, values, scales) -> QArray:
+        return type(self)(values, scales, self.scheme, self.in_axes, self.in_shape, self.dtype)
+
+    # --- array-like facts
+    @property
+    def in_size(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[:-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical (official) shape this weight stands for."""
+        shape = list(self.out_shape)
+        ndim = len(shape) + len(self.in_axes)
+        for axis, n in sorted(zip((a % ndim for a in self.in_axes), self.in_shape)):
+            shape.insert(axis, n)
+        return tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: values plus scales."""
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.children())
+
+    def children(self):
+        return (self.values, self.scales)
+
+    def __getitem__(self, index):
+        """Index the leading (not contracted) axes.
+
+        ``q[i]`` of a layer stack is layer ``i`` (a QArray). An index that takes
+        every output axis, ``table[tokens]`` of the (V, W) embedding, returns the
+        dequantized rows ``float[..., W]`` (in ``dtype``).
+        """
+        index = index if isinstance(index, tuple) else (index,)
+        leading = min(a % self.ndim for a in self.in_axes)  # logical axes before the first input
+        if len(index) > leading:
+            raise IndexError(
+                f"a QArray of shape {self.shape} indexes its first {leading} axes only"
+            )
+        part = self._replace(self.values[index], self.scales[index])
+        if len(index) < len(self.out_shape):
+            return part
+        return dequantize_out_in(part).reshape(*part.values.shape[:-1], *self.in_shape)
+
+    def einsum(self, eq: str, x, compute_dtype=None) -> jax.Array:
+        """``jnp.einsum(eq, x, W)`` -> float32 for the float weight W this stands for."""
+        return einsum(eq, x, self, compute_dtype=compute_dtype)
+
+    def __repr__(self):
+        return (f"QArray({self.scheme}, shape={self.shape}, stands for {self.dtype.name}, "
+                f"{self.nbytes / 1e6:.2f} MB)")  # fmt: skip
+
+    def dequantize(self) -> jax.Array:
+        return dequantize(self)
+
+
+@jax.tree_util.register_pytree_node_class
+class CpuQArray(QArray):
+    """A QArray that one-/two-row matmuls multiply as a fused reduce (``cpu_layout``)."""
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, QArray)
+
+
+# ============================================================================ quantize / dequantize
+
+
+def _to_out_in(w, in_axes: Sequence[int]):
+    """numpy/jax array -> (out-major array [*out, in], in_shape)."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    nd = w.ndim
+    ins = [a % nd for a in in_axes]
+    outs = [a for a in range(nd) if a not in ins]
+    moved = xp.transpose(w, outs + ins) if outs + ins != list(range(nd)) else w
+    in_shape = tuple(w.shape[a] for a in ins)
+    return moved.reshape(*moved.shape[: len(outs)], math.prod(in_shape)), in_shape
+
+
+def _quantize_rows(m, scheme: str):
+    """float[*out, in] -> (int8 values, float32 scales), numpy or jax alike."""
+    xp = np if isinstance(m, np.ndarray) else jnp
+    m = m.astype(np.float32)
+    qmax = _QMAX[scheme]
+    if scheme == "int4":
+        pad = (-m.shape[-1]) % GROUP_SIZE
+        if pad:
+            m = xp.concatenate([m, xp.zeros((*m.shape[:-1], pad), np.float32)], axis=-1)
+        m = m.reshape(*m.shape[:-1], -1, GROUP_SIZE)
+    else:
+        m = m[..., None, :]  # one group: the whole row
+    amax = xp.max(xp.abs(m), axis=-1)
+    scales = (amax / qmax).astype(np.float32)
+    safe = xp.where(scales > 0, scales, 1.0)  # an all-zero group: levels 0, scale 0
+    q = xp.clip(xp.round(m / safe[..., None]), -qmax, qmax).astype(np.int8)
+    q = q.reshape(*q.shape[:-2], -1)
+    if scheme == "int4":  # pack pairs: low nibble = even input, high nibble = odd input
+        q = (q[..., 0::2] & 0x0F) | (q[..., 1::2] << 4)
+        q = q.astype(np.int8)
+    return q, scales
+
+
+def quantize(w, scheme: str = "int8", in_axes: Sequence[int] = (-2,)) -> QArray:
+    """A float array (numpy or jax) -> QArray.
+
+    w: float[...] in its official layout; in_axes: the axes a matmul contracts
+    (e.g. (-2,) for an (in, out) kernel). The result stands for ``w.dtype``.
+    """
+    check_scheme(scheme)
+    if scheme is None:
+        raise ValueError("quantize(w, scheme=None): pass 'int8' or 'int4'")
+    m, in_shape = _to_out_in(w, in_axes)
+    values, scales = _quantize_rows(m, scheme)
+    return QArray(values, scales, scheme, in_axes, in_shape, w.dtype)
+
+
+def unpack_values(q: QArray, dtype=jnp.float32):
+    """The integer levels as ``dtype[*out, in_padded]`` (int4 unpacked; padding included)."""
+    v = q.values
+    xp = np if isinstance(v, np.ndarray) else jnp
+    if q.scheme == "int8":
+        return v.astype(dtype)
+    v = v.astype(np.int8)
+    low = (v << 4) >> 4  # arithmetic shifts sign-extend the nibbles
+    high = v >> 4
+    return xp.stack([low, high], axis=-1).reshape(*v.shape[:-1], -1).astype(dtype)
+
+
+def dequantize_out_in(q: QArray, dtype=None):
+    """float[*out, in]: the weight in the QArray's (out, in) storage layout."""
+    levels = unpack_values(q, np.float32)
+    groups = q.scales.shape[-1]
+    levels = levels.reshape(*levels.shape[:-1], groups, -1) * q.scales[..., None]
+    w = levels.reshape(*levels.shape[:-2], -1)[..., : q.in_size]
+    return w.astype(dtype or q.dtype)
+
+
+def dequantize(q: QArray, dtype=None):
+    """The float array a QArray stands for, in the official layout and shape."""
+    w = dequantize_out_in(q, dtype)
+    nd = q.ndim
+    ins = [a % nd for a in q.in_axes]
+    outs = [a for a in range(nd) if a not in ins]
+    w = w.reshape(*q.out_shape, *q.in_shape)
+    xp = np if isinstance(w, np.ndarray) else jnp
+    return xp.transpose(w, np.argsort(outs + ins))
+
+
+# ============================================================================ matmul
+
+
+def matmul(x, q: QArray, *, compute_dtype=jnp.float32) -> jax.Array:
+    """x float[..., in] times the weight -> float32[..., *out].
+
+    ``in`` is the logical contraction axes flattened in order. Dequantizes to
+    ``compute_dtype`` right before one dot with float32 accumulation (fused
+    into the matmul by XLA on GPU/TPU). A :class:`CpuQArray` with at most two
+    rows of ``x`` instead computes ``sum_k x[k] * q[o, k] * s[o, g(k)]`` as one
+    fused elementwise-and-reduce pass over the integer values.
+    """
+    if x.shape[-1] != q.in_size:
+        raise ValueError(
+            f"matmul: x has {x.shape[-1]} inputs, the weight {q.shape} takes {q.in_size}"
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, q.in_size)
+    out = q.out_shape
+    if isinstance(q, CpuQArray) and x2.shape[0] <= 2:
+        y = _reduce_matvec(x2.astype(jnp.float32), q)
+    else:
+        w = dequantize_out_in(q, compute_dtype).reshape(-1, q.in_size)  # [O, in]
+        y = jax.lax.dot_general(
+            x2.astype(compute_dtype), w, (((1,), (1,)), ((), ())),
+            preferred_element_type=jnp.float32,
+        )  # fmt: skip
+    return y.reshape(*lead, *out)
+
+
+def _reduce_matvec(x2, q: QArray):
+    """float32[R<=2, in] x QArray -> float32[R, O] without a dequantized copy of the weight."""
+    values = q.values.reshape(-1, q.values.shape[-1])  # [O, in or in/2]
+    scales = q.scales.reshape(-1, q.scales.shape[-1])  # [O, groups]
+    rows = []
+    for r in range(x2.shape[0]):
+        xr = x2[r]
+        if q.scheme == "int8":
+            y = jnp.sum(values.astype(jnp.float32) * xr[None, :], axis=-1) * scales[:, 0]
+        else:
+            pad = scales.shape[-1] * GROUP_SIZE - q.in_size
+            xr = jnp.pad(xr, (0, pad)).reshape(scales.shape[-1], GROUP_SIZE // 2, 2)
+            v = values.reshape(values.shape[0], scales.shape[-1], GROUP_SIZE // 2)
+            low, high = ((v << 4) >> 4).astype(jnp.float32), (v >> 4).astype(jnp.float32)
+            per_group = jnp.sum(low * xr[..., 0] + high * xr[..., 1], axis=-1)  # [O, groups]
+            y = jnp.sum(per_group * scales, axis=-1)
+        rows.append(y)
+    return jnp.stack(rows)
+
+
+def einsum(eq: str, x, w, *, compute_dtype=None):
+    """``jnp.einsum(eq, x, w)`` where ``w`` may be a QArray (float32 result then).
+
+    For a QArray the letters ``w`` shares with ``x`` and not with the output
+    must be exactly its contraction axes (in order); no batch letters. The
+    weight is dequantized to ``compute_dtype`` (default: the dtype it stands
+    for; float16 is computed in float32 here, as it has no overflow guard).
+    Plain arrays go to ``jnp.einsum`` unchanged.
+    """
+    if not isinstance(w, QArray):
+        return jnp.einsum(eq, x, w)
+    inputs, out = eq.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    if "..." in xs:
+        fill = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+        fill = fill[: x.ndim - (len(xs) - 3)]
+        xs, out = xs.replace("...", fill), out.replace("...", fill)
+    nd = len(ws)
+    contracted = [c for c in ws if c in xs and c not in out]
+    want = [ws[a % nd] for a in w.in_axes]
+    if contracted != want or any(c in xs for c in ws if c not in contracted):
+        raise ValueError(
+            f"einsum {eq!r}: the quantized weight contracts axes {w.in_axes} ({''.join(want)}), "
+            f"the equation contracts {''.join(contracted)}"
+        )
+    rest = [c for c in xs if c not in contracted]
+    x = jnp.transpose(x, [xs.index(c) for c in rest + contracted])
+    x = x.reshape(*x.shape[: len(rest)], -1)
+    if compute_dtype is None:
+        compute_dtype = jnp.bfloat16 if w.dtype == jnp.bfloat16 else jnp.float32
+    y = matmul(x, w, compute_dtype=compute_dtype)
+    have = rest + [c for c in ws if c not in contracted]
+    return jnp.transpose(y, [have.index(c) for c in out])
+
+
+def embed_lookup(table, tokens, dtype=jnp.float32):
+    """Rows ``table[tokens]`` as float: a plain table, or a QArray over (V, W) with in_axes (-1,)."""
+    if not isinstance(table, QArray):
+        return table[(tokens,)]
+    rows = table._replace(table.values[tokens], table.scales[tokens])
+    return dequantize_out_in(rows, dtype)
+
+
+# ============================================================================ trees
+
+
+def _keyed_map(fn: Callable, tree: dict, prefix: str = ""):
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out[k] = _keyed_map(fn, v, key + "/") if isinstance(v, dict) else fn(key, v)
+    return out
+
+
+def quantize_params(params: dict, scheme: str) -> dict:
+    """The official tree with every weight named in ``RULES`` replaced by a QArray.
+
+    Works on numpy or jax leaves; layer stacks are quantized one layer at a time.
+    """
+    check_scheme(scheme)
+
+    def one(key, a):
+        axes = contraction_axes(key)
+        if axes is None or isinstance(a, QArray):
+            return a
+        return quantize_leaf(a, scheme, axes, place=_default_place)
+
+    return _keyed_map(one, params)
+
+
+def _default_place(a):
+    """numpy -> jax, adopting the (aligned) host memory without a copy where JAX can."""
+    if not isinstance(a, np.ndarray):
+        return a
+    try:
+        return jax.device_put(a, may_alias=True)
+    except TypeError:  # JAX without may_alias
+        return jnp.asarray(a)
+
+
+def quantize_leaf(a, scheme: str, in_axes, place: Callable = _default_place) -> QArray:
+    """Quantize one leaf in slices along axis 0 when that axis is not contracted.
+
+    Keeps the float temporaries at one slice (one layer of a stack, or ~16 MB of
+    embedding rows), so quantizing while loading needs little beyond the result.
+    """
+    nd = len(a.shape)
+    if nd < 2 or 0 in [x % nd for x in in_axes]:
+        q = quantize(np.asarray(a), scheme, in_axes)
+        return q._replace(place(q.values), place(q.scales))
+    from .checkpoints import _aligned_empty  # page-aligned: JAX adopts it without a copy
+
+    rows = max(1, (1 << 22) // max(1, math.prod(a.shape[1:])))
+    values = scales = None
+    for start in range(0, a.shape[0], rows):
+        part = quantize(np.asarray(a[start : start + rows]), scheme, in_axes)
+        if values is None:
+            values = _aligned_empty((a.shape[0], *part.values.shape[1:]), np.int8)
+            scales = _aligned_empty((a.shape[0], *part.scales.shape[1:]), np.float32)
+        values[start : start + rows] = part.values
+        scales[start : start + rows] = part.scales
+        in_shape = part.in_shape
+    return QArray(place(values), place(scales), scheme, in_axes, in_shape, a.dtype)
+
+
+def dequantize_params(params: dict) -> dict:
+    """Every QArray replaced by the float array it stands for (a reference model)."""
+    return jax.tree.map(
+        lambda a: dequantize(a) if isinstance(a, QArray) else a,
+        params, is_leaf=lambda a: isinstance(a, QArray),
+    )  # fmt: skip
+
+
+def cpu_layout(params):
+    """QArrays -> CpuQArrays (same arrays, no copy): decoding on CPU uses the fused reduce."""
+    return jax.tree.map(
+        lambda a: CpuQArray(*a.tree_flatten()[0], *a.tree_flatten()[1])
+        if type(a) is QArray else a,
+        params, is_leaf=lambda a: isinstance(a, QArray),
+    )  # fmt: skip
+
+
+def tree_nbytes(params) -> int:
+    """Bytes held by a parameter tree (QArrays count values + scales)."""
+    leaves = jax.tree.leaves(params)
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves)
+
+
+def scheme_of(params) -> str | None:
+    """ "int8"/"int4" if the tree holds QArrays, else None."""
+    for leaf in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QArray)):
+        if isinstance(leaf, QArray):
+            return leaf.scheme
+    return None
+
+
+def iter_quantized(items: Iterable[tuple[str, np.ndarray]], scheme: str, place: Callable):
+    """(key, array) pairs -> (key, QArray or placed array), one leaf at a time."""
+    for key, array in items:
+        axes = contraction_axes(key)
+        if axes is None:
+            yield key, place(array)
+        else:
+            yield key, quantize_leaf(array, scheme, axes, place)
+        del array
+
+
+_ = ml_dtypes  # bfloat16 numpy arrays quantize through astype(float32)

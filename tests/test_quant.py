@@ -1,0 +1,152 @@
+"""Weight-only int8 / int4 quantization (pali_kit.quant): bounds, products, layout, errors."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pali_kit import quant
+
+EPS32 = np.finfo(np.float32).eps
+
+
+def _step(q: quant.QArray) -> np.ndarray:
+    """The scale of every element, in the official layout (the bound is half of it)."""
+    ones = q._replace(
+        np.ones_like(np.asarray(quant.unpack_values(q, np.float32)), dtype=np.int8)
+        if q.scheme == "int8"
+        else np.full(q.values.shape, 0x11, np.int8),  # two 1-levels per byte
+        q.scales,
+    )
+    return np.asarray(quant.dequantize(ones, np.float32))
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+@pytest.mark.parametrize(
+    "shape, in_axes",
+    [((96, 40), (-2,)), ((3, 4, 130, 5), (-2,)), ((2, 3, 8, 24), (-3, -2)), ((50, 200), (-1,))],
+)
+def test_round_trip_within_half_a_step(scheme, shape, in_axes):
+    # Rounding w / s to the nearest level errs by at most 1/2 level, i.e. s / 2.
+    # w / s is computed in float32 (relative error <= eps, |w / s| <= qmax), so
+    # a value within qmax * eps of a .5 boundary may round the other way: the
+    # bound grows by s * qmax * eps (and by |w| * eps for the final product).
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal(shape) * rng.uniform(0.01, 3.0, shape[-1])).astype(np.float32)
+    w[..., 0] = 0.0  # an all-zero output channel quantizes to zeros
+    q = quant.quantize(w, scheme, in_axes)
+    assert q.shape == w.shape and quant.dequantize(q).shape == w.shape
+    back = np.asarray(quant.dequantize(q))
+    step = _step(q)
+    qmax = {"int8": 127, "int4": 7}[scheme]
+    bound = step * (0.5 + qmax * EPS32) + np.abs(w) * EPS32
+    assert np.all(np.abs(w - back) <= bound)
+    assert np.all(back[..., 0] == 0.0)
+    # the step really is max|w| / qmax of its channel (group): not a loose bound
+    assert np.isclose(step.max(), np.abs(w).max() / qmax, rtol=1e-6)
+
+
+def test_int4_groups_and_packing():
+    # Groups of GROUP_SIZE consecutive inputs share a scale: a group of small
+    # weights keeps its precision next to a group of large ones.
+    g = quant.GROUP_SIZE
+    w = np.concatenate([np.full((g, 1), 0.07), np.full((g, 1), 7.0)]).astype(np.float32)
+    q = quant.quantize(w, "int4", (-2,))
+    assert q.values.shape == (1, g) and q.values.dtype == np.int8  # two values per byte
+    assert q.scales.shape == (1, 2)
+    np.testing.assert_allclose(np.asarray(quant.dequantize(q)), w, rtol=1e-6)
+    # 2304 x 9216 (a PaliGemma-3B MLP matrix): bytes per weight vs bfloat16's 2
+    big = jax.eval_shape(lambda: quant.quantize(jnp.zeros((2304, 9216)), "int4"))
+    assert big.nbytes / (2304 * 9216 * 2) < 0.29
+    big8 = jax.eval_shape(lambda: quant.quantize(jnp.zeros((2304, 9216)), "int8"))
+    assert big8.nbytes / (2304 * 9216 * 2) < 0.51
+
+
+def test_bfloat16_weights_keep_their_dtype():
+    w = np.random.default_rng(1).standard_normal((64, 16)).astype(ml_dtypes.bfloat16)
+    q = quant.quantize(w, "int8")
+    assert q.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert quant.dequantize(q).dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+EQUATIONS = [  # (eq, x shape, weight shape, in_axes): the model's products
+    ("btd,ndh->btnh", (2, 3, 64), (4, 64, 8), (-2,)),  # q_einsum
+    ("btd,ckdh->cbtkh", (2, 3, 64), (2, 2, 64, 8), (-2,)),  # kv_einsum
+    ("btnh,nhd->btd", (2, 3, 4, 16), (4, 16, 32), (-3, -2)),  # attn_vec
+    ("...d,vd->...v", (2, 3, 40), (100, 40), (-1,)),  # output layer
+    ("bnd,dhk->bnhk", (2, 5, 70), (70, 2, 6), (-3,)),  # SigLIP query
+]
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+@pytest.mark.parametrize("eq, xs, ws, in_axes", EQUATIONS)
+@pytest.mark.parametrize("cpu_reduce", [False, True])
+def test_quantized_product_equals_dequantized_product(scheme, eq, xs, ws, in_axes, cpu_reduce):
+    # Both sides sum the same float32 products x * (q * s) over K terms, in another
+    # order (and with the scale applied per group): float32 re-association bounds
+    # the difference by ~K * eps * sum_k |x_k| |w_k|.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(xs).astype(np.float32)
+    if cpu_reduce:
+        x = x[:1, :2]  # two rows: what the reduce path takes (decoding)
+    w = rng.standard_normal(ws).astype(np.float32)
+    q = quant.quantize(jnp.asarray(w), scheme, in_axes)
+    if cpu_reduce:
+        q = quant.cpu_layout({"w": q})["w"]
+        assert isinstance(q, quant.CpuQArray)
+    got = jax.jit(lambda x, q: q.einsum(eq, x))(jnp.asarray(x), q)
+    deq = np.asarray(quant.dequantize(q), np.float64)
+    want = np.einsum(eq, x.astype(np.float64), deq)
+    magnitude = np.einsum(eq, np.abs(x).astype(np.float64), np.abs(deq))
+    k = np.prod([ws[a] for a in in_axes])
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    assert np.all(np.abs(np.asarray(got) - want) <= 2 * k * EPS32 * magnitude + 1e-30)
+
+
+def test_rejects_a_mismatched_equation():
+    q = quant.quantize(jnp.ones((4, 64, 8)), "int8", (-2,))
+    with pytest.raises(ValueError, match="contracts axes"):
+        q.einsum("btn,ndh->btdh", jnp.ones((1, 1, 4)))
+
+
+def test_layer_indexing_and_embedding_rows():
+    w = np.random.default_rng(3).standard_normal((3, 2, 64, 8)).astype(np.float32)
+    q = quant.quantize(w, "int4", (-2,))
+    layer = q[1]
+    assert isinstance(layer, quant.QArray) and layer.shape == (2, 64, 8)
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(layer)), quant.dequantize(q)[1])
+    with pytest.raises(IndexError, match="first 2 axes"):
+        q[0, 0, 0]
+    table = quant.quantize(w.reshape(-1, 8), "int8", (-1,))  # (V=384, W=8)
+    tokens = np.array([[3, 0], [383, 7]])
+    rows = table[(tokens,)]
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(quant.dequantize(table))[tokens])
+    # layer slices of a stack through jax.tree.map (what lax.scan does) stay QArrays
+    sliced = jax.tree.map(lambda a: a[2], q)
+    assert isinstance(sliced, quant.QArray) and sliced.shape == (2, 64, 8)
+
+
+def test_quantize_argument_is_checked():
+    for bad in ("int2", "fp8", 8, True):
+        with pytest.raises(ValueError, match=re.escape(f"quantize={bad!r}") + ".*'int8'.*'int4'"):
+            quant.check_scheme(bad)
+    assert quant.check_scheme(None) is None and quant.check_scheme("int4") == "int4"
+
+
+def test_cuda_lowering_feeds_the_integers_to_the_matmul():
+    # What XLA:GPU is given: the int8 weight enters the program as int8 and is
+    # converted and scaled right in front of the dot (elementwise producers of
+    # the dot operand, which XLA's GPU fusion merges into the matmul); no
+    # float copy of the weight is a program input or output.
+    q = quant.quantize(jnp.ones((2304, 512)), "int8")
+    x = jax.ShapeDtypeStruct((1, 2304), jnp.bfloat16)
+    exported = jax.export.export(
+        jax.jit(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16)), platforms=("cuda",)
+    )(x, q)
+    text = exported.mlir_module()
+    main = text[text.index("func.func public @main") :].split("\n")[0]
+    assert "tensor<512x2304xi8>" in main and "tensor<512x2304xbf16>" not in main
+    assert "stablehlo.dot_general" in text and "stablehlo.convert" in text
