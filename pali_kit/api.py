@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoints, decode
+from . import checkpoints, decode, quant
 from .configs import CHECKPOINTS, PaliGemmaConfig, checkpoint_info, paligemma_config
 from .images import preprocess
-from .model import PaliGemma, count_params, inference_params, init_params
+from .model import PaliGemma, inference_params, init_params
 from .tokenizer import Tokenizer, data_dir
 
 
@@ -90,17 +90,41 @@ class Model:
     # --- facts -------------------------------------------------------------------------
     @property
     def dtype(self):
-        return jax.tree.leaves(self.params)[0].dtype
+        """The float dtype of the weights (for a quantized model: the dtype its QArrays stand for)."""
+        return _leaves(self.params)[0].dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """The quantization scheme ("int8", "int4") of the large matrices, or None."""
+        return quant.scheme_of(self.params)
+
+    def quantize(self, scheme: str = "int8") -> Model:
+        """A copy with every large matrix quantized ("int8" per channel, "int4" in groups of 64).
+
+        ``model.params`` then holds ``pali_kit.quant.QArray`` leaves; see ``pali_kit.quant``.
+        """
+        if quant.check_scheme(scheme) is None:
+            raise ValueError("model.quantize(None): pass 'int8' or 'int4'")
+        if self.quantization is not None:
+            raise ValueError(
+                f"this model is already quantized ({self.quantization}): load it again "
+                f"with pk.load(..., quantize={scheme!r}) to change the scheme"
+            )
+        params = quant.quantize_params(self.params, scheme)
+        return Model(params, self.config, self.tokenizer, self.name, self.text_len)
 
     @property
     def resolution(self) -> int:
         return self.config.resolution
 
     def num_params(self) -> int:
-        return count_params(self.params)
+        return int(sum(np.prod(a.shape) for a in _leaves(self.params)))
 
     def summary(self) -> str:
-        return (f"{self.name} | {self.num_params():,} params | {jnp.dtype(self.dtype).name} "
+        dtype = jnp.dtype(self.dtype).name
+        if self.quantization:
+            dtype = f"{self.quantization} ({quant.tree_nbytes(self.params) / 1e9:.2f} GB) + {dtype}"
+        return (f"{self.name} | {self.num_params():,} params | {dtype} "
                 f"| {self.resolution} px | {self.config.vision.num_tokens} image tokens")  # fmt: skip
 
     def __repr__(self):
@@ -109,7 +133,13 @@ class Model:
     def astype(self, dtype) -> Model:
         """A copy with every parameter cast (e.g. to bfloat16 for faster CPU inference)."""
         dt = checkpoints.as_dtype(dtype)
-        params = jax.tree.map(lambda a: a.astype(dt), self.params)
+
+        def cast(a):  # a QArray keeps its integers and now stands for ``dt``
+            if isinstance(a, quant.QArray):
+                return quant.QArray(*a.children(), a.scheme, a.in_axes, a.in_shape, dt)
+            return a.astype(dt)
+
+        params = jax.tree.map(cast, self.params, is_leaf=quant.is_quantized)
         return Model(params, self.config, self.tokenizer, self.name, self.text_len)
 
     # --- numerics ---------------------------------------------------------------------------
@@ -222,6 +252,11 @@ class Model:
             yield text[len(shown) :]
 
 
+def _leaves(params):
+    """Parameter leaves, a QArray counting as one leaf."""
+    return jax.tree.leaves(params, is_leaf=quant.is_quantized)
+
+
 def _length_with_eos(tokens) -> int:
     hits = np.flatnonzero(np.asarray(tokens) == decode.EOS_ID)
     if hits.size:
@@ -262,11 +297,11 @@ def _find_tokenizer(folder: Path, vocab: int) -> Tokenizer | None:
     return None
 
 
-def _demo(dtype, overrides):
+def _demo(dtype, overrides, quantize=None):
     path = data_dir() / DEMO_FILE
     tok = Tokenizer.demo()
     if path.exists():
-        params = checkpoints.load_params(path, dtype)
+        params = checkpoints.load_params(path, dtype, quantize=quantize)
         config = checkpoints.infer_config(params, str(path)).replace(**overrides)
         return Model(params, config, tok, name="pali_kit demo", text_len=32)
     warnings.warn(
@@ -276,6 +311,7 @@ def _demo(dtype, overrides):
     )
     config = demo_config().replace(**overrides)
     params = init_params(config, 0, dtype)
+    params = quant.quantize_params(params, quantize) if quantize else params
     return Model(params, config, tok, name="random demo-size model", text_len=32)
 
 
@@ -288,19 +324,24 @@ def demo_config(vocab_size: int = 2176) -> PaliGemmaConfig:
     )  # fmt: skip
 
 
-def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **overrides) -> Model:
+def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = True,
+         **overrides) -> Model:  # fmt: skip
     """Load a PaliGemma from anywhere.
 
     source: ``"demo"`` (the embedded model, offline) | a name from ``pk.CHECKPOINTS``
     (downloaded with kagglehub) | a big_vision ``.npz`` | a transformers folder.
     dtype: cast the weights while loading (``"bfloat16"``, ``"float32"``, ...).
+    quantize: ``"int8"`` | ``"int4"``: weight-only quantization of every large matrix
+      (``pali_kit.quant``), done while a ``.npz`` streams in, so memory peaks near the
+      quantized size (a transformers folder is loaded, then quantized).
     tokenizer: a path or Tokenizer; by default one found beside the checkpoint.
     overrides: config fields by their big_vision names, e.g. ``final_logits_softcap=0.0``.
     """
+    quant.check_scheme(quantize)
     enable_compilation_cache()
     text_len = None
     if source == "demo":
-        model = _demo(dtype, overrides)
+        model = _demo(dtype, overrides, quantize)
     else:
         name = None
         if (
@@ -325,8 +366,9 @@ def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **override
 
             params, config = hf.load_hf(path, dtype)
             config = config.replace(**overrides) if overrides else config
+            params = quant.quantize_params(params, quantize) if quantize else params
         else:
-            params = checkpoints.load_params(path, dtype)
+            params = checkpoints.load_params(path, dtype, quantize=quantize)
             config = checkpoints.infer_config(params, str(path))
             if name is not None:
                 config = _registry_semantics(config, checkpoint_info(name).config)
@@ -359,4 +401,9 @@ def _as_tokenizer(tokenizer):
 
 def save(model: Model, path) -> Path:
     """Write the model's weights as an official-layout .npz (dtype kept, atomic)."""
+    if model.quantization:
+        raise ValueError(
+            f"this model is quantized ({model.quantization}); the official .npz layout has no "
+            "integer weights. Save the float model, and pass quantize= when loading it"
+        )
     return checkpoints.save_params(model.params, path)

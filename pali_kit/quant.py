@@ -217,9 +217,13 @@ def _to_out_in(w, in_axes: Sequence[int]):
 
 
 def _quantize_rows(m, scheme: str):
-    """float[*out, in] -> (int8 values, float32 scales), numpy or jax alike."""
+    """float[*out, in] -> (int8 values, float32 scales), numpy or jax alike.
+
+    numpy: computed in place on one float32 copy of ``m`` (quantizing while
+    loading keeps a single float temporary per slice).
+    """
     xp = np if isinstance(m, np.ndarray) else jnp
-    m = m.astype(np.float32)
+    m = m.astype(np.float32) if xp is jnp else np.array(m, np.float32)  # a copy we may write
     qmax = _QMAX[scheme]
     if scheme == "int4":
         pad = (-m.shape[-1]) % GROUP_SIZE
@@ -228,14 +232,20 @@ def _quantize_rows(m, scheme: str):
         m = m.reshape(*m.shape[:-1], -1, GROUP_SIZE)
     else:
         m = m[..., None, :]  # one group: the whole row
-    amax = xp.max(xp.abs(m), axis=-1)
+    amax = xp.max(xp.abs(m), axis=-1) if xp is jnp else np.maximum(m.max(-1), -m.min(-1))
     scales = (amax / qmax).astype(np.float32)
-    safe = xp.where(scales > 0, scales, 1.0)  # an all-zero group: levels 0, scale 0
-    q = xp.clip(xp.round(m / safe[..., None]), -qmax, qmax).astype(np.int8)
+    safe = xp.where(scales > 0, scales, 1.0)[..., None]  # an all-zero group: levels 0, scale 0
+    if xp is np:
+        np.divide(m, safe, out=m)
+        np.rint(m, out=m)  # round half to even, as jnp.round
+        np.clip(m, -qmax, qmax, out=m)
+        q = m.astype(np.int8)
+    else:
+        q = jnp.clip(jnp.round(m / safe), -qmax, qmax).astype(np.int8)
+    del m
     q = q.reshape(*q.shape[:-2], -1)
     if scheme == "int4":  # pack pairs: low nibble = even input, high nibble = odd input
-        q = (q[..., 0::2] & 0x0F) | (q[..., 1::2] << 4)
-        q = q.astype(np.int8)
+        q = ((q[..., 0::2] & 0x0F) | (q[..., 1::2] << 4)).astype(np.int8)
     return q, scales
 
 
@@ -416,28 +426,43 @@ def _default_place(a):
 
 
 def quantize_leaf(a, scheme: str, in_axes, place: Callable = _default_place) -> QArray:
-    """Quantize one leaf in slices along axis 0 when that axis is not contracted.
+    """Quantize one leaf (numpy or jax), in slices along axis 0 when that axis is not contracted.
 
     Keeps the float temporaries at one slice (one layer of a stack, or ~16 MB of
-    embedding rows), so quantizing while loading needs little beyond the result.
+    embedding rows); ``place`` puts the finished values and scales on a device.
     """
-    nd = len(a.shape)
-    if nd < 2 or 0 in [x % nd for x in in_axes]:
-        q = quantize(np.asarray(a), scheme, in_axes)
-        return q._replace(place(q.values), place(q.scales))
-    from .checkpoints import _aligned_empty  # page-aligned: JAX adopts it without a copy
+    shape = tuple(a.shape)
+    if len(shape) < 2 or 0 in [x % len(shape) for x in in_axes]:
+        rows = [(0, a)]
+    else:
+        n = max(1, (1 << 22) // max(1, math.prod(shape[1:])))
+        rows = ((i, a[i : i + n]) for i in range(0, shape[0], n))
+    q = quantize_rows_of(rows, shape, a.dtype, scheme, in_axes)
+    return q._replace(place(q.values), place(q.scales))
 
-    rows = max(1, (1 << 22) // max(1, math.prod(a.shape[1:])))
-    values = scales = None
-    for start in range(0, a.shape[0], rows):
-        part = quantize(np.asarray(a[start : start + rows]), scheme, in_axes)
+
+def quantize_rows_of(rows: Iterable, shape, dtype, scheme: str, in_axes) -> QArray:
+    """Quantize an array given as consecutive slices ``(start, a[start:start + n])``.
+
+    Axis 0 must not be contracted unless there is a single slice. Returns a
+    QArray of numpy arrays (page-aligned, so JAX can adopt them without a copy).
+    """
+    from .checkpoints import _aligned_empty
+
+    values = scales = in_shape = None
+    for start, part in rows:
+        q = quantize(np.asarray(part), scheme, in_axes)
+        in_shape = q.in_shape
+        if q.shape == tuple(shape):  # one slice: the whole array
+            values, scales = q.values, q.scales
+            break
         if values is None:
-            values = _aligned_empty((a.shape[0], *part.values.shape[1:]), np.int8)
-            scales = _aligned_empty((a.shape[0], *part.scales.shape[1:]), np.float32)
-        values[start : start + rows] = part.values
-        scales[start : start + rows] = part.scales
-        in_shape = part.in_shape
-    return QArray(place(values), place(scales), scheme, in_axes, in_shape, a.dtype)
+            values = _aligned_empty((shape[0], *q.values.shape[1:]), np.int8)
+            scales = _aligned_empty((shape[0], *q.scales.shape[1:]), np.float32)
+        values[start : start + len(part)] = q.values
+        scales[start : start + len(part)] = q.scales
+        del q, part
+    return QArray(values, scales, scheme, in_axes, in_shape, dtype)
 
 
 def dequantize_params(params: dict) -> dict:

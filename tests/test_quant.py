@@ -150,3 +150,66 @@ def test_cuda_lowering_feeds_the_integers_to_the_matmul():
     main = text[text.index("func.func public @main") :].split("\n")[0]
     assert "tensor<512x2304xi8>" in main and "tensor<512x2304xbf16>" not in main
     assert "stablehlo.dot_general" in text and "stablehlo.convert" in text
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def _random_checkpoint(path, width=1024, mlp=4096, depth=4, vocab=16000):
+    """A ~200 MB float32 .npz with PaliGemma key names (written one array at a time)."""
+    from pali_kit import checkpoints
+
+    rng = np.random.default_rng(0)
+    shapes = {
+        "llm/layers/mlp/gating_einsum": (depth, 2, width, mlp),
+        "llm/embedder/input_embedding": (vocab, width),
+        "llm/layers/pre_ffw_norm/scale": (depth, width),
+        "img/head/kernel": (256, width),
+    }
+
+    def arrays():
+        for key, shape in shapes.items():
+            yield key, rng.standard_normal(shape, dtype=np.float32)
+
+    checkpoints.save_arrays(arrays(), path)
+    return sum(4 * np.prod(s) for s in shapes.values())
+
+
+def test_quantized_loading_peaks_near_the_quantized_size(tmp_path):
+    # numpy registers its buffers with tracemalloc, so the traced peak is the host
+    # memory the loader holds at once (the quantized arrays are adopted by JAX
+    # without a copy). Quantizing while streaming: quantized bytes plus a few
+    # 4 MiB slices with their float temporaries (bounded here by 40 MB).
+    # Reading the float weights needs all of them (~200 MB) at once.
+    import tracemalloc
+
+    from pali_kit import checkpoints
+
+    path = tmp_path / "ckpt.npz"
+    float_bytes = _random_checkpoint(path)
+    peaks, trees = {}, {}
+    for scheme in (None, "int8", "int4"):
+        tracemalloc.start()
+        trees[scheme] = checkpoints.load_params(path, quantize=scheme)
+        peaks[scheme] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[None] >= float_bytes
+    for scheme in ("int8", "int4"):
+        size = quant.tree_nbytes(trees[scheme])
+        assert size < {"int8": 0.26, "int4": 0.15}[scheme] * float_bytes
+        assert peaks[scheme] < size + 40e6, (scheme, peaks[scheme], size)
+        table = trees[scheme]["llm"]["embedder"]["input_embedding"]
+        assert isinstance(table, quant.QArray) and table.shape == (16000, 1024)
+        # the same integers as quantizing the float array in one go
+        whole = quant.quantize(np.asarray(trees[None]["llm"]["embedder"]["input_embedding"]),
+                               scheme, (-1,))  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(table.values), whole.values)
+    norm = trees["int8"]["llm"]["layers"]["pre_ffw_norm"]["scale"]
+    assert not isinstance(norm, quant.QArray)  # norms stay float
+
+
+def test_load_rejects_an_unknown_scheme():
+    import pali_kit as pk
+
+    with pytest.raises(ValueError, match="quantize='int3'.*use 'int8'"):
+        pk.load("demo", quantize="int3", verbose=False)
