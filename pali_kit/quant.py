@@ -465,6 +465,18 @@ def quantize_rows_of(rows: Iterable, shape, dtype, scheme: str, in_axes) -> QArr
     return QArray(values, scales, scheme, in_axes, in_shape, dtype)
 
 
+def abstract_quantize_params(shapes: dict, scheme: str) -> dict:
+    """``quantize_params`` for a tree of ``jax.ShapeDtypeStruct`` (allocates nothing)."""
+
+    def one(key, s):
+        axes = contraction_axes(key)
+        if axes is None:
+            return s
+        return jax.eval_shape(lambda: quantize(jnp.zeros(s.shape, s.dtype), scheme, axes))
+
+    return _keyed_map(one, shapes)
+
+
 def dequantize_params(params: dict) -> dict:
     """Every QArray replaced by the float array it stands for (a reference model)."""
     return jax.tree.map(
