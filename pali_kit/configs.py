@@ -29,6 +29,10 @@ class VisionConfig:
     num_heads: int = 16
     patch_size: int = 14
     image_size: int = 224  # square input resolution in pixels
+    compute_dtype: str | None = None  # see PaliGemmaConfig.replace and pali_kit/model/common.py
+
+    def __post_init__(self):
+        _check_compute_dtype(self)
 
     @property
     def grid(self) -> int:
@@ -64,8 +68,10 @@ class GemmaConfig:
     attn_logits_softcap: float = 0.0  # 0 disables
     final_logits_softcap: float = 0.0  # 0 disables
     rope_base: float = 10_000.0
+    compute_dtype: str | None = None  # see PaliGemmaConfig.replace and pali_kit/model/common.py
 
     def __post_init__(self):
+        _check_compute_dtype(self)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -99,6 +105,12 @@ class PaliGemmaConfig:
         return self.vision.image_size
 
     @property
+    def compute_dtype(self) -> str | None:
+        """None: the numerics policy (float32 activations, range-safe half-precision
+        products); or the dtype every matmul operand is cast to (see docs/differences.md)."""
+        return self.llm.compute_dtype
+
+    @property
     def family(self) -> str:
         return "paligemma2" if self.llm.is_gemma2 else "paligemma"
 
@@ -109,7 +121,7 @@ class PaliGemmaConfig:
         ``num_kv_heads``, ...) are used as they are; names both towers have
         (``width``, ``depth``, ``mlp_dim``, ``num_heads``, ``head_dim``) need a
         prefix: ``llm_depth=2``, ``img_width=32``. ``resolution`` is an alias of
-        ``image_size``.
+        ``image_size``. ``compute_dtype`` sets both towers.
         """
         vis_fields = {f.name for f in dataclasses.fields(VisionConfig)} | {"head_dim"}
         llm_fields = {f.name for f in dataclasses.fields(GemmaConfig)}
@@ -117,6 +129,9 @@ class PaliGemmaConfig:
         for name, value in overrides.items():
             if name == "resolution":
                 name = "image_size"
+            if name == "compute_dtype":
+                vis[name] = llm[name] = value
+                continue
             if name.startswith("img_") and name[4:] in vis_fields:
                 vis[name[4:]] = value
             elif name.startswith("llm_") and name[4:] in llm_fields:
@@ -138,6 +153,25 @@ class PaliGemmaConfig:
             vision=dataclasses.replace(self.vision, **vis),
             llm=dataclasses.replace(self.llm, **llm),
         )
+
+
+def _check_compute_dtype(config) -> None:
+    value = config.compute_dtype
+    if value is None:
+        return
+    try:
+        import numpy as np
+
+        name = value if isinstance(value, str) else np.dtype(value).name
+    except TypeError:
+        name = repr(value)
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(
+            f"compute_dtype={value!r}: use None (the default numerics policy: float32 "
+            "activations, range-safe products with half-precision weights), 'float32', "
+            "'bfloat16' or 'float16'"
+        )
+    object.__setattr__(config, "compute_dtype", name)  # normalised: a hashable name
 
 
 # --- The LLM variants (big_vision gemma.get_config) ---------------------------

@@ -1,41 +1,186 @@
 """Small pieces shared by the image encoder and the language model.
 
+Matrix products and the numerics policy
+---------------------------------------
+Every product of an activation with a weight goes through :func:`mm`
+(``jnp.einsum(eq, x, w)`` with the kit's dtype policy). Activations are
+float32 everywhere; the weights keep their storage dtype, and the storage
+dtype never makes an activation overflow where float32 does not:
+
+- float32 weights: float32 products (the reference's numerics).
+- bfloat16 weights: the activation is rounded to bfloat16 (relative error
+  <= 2^-9; bfloat16 has float32's exponent range, so nothing overflows) and
+  the products are accumulated in float32: what TPU matrix units and
+  AVX-512 BF16 do natively.
+- float16 weights: float16 tops out at 65504, so each activation row (the
+  axes the product sums over) is first multiplied by an exact power of two
+  that brings its largest magnitude into [2^13, 2^14), then rounded to
+  float16 (relative error <= 2^-12 of that largest value); the products
+  accumulate in float32 (tensor cores on a T4 do f16 x f16 -> f32 natively)
+  and the result is multiplied back by the inverse power of two, exactly.
+- Gradients through half-precision weights are computed the same way and
+  come back float32 (a custom VJP), so a training step with frozen float16
+  weights neither overflows nor flushes small gradients to zero.
+
+``compute_dtype`` (``PaliGemmaConfig.compute_dtype``, ``pk.load(...,
+compute_dtype=...)``) overrides the policy: ``"float32"`` upcasts every
+weight (exactly the reference, slow on accelerators' matrix units);
+``"bfloat16"`` / ``"float16"`` cast activations and weights to that dtype
+with no scaling (the fastest form on a GPU; **with float16 any activation
+above 65504 becomes inf**).
+
+Layer stacks
+------------
 Both towers keep their layers *stacked*: every per-layer weight has a leading
 axis of size ``depth`` (big_vision's scan layout, so a released ``.npz`` loads
 without renaming). A layer is a plain Flax module applied to one slice of that
-stack. Two ways to run the stack:
+stack, unrolled (a Python loop) or under ``lax.scan`` (training: one compiled
+layer, optionally rematerialised).
 
-- unrolled (a Python loop, ``scan=False``): each layer reads its slice of the
-  stacked arrays in place. Fastest on CPU, where ``lax.scan`` copies every
-  layer's weights out of the stack at each step.
-- ``lax.scan`` (``scan=True``): one compiled layer, optionally rematerialised;
-  what training uses to keep compile time and activation memory small.
+A weight may also arrive in a *run layout* (``pali_kit.model.cpu``): any
+object with an ``einsum(eq, x, compute_dtype)`` method computing the same
+product, and layer stacks whose leaves are sequences of per-layer pieces.
+The model code does not know about them: ``mm`` hands such a weight its own
+product, and ``layer_slice`` indexes whatever it is given.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Params = dict[str, Any]
 
+COMPUTE_DTYPES = (None, "float32", "bfloat16", "float16")
 
-def mm(eq: str, x: jax.Array, w: jax.Array) -> jax.Array:
-    """``jnp.einsum(eq, x, w)`` with the kit's matmul dtype policy.
+# float16 activations are scaled so that a row's largest magnitude lies in
+# [2^SCALE_EXP - 1, 2^SCALE_EXP): far from 65504 (2^16), far above the
+# subnormals (2^-14), and products of two float16 values stay exact in float32.
+SCALE_EXP = 14
 
-    float32 weights: plain float32 math (the reference's numerics).
-    bfloat16 / float16 weights: activations are cast to the weight dtype and
-    the products are accumulated in float32, which is what the accelerators'
-    matrix units (and this CPU's AVX-512 BF16) do fastest; the result is float32.
+
+def mm(eq: str, x: jax.Array, w, compute_dtype: str | None = None) -> jax.Array:
+    """``jnp.einsum(eq, x, w)`` -> float32, under the numerics policy above.
+
+    x: float activations; w: a weight array in its storage dtype (or a run-layout
+    weight with an ``einsum`` method). ``eq`` names x's axes first, then w's.
     """
-    if w.dtype == jnp.float32:
-        return jnp.einsum(eq, x.astype(jnp.float32), w)
-    return jnp.einsum(eq, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    product = getattr(w, "einsum", None)
+    if product is not None:  # a run-layout weight (pali_kit.model.cpu) multiplies itself
+        return product(eq, x, compute_dtype)
+    return policy_einsum(eq, x, w, compute_dtype)
+
+
+def operand_dtype(weight_dtype, compute_dtype: str | None = None):
+    """The dtype both operands of a product are rounded to (float32: no rounding)."""
+    if compute_dtype is not None:
+        return jnp.dtype(compute_dtype)
+    return jnp.dtype(jnp.float32 if weight_dtype == jnp.float32 else weight_dtype)
+
+
+def narrow_range(dtype) -> bool:
+    """True for dtypes that overflow far below float32 (float16): these get scaled."""
+    return jnp.finfo(dtype).max < jnp.finfo(jnp.float32).max / 2
+
+
+def policy_einsum(eq: str, x, w, compute_dtype: str | None = None):
+    """The policy for a plain weight array (see the module docstring)."""
+    x = x.astype(jnp.float32)
+    dtype = operand_dtype(w.dtype, compute_dtype)
+    if dtype == jnp.float32:
+        return jnp.einsum(eq, x, w.astype(jnp.float32))
+    if compute_dtype is not None:  # explicit opt-in: no scaling
+        return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+    return _half_einsum(_expand_ellipsis(eq, x.ndim), x, w)
+
+
+def scale_rows(x, axes: tuple[int, ...]):
+    """x float32 -> (x / 2^e, 2^e) with max |x / 2^e| over ``axes`` in [2^13, 2^14).
+
+    2^e is float32 of x's shape with ``axes`` kept as size 1. Multiplying by a
+    power of two is exact, so scaling the product back by 2^e loses nothing.
+    (e is clipped to [-100, 100]: rows below 2^-86 stay unscaled and round to
+    float16 zeros, rows above 2^114 overflow as they would in float32.)
+    """
+    amax = jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+    _, e = jnp.frexp(jnp.where(jnp.isfinite(amax), amax, 1.0))  # amax = m 2^e, 0.5 <= m < 1
+    e = jax.lax.stop_gradient(jnp.clip(e - SCALE_EXP, -100, 100))
+    one = jnp.ones(e.shape, jnp.float32)
+    return x * jnp.ldexp(one, -e), jnp.ldexp(one, e)
+
+
+def half_product(eq: str, x, w):
+    """float32 x times half-precision w in w's dtype, float32 accumulation, range-safe.
+
+    eq: an einsum without ellipsis. For narrow-range dtypes (float16) x is
+    scaled per row (over the axes the product sums over) by ``scale_rows``.
+    """
+    xl, wl, ol = _labels(eq)
+    if not narrow_range(w.dtype):
+        return jnp.einsum(eq, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    summed = tuple(i for i, label in enumerate(xl) if label not in ol)
+    xs, scale = scale_rows(x, summed)
+    y = jnp.einsum(eq, xs.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    # scale's kept axes are x's non-summed axes: put them where the output has them.
+    kept = "".join(label for label in xl if label in ol)
+    scale = scale.reshape([n for n, label in zip(x.shape, xl) if label in ol])
+    order = "".join(label for label in ol if label in kept)
+    scale = jnp.einsum(f"{kept}->{order}", scale) if order != kept else scale
+    return y * scale.reshape([scale.shape[order.index(c)] if c in order else 1 for c in ol])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _half_einsum(eq, x, w):
+    return half_product(eq, x, w)
+
+
+def _half_einsum_fwd(eq, x, w):
+    return half_product(eq, x, w), (x, w)
+
+
+def _half_einsum_bwd(eq, residuals, g):
+    # d/dx: the same range-safe product of the float32 cotangent with w; d/dw in float32.
+    x, w = residuals
+    xl, wl, ol = _labels(eq)
+    gx = half_product(f"{ol},{wl}->{xl}", g.astype(jnp.float32), w)
+    gw = jnp.einsum(f"{xl},{ol}->{wl}", x, g.astype(jnp.float32))
+    return gx.astype(x.dtype), gw.astype(w.dtype)
+
+
+_half_einsum.defvjp(_half_einsum_fwd, _half_einsum_bwd)
+
+
+def _labels(eq: str) -> tuple[str, str, str]:
+    inputs, out = eq.replace(" ", "").split("->")
+    xl, wl = inputs.split(",")
+    return xl, wl, out
+
+
+def _expand_ellipsis(eq: str, x_ndim: int) -> str:
+    """'...d,dv->...v' -> 'ABd,dv->ABv' for a 3-D x (only x and the output may use '...')."""
+    if "..." not in eq:
+        return eq
+    xl, wl, ol = _labels(eq)
+    n = x_ndim - (len(xl) - 3)
+    fill = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)[:n]
+    return f"{xl.replace('...', fill)},{wl}->{ol.replace('...', fill)}"
+
+
+def weight(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...]):
+    """``module.param(name, init, shape)``; a value already given is used as it is.
+
+    (Flax would otherwise check its shape against ``shape``; a run-layout weight,
+    see ``pali_kit.model.cpu``, holds the same matrix in another form.)
+    """
+    if module.has_variable("params", name):
+        return module.get_variable("params", name)
+    return module.param(name, init, shape)
 
 
 def to_device(array: np.ndarray) -> jax.Array:
@@ -44,72 +189,6 @@ def to_device(array: np.ndarray) -> jax.Array:
         return jax.device_put(array, may_alias=True)
     except TypeError:  # older JAX without may_alias
         return jnp.asarray(array)
-
-
-@jax.tree_util.register_pytree_node_class
-class OutIn:
-    """A weight matrix kept transposed, (out, in), as column blocks: y = x @ w.T.
-
-    Weights are stored (in, out). For one token at a time, XLA:CPU multiplies
-    a bfloat16 (in, out) matrix through a slow generic kernel, but reads an
-    (out, in) one at full memory speed, provided ``in`` is at most ~3000
-    (longer rows fall back to the slow kernel). So the CPU inference layout
-    keeps such copies, split along ``in`` into blocks of at most ``BLOCK``.
-    """
-
-    BLOCK = 2304
-
-    def __init__(self, blocks):
-        self.blocks = tuple(blocks)  # each (out, in_block), contiguous
-
-    @classmethod
-    def from_in_out(cls, w: np.ndarray) -> OutIn:
-        """Copy a host (in, out) matrix into transposed blocks (out, <= BLOCK)."""
-        n = -(-w.shape[0] // cls.BLOCK)
-        return cls(to_device(np.ascontiguousarray(part.T)) for part in np.array_split(w, n))
-
-    def tree_flatten(self):
-        return self.blocks, None
-
-    @classmethod
-    def tree_unflatten(cls, aux, children):
-        return cls(children)
-
-
-def dense(x, w):
-    """x float[..., in] -> float[..., out] for w (in, out), or an ``OutIn``.
-
-    Always plain 2-D matmuls (leading axes flattened): XLA:CPU picks slow
-    generic kernels for 3-D operands. For an OutIn and one row, ``x @ w.T``
-    maps to XLA:CPU's fast row-major matrix-vector kernel; for several rows
-    the direct contraction is the fast form.
-    """
-    lead = x.shape[:-1]
-    # The barrier gives each matmul its own copy of the input as far as XLA can
-    # tell; otherwise XLA's dot-merger pass fuses matmuls that share an input
-    # (gate and up, the heads of q) by concatenating their weights: a copy of
-    # those weights on every call.
-    x2 = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]))
-    if not isinstance(w, OutIn):
-        y = _matmul(x2, w)
-    else:
-        parts, start = [], 0
-        for block in w.blocks:
-            part = x2[:, start : start + block.shape[1]]
-            start += block.shape[1]
-            parts.append(_matmul(part, block.T) if x2.shape[0] == 1 else _matmul(part, block, 1))
-        # Summing behind a barrier keeps each product a separate matmul kernel
-        # (an add fused into it would make XLA:CPU convert the block first).
-        y = sum(jax.lax.optimization_barrier(tuple(parts))) if len(parts) > 1 else parts[0]
-    return y.reshape(*lead, y.shape[-1])
-
-
-def _matmul(x, w, contract_rhs: int = 0):
-    """2-D x @ w (or x @ w.T when contract_rhs=1) with the dtype policy of ``mm``."""
-    dims = (((1,), (contract_rhs,)), ((), ()))
-    if w.dtype == jnp.float32:
-        return jax.lax.dot_general(x.astype(jnp.float32), w, dims)
-    return jax.lax.dot_general(x.astype(w.dtype), w, dims, preferred_element_type=jnp.float32)
 
 
 def init_stacked(layer, rng: jax.Array, depth: int, *example_args, **example_kw) -> Params:
@@ -124,18 +203,29 @@ def init_stacked(layer, rng: jax.Array, depth: int, *example_args, **example_kw)
 def stacked_param(module, name: str, init_fn):
     """Declare a stacked-layers parameter (a whole tree) in a Flax module's ``setup``.
 
-    When the parameter already exists it is returned as given, without Flax's
-    shape check, so the same module also accepts the per-layer views made by
-    ``split_layers``.
+    A tree already given is returned as it is (no shape check), so the module
+    also runs a run layout of the same weights.
     """
     if module.has_variable("params", name):
         return module.get_variable("params", name)
     return module.param(name, init_fn)
 
 
-def layer_slice(stacked: Params, i: int) -> Params:
-    """The parameters of layer ``i`` (a static index: no copy in the unrolled loop)."""
-    return jax.tree.map(lambda a: a[i], stacked)
+def layer_slice(stacked, i: int):
+    """The parameters of layer ``i``: ``leaf[i]`` for every leaf of the nested dicts.
+
+    A static index: the unrolled loop reads the layer in place.
+    """
+    if isinstance(stacked, Mapping):
+        return {k: layer_slice(v, i) for k, v in stacked.items()}
+    return stacked[i]
+
+
+def stack_depth(stacked) -> int:
+    """Number of layers in a stack (the leading size of its leaves)."""
+    while isinstance(stacked, Mapping):
+        stacked = next(iter(stacked.values()))
+    return len(stacked)
 
 
 def run_stack(
@@ -146,25 +236,17 @@ def run_stack(
     scan: bool = False,
     remat: bool = False,
 ):
-    """Run a carry (activations, and a KV cache if any) through every layer.
+    """Run a carry (activations) through every layer.
 
     Args:
-      apply_layer: ``(params_i, carry, i) -> carry`` for layer ``i``. ``i`` is a
-        Python int when unrolled and a traced int32 under ``scan``; a KV cache
-        in the carry is updated in place with ``cache.at[i, ...].set(...)``.
+      apply_layer: ``(params_i, carry, i) -> carry`` for layer ``i`` (a Python
+        int when unrolled, a traced int32 under ``scan``).
       stacked: parameters with a leading ``depth`` axis.
       carry: what flows from layer to layer.
-      scan: use ``lax.scan`` over the stack instead of a Python loop.
+      scan: ``lax.scan`` over the stack instead of a Python loop.
       remat: recompute each layer's activations in the backward pass.
     """
-    if isinstance(stacked, (list, tuple)):  # already split into layers (see split_layers)
-        if scan:
-            raise ValueError("scan=True needs the stacked parameters, not per-layer views")
-        for i, params_i in enumerate(stacked):
-            step = functools.partial(apply_layer, i=i)
-            carry = (jax.checkpoint(step) if remat else step)(params_i, carry)
-        return carry
-    depth = jax.tree.leaves(stacked)[0].shape[0]
+    depth = stack_depth(stacked)
     if scan:
 
         def body(carry, xs):
@@ -180,53 +262,3 @@ def run_stack(
         step = jax.checkpoint(step) if remat else step
         carry = step(layer_slice(stacked, i), carry)
     return carry
-
-
-def split_leading(a: jax.Array) -> tuple[jax.Array, ...] | None:
-    """Views ``a[0], a[1], ...`` sharing ``a``'s memory, or None where that's impossible.
-
-    On CPU a JAX array's buffer is host memory: numpy can view it, and JAX can
-    adopt any 64-byte-aligned piece of it without copying (``may_alias``). On
-    GPU/TPU (or for arrays JAX won't alias) this returns None.
-    """
-    if not _on_one_cpu(a):
-        return None
-    host = np.asarray(a)  # no copy for a CPU array
-    if host.ctypes.data != a.unsafe_buffer_pointer():
-        return None
-    try:
-        parts = tuple(jax.device_put(host[i], may_alias=True) for i in range(a.shape[0]))
-    except TypeError:  # JAX without may_alias
-        return None
-    if any(p.unsafe_buffer_pointer() != host[i].ctypes.data for i, p in enumerate(parts)):
-        return None  # JAX copied (misaligned piece): not worth keeping
-    return parts
-
-
-def split_layers(stacked: Params) -> tuple[Params, ...] | Params:
-    """Per-layer views of a stacked tree that share its memory (CPU only).
-
-    Inside ``jit``, XLA:CPU copies ``w[i]`` out of a stacked weight before each
-    matmul (for every layer, every call). Handing the compiled function one
-    array per layer avoids that, and on CPU those arrays alias the stacked
-    buffer, so nothing is copied and no memory is added. Elsewhere (GPU/TPU)
-    the stacked tree is returned unchanged.
-    """
-    leaves, treedef = jax.tree.flatten(stacked)
-    parts = [split_leading(a) for a in leaves]
-    if not leaves or any(p is None for p in parts):
-        return stacked
-    return tuple(jax.tree.unflatten(treedef, layer) for layer in zip(*parts))
-
-
-def _on_one_cpu(a) -> bool:
-    try:
-        return (
-            isinstance(a, jax.Array)
-            and a.is_fully_addressable
-            and len(a.devices()) == 1
-            and next(iter(a.devices())).platform == "cpu"
-            and a.ndim >= 1
-        )
-    except Exception:  # deleted or unusual arrays: just don't split
-        return False

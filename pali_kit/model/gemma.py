@@ -36,16 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..configs import GemmaConfig
-from .common import (
-    OutIn,
-    dense,
-    init_stacked,
-    layer_slice,
-    mm,
-    run_stack,
-    split_leading,
-    stacked_param,
-)
+from .common import init_stacked, layer_slice, mm, run_stack, stacked_param, weight
 
 # big_vision masks attention logits with this value (not -inf: a row with no
 # visible key, e.g. a padding query, stays finite).
@@ -93,56 +84,6 @@ def softcap(x, cap: float):
     return cap * jnp.tanh(x / cap) if cap else x
 
 
-def heads_mm(x, w):
-    """x float[B, T, D] times each matrix w[n] (D, H) -> float[B, T, n, H].
-
-    ``w`` is the stored (n, D, H) array, or a tuple of n per-head matrices (the
-    CPU inference layout, see ``split_for_inference``): then each head is one
-    plain matmul on weights that need no transposing or slicing.
-    """
-    if isinstance(w, (tuple, list)):
-        return jnp.stack([dense(x, w_n) for w_n in w], axis=2)
-    return mm("btd,ndh->btnh", x, w)
-
-
-def split_for_inference(layer, out_in: bool = False):
-    """One layer's params in the CPU inference layout.
-
-    q_einsum/w (Nh, W, H) -> Nh matrices (W, H); kv_einsum/w (2, K, W, H) -> (K keys,
-    K values); gating_einsum (2, W, F) -> (gate, up). By default these are
-    zero-copy views of the stacked arrays, so XLA:CPU runs plain matmuls on the
-    weights where they lie. With ``out_in`` (bfloat16/float16 weights), every
-    matrix is instead copied once as (out, in) (``OutIn``), the layout that
-    XLA:CPU reads at full speed for one token at a time; this costs one extra
-    copy of the layer's matrices.
-    """
-    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
-    q = split_leading(attn["q_einsum"]["w"])
-    kv = split_leading(attn["kv_einsum"]["w"])
-    kv = kv and tuple(split_leading(half) for half in kv)
-    gating = split_leading(mlp["gating_einsum"])
-    if q is None or kv is None or None in kv or gating is None:
-        return layer
-    if out_in:
-        flip = lambda m: OutIn.from_in_out(np.asarray(m))
-        q, gating = tuple(map(flip, q)), tuple(map(flip, gating))
-        kv = tuple(tuple(map(flip, half)) for half in kv)
-        w_o = np.asarray(attn["attn_vec_einsum"]["w"])
-        attn["attn_vec_einsum"] = {"w": flip(w_o.reshape(-1, w_o.shape[-1]))}
-        mlp["linear"] = flip(mlp["linear"])
-    attn["q_einsum"] = {"w": q}
-    attn["kv_einsum"] = {"w": kv}
-    mlp["gating_einsum"] = gating
-    return {**layer, "attn": attn, "mlp": mlp}
-
-
-def _weight(module: nn.Module, name: str, init, shape):
-    """``module.param`` that also accepts a weight given as a tuple of views."""
-    if module.has_variable("params", name):
-        return module.get_variable("params", name)
-    return module.param(name, init, shape)
-
-
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * (1 + scale); ``scale`` starts at zero (identity)."""
 
@@ -163,7 +104,7 @@ class Einsum(nn.Module):
     @nn.compact
     def __call__(self):
         fan_in = self.shape[-2] if len(self.shape) >= 2 else self.shape[-1]
-        return _weight(self, "w", nn.initializers.normal(fan_in**-0.5), self.shape)
+        return weight(self, "w", nn.initializers.normal(fan_in**-0.5), self.shape)
 
 
 class Attention(nn.Module):
@@ -183,11 +124,8 @@ class Attention(nn.Module):
         w_kv = Einsum((2, cfg.num_kv_heads, cfg.width, cfg.head_dim), name="kv_einsum")()
         w_o = Einsum((cfg.num_heads, cfg.head_dim, cfg.width), name="attn_vec_einsum")()
 
-        q = heads_mm(x, w_q)  # [B, T, Nh, H]
-        if isinstance(w_kv, tuple):
-            k, v = heads_mm(x, w_kv[0]), heads_mm(x, w_kv[1])  # [B, T, K, H] each
-        else:
-            k, v = mm("btd,ckdh->cbtkh", x, w_kv)
+        q = mm("btd,ndh->btnh", x, w_q, cfg.compute_dtype)  # [B, T, Nh, H]
+        k, v = mm("btd,ckdh->cbtkh", x, w_kv, cfg.compute_dtype)  # [B, T, K, H] each
         q = apply_rope(q, positions, cfg.rope_base) * cfg.query_scale
         k = apply_rope(k, positions, cfg.rope_base)
 
@@ -206,12 +144,8 @@ class Attention(nn.Module):
         logits = softcap(logits, cfg.attn_logits_softcap)
         logits = jnp.where(mask[:, None, None, :, :], logits, BIG_NEG)
         probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b * t, -1)  # [B*T, Nh*H]
-        # (Nh, H, W) -> (Nh*H, W) is free; the einsum form would transpose w_o first.
-        if not isinstance(w_o, OutIn):
-            w_o = w_o.reshape(-1, cfg.width)
-        out = dense(out, w_o)
-        return out.reshape(b, t, cfg.width), cache
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, -1)
+        return mm("btnh,nhd->btd", out, w_o, cfg.compute_dtype), cache
 
 
 class FeedForward(nn.Module):
@@ -223,16 +157,12 @@ class FeedForward(nn.Module):
     def __call__(self, x):
         cfg = self.config
         init = nn.initializers.normal(cfg.width**-0.5)
-        w_gating = _weight(self, "gating_einsum", init, (2, cfg.width, cfg.mlp_dim))
-        w_linear = _weight(
+        w_gating = weight(self, "gating_einsum", init, (2, cfg.width, cfg.mlp_dim))
+        w_linear = weight(
             self, "linear", nn.initializers.normal(cfg.mlp_dim**-0.5), (cfg.mlp_dim, cfg.width)
         )
-        if isinstance(w_gating, tuple):
-            gate, up = (dense(x, w) for w in w_gating)
-        else:
-            gate, up = mm("btd,cdf->cbtf", x, w_gating)  # both [B, T, F]
-        gate = nn.gelu(gate, approximate=True)
-        return dense(gate * up, w_linear)
+        gate, up = mm("btd,cdf->cbtf", x, w_gating, cfg.compute_dtype)  # [B, T, F] each
+        return mm("btf,fd->btd", nn.gelu(gate, approximate=True) * up, w_linear, cfg.compute_dtype)
 
 
 class Block(nn.Module):
@@ -260,7 +190,7 @@ class Gemma(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embedder = Embedder(cfg.vocab_size, cfg.width)
+        self.embedder = Embedder(cfg.vocab_size, cfg.width, cfg.compute_dtype)
         block = Block(cfg, parent=None)  # a detached template, applied per layer
         ex_x = jnp.zeros((1, 1, cfg.width), jnp.float32)
         ex_pos, ex_mask = jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1, 1), bool)
@@ -270,7 +200,7 @@ class Gemma(nn.Module):
         self.final_norm = RMSNorm(cfg.norm_eps)
 
     def embed(self, tokens):
-        """int32[B, T] -> float32[B, T, W]: table rows times sqrt(W) (in the table dtype)."""
+        """int32[B, T] -> float32[B, T, W]: table rows times sqrt(W)."""
         return self.embedder.encode(tokens)
 
     def __call__(self, x, positions, mask, cache=None, slot=None, *, scan=False, remat=False):
@@ -289,11 +219,9 @@ class Gemma(nn.Module):
             x = run_stack(apply_layer, self.layers, x, scan=scan, remat=remat)
             return self.final_norm(x), None
 
-        layers = self.layers
-        if not isinstance(layers, (list, tuple)):
-            layers = [layer_slice(layers, i) for i in range(self.config.depth)]
         new_k, new_v = [], []
-        for params, k, v in zip(layers, cache.k, cache.v):
+        for i, (k, v) in enumerate(zip(cache.k, cache.v)):
+            params = layer_slice(self.layers, i)
             x, (k, v) = block.apply({"params": params}, x, positions, mask, (k, v), slot)
             new_k.append(k)
             new_v.append(v)
@@ -305,22 +233,20 @@ class Gemma(nn.Module):
 
 
 class Embedder(nn.Module):
+    """The token table (V, W): input embedding, and (tied) the output projection."""
+
     vocab_size: int
     width: int
+    compute_dtype: str | None = None
 
     def setup(self):
-        self.input_embedding = self.param(
-            "input_embedding",
-            nn.initializers.normal(self.width**-0.5),
-            (self.vocab_size, self.width),
-        )
+        init = nn.initializers.normal(self.width**-0.5)
+        self.input_embedding = weight(self, "input_embedding", init, (self.vocab_size, self.width))
 
     def encode(self, tokens):
-        table = self.input_embedding
-        x = table[(tokens,)] * jnp.sqrt(self.width).astype(table.dtype)
-        return x.astype(jnp.float32)
+        """int32[...] -> float32[..., W]: table rows times sqrt(W), in float32."""
+        return self.input_embedding[(tokens,)].astype(jnp.float32) * float(np.sqrt(self.width))
 
     def decode(self, x):
-        # The table is (V, W): an (out, in) matrix, the layout XLA:CPU's fast
-        # one-row kernels read.
-        return dense(x, OutIn([self.input_embedding]))
+        """float[..., W] -> float32[..., V]."""
+        return mm("...d,vd->...v", x, self.input_embedding, self.compute_dtype)

@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from ..configs import PaliGemmaConfig, resolve_config
-from .common import split_layers
-from .gemma import Gemma, KVCache, split_for_inference
+from .gemma import Gemma, KVCache
 from .siglip import SigLIP
 
 
@@ -149,30 +148,6 @@ def init_params(config, rng=0, dtype=None):
         return params if dtype is None else jax.tree.map(lambda a: a.astype(dtype), params)
 
     return init(rng)
-
-
-def inference_params(params, out_in: bool | None = None):
-    """The same weights in the layout compiled inference code reads fastest.
-
-    Each layer stack is split into per-layer (and per-head) pieces; on CPU these
-    are views of the stacked arrays' memory (see ``split_layers``), so this
-    costs nothing and lets the unrolled forward pass read every weight in place.
-    ``out_in`` (default: for bfloat16/float16 weights on CPU) also keeps the
-    LLM's matrices as (out, in) copies, which XLA:CPU multiplies by one token
-    several times faster; that adds one copy of those matrices. Only for
-    inference: training and saving use the stacked tree.
-    """
-    img, llm = dict(params["img"]), dict(params["llm"])
-    transformer = dict(img["Transformer"])
-    transformer["encoderblock"] = split_layers(transformer["encoderblock"])
-    img["Transformer"] = transformer
-    layers = split_layers(llm["layers"])
-    if isinstance(layers, tuple):
-        if out_in is None:
-            out_in = llm["final_norm"]["scale"].dtype in (jnp.bfloat16, jnp.float16)
-        layers = tuple(split_for_inference(layer, out_in) for layer in layers)
-    llm["layers"] = layers
-    return {**params, "img": img, "llm": llm}
 
 
 def param_shapes(name_or_config, dtype=jnp.float32):

@@ -18,13 +18,14 @@ Parameter tree (layers stacked on a leading axis, as in the official files)::
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ..configs import VisionConfig
-from .common import dense, init_stacked, run_stack, stacked_param
+from .common import init_stacked, mm, run_stack, stacked_param, weight
 
 _dense_init = nn.initializers.lecun_normal()
 
@@ -34,16 +35,16 @@ class Dense(nn.Module):
 
     features: tuple[int, ...]
     contract: int = 1  # how many trailing input axes the kernel contracts
+    compute_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x):
         in_shape = x.shape[x.ndim - self.contract :]
-        kernel = self.param("kernel", _dense_init, (*in_shape, *self.features))
+        kernel = weight(self, "kernel", _dense_init, (*in_shape, *self.features))
         bias = self.param("bias", nn.initializers.zeros, self.features)
-        # One 2-D matmul: (..., in...) @ (in..., out...) with the axes flattened.
-        lead = x.shape[: x.ndim - self.contract]
-        y = dense(x.reshape(*lead, -1), kernel.reshape(-1, int(np.prod(self.features))))
-        return y.reshape(*lead, *self.features) + bias.astype(jnp.float32)
+        ins, outs = "ijk"[: self.contract], "pqr"[: len(self.features)]
+        y = mm(f"...{ins},{ins}{outs}->...{outs}", x, kernel, self.compute_dtype)
+        return y + bias.astype(jnp.float32)
 
 
 class LayerNorm(nn.Module):
@@ -64,28 +65,30 @@ class Attention(nn.Module):
     """Multi-head self-attention with biases: q, k, v ``(D, heads, head_dim)``, out ``(heads, head_dim, D)``."""
 
     num_heads: int
+    compute_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x):  # float[B, N, D] -> float[B, N, D]
         d = x.shape[-1]
         hd = d // self.num_heads
-        q = Dense((self.num_heads, hd), name="query")(x)
-        k = Dense((self.num_heads, hd), name="key")(x)
-        v = Dense((self.num_heads, hd), name="value")(x)
+        dense = functools.partial(Dense, (self.num_heads, hd), compute_dtype=self.compute_dtype)
+        q, k, v = dense(name="query")(x), dense(name="key")(x), dense(name="value")(x)
         q = q / jnp.sqrt(hd).astype(q.dtype)
         logits = jnp.einsum("bqnh,bknh->bnqk", q, k)
         probs = jax.nn.softmax(logits, axis=-1)
         out = jnp.einsum("bnqk,bknh->bqnh", probs, v)
-        return Dense((d,), contract=2, name="out")(out)
+        return Dense((d,), contract=2, compute_dtype=self.compute_dtype, name="out")(out)
 
 
 class MlpBlock(nn.Module):
     mlp_dim: int
+    compute_dtype: str | None = None
 
     @nn.compact
     def __call__(self, x):  # float[B, N, D] -> float[B, N, D]
-        h = nn.gelu(Dense((self.mlp_dim,), name="Dense_0")(x), approximate=True)
-        return Dense((x.shape[-1],), name="Dense_1")(h)
+        cd = self.compute_dtype
+        h = nn.gelu(Dense((self.mlp_dim,), compute_dtype=cd, name="Dense_0")(x), approximate=True)
+        return Dense((x.shape[-1],), compute_dtype=cd, name="Dense_1")(h)
 
 
 class Encoder1DBlock(nn.Module):
@@ -95,10 +98,12 @@ class Encoder1DBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
+        cfg = self.config
         y = LayerNorm(name="LayerNorm_0")(x)
-        x = x + Attention(self.config.num_heads, name="MultiHeadDotProductAttention_0")(y)
+        attn = Attention(cfg.num_heads, cfg.compute_dtype, name="MultiHeadDotProductAttention_0")
+        x = x + attn(y)
         y = LayerNorm(name="LayerNorm_1")(x)
-        return x + MlpBlock(self.config.mlp_dim, name="MlpBlock_0")(y)
+        return x + MlpBlock(cfg.mlp_dim, cfg.compute_dtype, name="MlpBlock_0")(y)
 
 
 class PatchEmbed(nn.Module):
@@ -106,17 +111,18 @@ class PatchEmbed(nn.Module):
 
     width: int
     patch: int
+    compute_dtype: str | None = None
 
     @nn.compact
     def __call__(self, images):  # float[B, H, W, 3] -> float[B, H/p * W/p, width]
         p = self.patch
-        kernel = self.param("kernel", _dense_init, (p, p, images.shape[-1], self.width))
+        kernel = weight(self, "kernel", _dense_init, (p, p, images.shape[-1], self.width))
         bias = self.param("bias", nn.initializers.zeros, (self.width,))
         b, h, w, c = images.shape
         patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
         patches = patches.reshape(b, (h // p) * (w // p), p, p, c)  # row-major over the grid
-        flat = patches.reshape(b, -1, p * p * c)
-        return dense(flat, kernel.reshape(-1, self.width)) + bias.astype(jnp.float32)
+        y = mm("bnijc,ijcd->bnd", patches, kernel, self.compute_dtype)
+        return y + bias.astype(jnp.float32)
 
 
 class Transformer(nn.Module):
@@ -156,10 +162,11 @@ class SigLIP(nn.Module):
                 f"images are {images.shape[1]}x{images.shape[2]}, this model takes "
                 f"{cfg.image_size}x{cfg.image_size}: use pk.preprocess(images, {cfg.image_size})"
             )
-        x = PatchEmbed(cfg.width, cfg.patch_size, name="embedding")(images.astype(jnp.float32))
+        embed = PatchEmbed(cfg.width, cfg.patch_size, cfg.compute_dtype, name="embedding")
+        x = embed(images.astype(jnp.float32))
         pos = self.param(
             "pos_embedding", nn.initializers.normal(0.02), (1, cfg.num_tokens, cfg.width)
         )
         x = x + pos.astype(jnp.float32)
         x = Transformer(cfg, name="Transformer")(x, scan=scan, remat=remat)
-        return Dense((self.out_width,), name="head")(x)
+        return Dense((self.out_width,), compute_dtype=cfg.compute_dtype, name="head")(x)

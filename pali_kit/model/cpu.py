@@ -1,0 +1,287 @@
+"""The CPU inference layout: the official weights arranged for XLA:CPU.
+
+The model modules compute with the official stacked tree as plain einsums;
+that is what GPUs, TPUs and training run. On CPU, three things make XLA:CPU
+slow on that form, and this module (only) works around them, for inference:
+
+1. Inside ``jit``, XLA:CPU copies ``w[i]`` out of a stacked weight before each
+   matmul, for every layer on every call. The layout hands the compiled code
+   one array per layer instead: on CPU these *alias* the stacked buffer
+   (``split_leading``), so nothing is copied and no memory is added.
+2. Products with 3-D operands and einsums over several weight axes get slow
+   generic kernels, and XLA's dot merger concatenates weights that share an
+   input (gate and up, the heads of q) on every call. Every weight becomes a
+   :class:`Matrix`: a grid of plain 2-D matrices (per head, per gate/up), each
+   multiplied separately, its input behind an ``optimization_barrier``.
+3. XLA:CPU multiplies one row by a bfloat16/float16 ``(in, out)`` matrix through
+   a slow generic kernel, but reads an ``(out, in)`` one at full memory speed
+   when ``in`` is at most ~3000. For half-precision weights the LLM matrices are
+   therefore copied once as ``(out, in)`` blocks of at most ``BLOCK`` columns
+   (``out_in``), and the products of the blocks summed.
+
+The numbers come out as the official tree's (the same products, in the same
+numerics policy, see ``common.py``), up to float32 summation order.
+``cpu_layout(params) -> run tree`` is the whole interface; ``inference_params``
+applies it only when the arrays live on one CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .common import (
+    _expand_ellipsis,
+    _labels,
+    narrow_range,
+    operand_dtype,
+    scale_rows,
+    to_device,
+)
+
+BLOCK = 2304  # the widest (out, in) block XLA:CPU's fast one-row kernel takes
+
+
+@jax.tree_util.register_pytree_node_class
+class Matrix:
+    """One official weight as a grid of 2-D matrices; multiplies like the array it replaces.
+
+    groups: one entry per index of the weight's leading *group* axes (``gshape``:
+    heads, gate/up, key/value), each a tuple of arrays:
+      - ``transposed=False``: one array, the group's slice ``(*in, *out)`` as stored
+        (a view on CPU), reshaped to ``(in, out)`` inside the compiled code;
+      - ``transposed=True``: ``(out, in_block)`` copies covering ``in`` in order
+        (``fshape`` is then the ``out`` shape).
+    """
+
+    def __init__(self, groups, gshape=(), transposed=False, fshape=None):
+        self.groups = tuple(tuple(g) for g in groups)
+        self.gshape = tuple(gshape)
+        self.transposed = transposed
+        self.fshape = None if fshape is None else tuple(fshape)
+
+    def tree_flatten(self):
+        return self.groups, (self.gshape, self.transposed, self.fshape)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children, *aux)
+
+    @property
+    def dtype(self):
+        return self.groups[0][0].dtype
+
+    def __getitem__(self, index):
+        """Row lookup, for the embedding table (stored as one (V, W) block)."""
+        if len(self.groups) != 1 or len(self.groups[0]) != 1:
+            raise TypeError("only a one-block Matrix (the embedding table) supports indexing")
+        return self.groups[0][0][index]
+
+    def einsum(self, eq: str, x, compute_dtype=None):
+        """``jnp.einsum(eq, x, W)`` for the official array W this Matrix stands for.
+
+        W's axes in ``eq``: the group axes first, then the contracted axes (which
+        must be x's trailing axes, in the same order) and the output axes in any order.
+        """
+        xl, wl, ol = _labels(_expand_ellipsis(eq, x.ndim))
+        g_labels, rest = wl[: len(self.gshape)], wl[len(self.gshape) :]
+        c_labels = "".join(c for c in rest if c in xl)
+        f_labels = "".join(c for c in rest if c not in xl)
+        if not xl.endswith(c_labels):
+            raise ValueError(f"{eq}: the contracted axes must be the input's last axes")
+        lead = x.shape[: x.ndim - len(c_labels)]
+        k = math.prod(x.shape[len(lead) :])
+        # The barrier gives each product its own copy of the input as far as XLA
+        # can tell; otherwise the dot merger concatenates weights sharing it.
+        x2 = jax.lax.optimization_barrier(x.reshape(-1, k))
+        ys = [self._product(x2, group, compute_dtype) for group in self.groups]
+        fshape = self.fshape or self.groups[0][0].shape[len(c_labels) :]
+        y = (jnp.stack(ys) if len(ys) > 1 else ys[0]).reshape(*self.gshape, *lead, *fshape)
+        src = g_labels + xl[: len(lead)] + f_labels
+        return y if src == ol else jnp.einsum(f"{src}->{ol}", y)
+
+    def _product(self, x2, blocks, compute_dtype):
+        if not self.transposed:
+            return matmul(x2, blocks[0].reshape(x2.shape[1], -1), compute_dtype)
+        parts, start = [], 0
+        for block in blocks:
+            part = x2[:, start : start + block.shape[1]]
+            start += block.shape[1]
+            # One row: x @ block.T is XLA:CPU's fast row-major matrix-vector kernel;
+            # several rows: the direct contraction is the fast form.
+            if x2.shape[0] == 1:
+                parts.append(matmul(part, block.T, compute_dtype))
+            else:
+                parts.append(matmul(part, block, compute_dtype, contract_rhs=1))
+        if len(parts) == 1:
+            return parts[0]
+        # Summing behind a barrier keeps each product a separate matmul kernel
+        # (an add fused into it would make XLA:CPU convert the block first).
+        return sum(jax.lax.optimization_barrier(tuple(parts)))
+
+
+def matmul(x, w, compute_dtype=None, contract_rhs: int = 0):
+    """2-D ``x @ w`` (``x @ w.T`` with contract_rhs=1) -> float32, under the numerics policy."""
+    dims = (((1,), (contract_rhs,)), ((), ()))
+    x = x.astype(jnp.float32)
+    dtype = operand_dtype(w.dtype, compute_dtype)
+    if dtype == jnp.float32:
+        return jax.lax.dot_general(x, w.astype(jnp.float32), dims)
+    if compute_dtype is None and narrow_range(dtype):
+        xs, scale = scale_rows(x, (1,))
+        y = jax.lax.dot_general(xs.astype(dtype), w, dims, preferred_element_type=jnp.float32)
+        return y * scale
+    return jax.lax.dot_general(
+        x.astype(dtype), w.astype(dtype), dims, preferred_element_type=jnp.float32
+    )
+
+
+# --- building the layout ---------------------------------------------------------------
+
+
+def inference_params(params, out_in: bool | None = None):
+    """The run tree for compiled inference: ``cpu_layout`` where the arrays live on
+    one CPU, otherwise ``params`` unchanged (GPU/TPU run the official tree)."""
+    if not all(_on_one_cpu(a) for a in jax.tree.leaves(params)):
+        return params
+    return cpu_layout(params, out_in)
+
+
+def cpu_layout(params, out_in: bool | None = None):
+    """Official tree -> CPU layout (same nesting; inference only).
+
+    Layer stacks become per-layer views (leaves are tuples over layers), every
+    matrix a :class:`Matrix`. ``out_in`` (default: for bfloat16/float16 weights)
+    copies the LLM's matrices as (out, in) blocks: one extra copy of them.
+    Arrays that cannot be viewed (not on one CPU) are left as they are.
+    """
+    img, llm = dict(params["img"]), dict(params["llm"])
+    if out_in is None:
+        out_in = llm["final_norm"]["scale"].dtype in (jnp.bfloat16, jnp.float16)
+
+    img = _map_kernels(img, lambda k: Matrix([[k]]))
+    transformer = dict(img["Transformer"])
+    layers = _split_layers(params["img"]["Transformer"]["encoderblock"])
+    if layers is not None:
+        transformer["encoderblock"] = _stack_of(
+            [_map_kernels(layer, lambda k: Matrix([[k]])) for layer in layers]
+        )
+    img["Transformer"] = transformer
+
+    table = llm["embedder"]["input_embedding"]  # (V, W) is already (out, in)
+    llm["embedder"] = {"input_embedding": Matrix([[table]], (), True, table.shape[:1])}
+    layers = _split_layers(llm["layers"])
+    if layers is not None:
+        llm["layers"] = _stack_of([_llm_layer(layer, out_in) for layer in layers])
+    return {**params, "img": img, "llm": llm}
+
+
+def _llm_layer(layer, out_in: bool):
+    """One LLM layer's matrices as Matrix grids (per head, per key/value, gate/up)."""
+    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+    matrix = _out_in_matrix if out_in else _view_matrix
+    attn["q_einsum"] = {"w": matrix(attn["q_einsum"]["w"], 1)}  # (Nh | W, H)
+    attn["kv_einsum"] = {"w": matrix(attn["kv_einsum"]["w"], 2)}  # (2, K | W, H)
+    attn["attn_vec_einsum"] = {"w": matrix(attn["attn_vec_einsum"]["w"], 0)}  # (Nh, H, W)
+    mlp["gating_einsum"] = matrix(mlp["gating_einsum"], 1)  # (2 | W, F)
+    mlp["linear"] = matrix(mlp["linear"], 0)  # (F, W)
+    return {**layer, "attn": attn, "mlp": mlp}
+
+
+def _view_matrix(w, n_group: int):
+    """Groups as views of ``w`` (no copy): w's first ``n_group`` axes index them.
+
+    Where JAX cannot view a piece (misaligned), ``w`` stays a plain array.
+    """
+    groups = [w]
+    for _ in range(n_group):
+        parts = [split_leading(g) for g in groups]
+        if any(p is None for p in parts):
+            return w
+        groups = [piece for p in parts for piece in p]
+    return Matrix([[g] for g in groups], w.shape[:n_group])
+
+
+def _out_in_matrix(w, n_group: int):
+    """Groups as (out, in) copies in blocks of at most ``BLOCK`` columns.
+
+    The group's axes after the groups are (in..., out) with a single out axis
+    last (q, kv, gating: (W, H/F); attn_vec: (Nh, H, W) -> in = Nh * H).
+    """
+    host = np.asarray(w)
+    gshape = host.shape[:n_group]
+    flat = host.reshape(math.prod(gshape), -1, host.shape[-1])  # (groups, in, out)
+    groups = []
+    for m in flat:
+        n = -(-m.shape[0] // BLOCK)
+        groups.append([to_device(np.ascontiguousarray(part.T)) for part in np.array_split(m, n)])
+    return Matrix(groups, gshape, True, host.shape[-1:])
+
+
+def _map_kernels(tree, fn):
+    """Apply ``fn`` to every ``kernel`` leaf outside the layer stack."""
+    out = {}
+    for key, value in tree.items():
+        if key == "encoderblock":
+            out[key] = value
+        elif isinstance(value, dict):
+            out[key] = _map_kernels(value, fn)
+        else:
+            out[key] = fn(value) if key == "kernel" else value
+    return out
+
+
+def _split_layers(stacked):
+    """Per-layer trees of views of a stacked tree, or None where views are impossible."""
+    leaves, treedef = jax.tree.flatten(stacked)
+    parts = [split_leading(a) for a in leaves]
+    if not leaves or any(p is None for p in parts):
+        return None
+    return [jax.tree.unflatten(treedef, layer) for layer in zip(*parts)]
+
+
+def _stack_of(layers):
+    """Per-layer trees -> one tree of the same nesting whose leaves are tuples over layers.
+
+    (``common.layer_slice`` indexes these tuples as it indexes stacked arrays.)
+    """
+    first = layers[0]
+    if isinstance(first, dict):
+        return {k: _stack_of([layer[k] for layer in layers]) for k in first}
+    return tuple(layers)
+
+
+def split_leading(a) -> tuple[jax.Array, ...] | None:
+    """Views ``a[0], a[1], ...`` sharing ``a``'s memory, or None where that's impossible.
+
+    On CPU a JAX array's buffer is host memory: numpy can view it, and JAX can
+    adopt any 64-byte-aligned piece of it without copying (``may_alias``). On
+    GPU/TPU (or for arrays JAX won't alias) this returns None.
+    """
+    if not _on_one_cpu(a) or a.ndim < 1:
+        return None
+    host = np.asarray(a)  # no copy for a CPU array
+    if host.ctypes.data != a.unsafe_buffer_pointer():
+        return None
+    try:
+        parts = tuple(jax.device_put(host[i], may_alias=True) for i in range(a.shape[0]))
+    except TypeError:  # JAX without may_alias
+        return None
+    if any(p.unsafe_buffer_pointer() != host[i].ctypes.data for i, p in enumerate(parts)):
+        return None  # JAX copied (misaligned piece): not worth keeping
+    return parts
+
+
+def _on_one_cpu(a) -> bool:
+    try:
+        return (
+            isinstance(a, jax.Array)
+            and a.is_fully_addressable
+            and len(a.devices()) == 1
+            and next(iter(a.devices())).platform == "cpu"
+        )
+    except Exception:  # deleted or unusual arrays: leave them alone
+        return False
