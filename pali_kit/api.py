@@ -123,7 +123,9 @@ class Model:
     def summary(self) -> str:
         dtype = jnp.dtype(self.dtype).name
         if self.quantization:
-            dtype = f"{self.quantization} ({quant.tree_nbytes(self.params) / 1e9:.2f} GB) + {dtype}"
+            size = quant.tree_nbytes(self.params)
+            size = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
+            dtype = f"{self.quantization} + {dtype} ({size})"
         return (f"{self.name} | {self.num_params():,} params | {dtype} "
                 f"| {self.resolution} px | {self.config.vision.num_tokens} image tokens")  # fmt: skip
 

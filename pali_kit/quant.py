@@ -182,7 +182,12 @@ class QArray:
         return dequantize_out_in(part).reshape(*part.values.shape[:-1], *self.in_shape)
 
     def einsum(self, eq: str, x, compute_dtype=None) -> jax.Array:
-        """``jnp.einsum(eq, x, W)`` -> float32 for the float weight W this stands for."""
+        """``jnp.einsum(eq, x, W)`` -> float32 for the float weight W this stands for.
+
+        The model's products (``pali_kit.model.common.mm``) call this: the weight
+        is dequantized (to the dtype it stands for) right in front of the
+        product, which then follows the kit's numerics policy exactly as for W.
+        """
         return einsum(eq, x, self, compute_dtype=compute_dtype)
 
     def __repr__(self):
@@ -298,35 +303,36 @@ def dequantize(q: QArray, dtype=None):
 # ============================================================================ matmul
 
 
-def matmul(x, q: QArray, *, compute_dtype=jnp.float32) -> jax.Array:
-    """x float[..., in] times the weight -> float32[..., *out].
+REDUCE_ROWS = 4  # CPU: products with at most this many rows use the fused reduce
 
-    ``in`` is the logical contraction axes flattened in order. Dequantizes to
-    ``compute_dtype`` right before one dot with float32 accumulation (fused
-    into the matmul by XLA on GPU/TPU). A :class:`CpuQArray` with at most two
-    rows of ``x`` instead computes ``sum_k x[k] * q[o, k] * s[o, g(k)]`` as one
-    fused elementwise-and-reduce pass over the integer values.
+
+def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
+    """x float[..., in] times the weight -> float32[..., *out] (``in``: the contracted axes flattened).
+
+    A :class:`CpuQArray` with at most ``REDUCE_ROWS`` rows of ``x`` computes
+    ``y[o] = sum_k x[k] * q[o, k] * s[o, g(k)]`` as one fused elementwise-and-sum
+    pass over the integer values (float32 arithmetic; no float copy of the
+    weight). Otherwise the weight is dequantized to the dtype it stands for and
+    multiplied under the numerics policy (``pali_kit.model.cpu.matmul``).
     """
+    from .model.cpu import matmul as policy_matmul
+
     if x.shape[-1] != q.in_size:
         raise ValueError(
             f"matmul: x has {x.shape[-1]} inputs, the weight {q.shape} takes {q.in_size}"
         )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, q.in_size)
-    out = q.out_shape
-    if isinstance(q, CpuQArray) and x2.shape[0] <= 2:
+    if isinstance(q, CpuQArray) and x2.shape[0] <= REDUCE_ROWS:
         y = _reduce_matvec(x2.astype(jnp.float32), q)
     else:
-        w = dequantize_out_in(q, compute_dtype).reshape(-1, q.in_size)  # [O, in]
-        y = jax.lax.dot_general(
-            x2.astype(compute_dtype), w, (((1,), (1,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )  # fmt: skip
-    return y.reshape(*lead, *out)
+        w = dequantize_out_in(q).reshape(-1, q.in_size)  # [O, in] in the stood-for dtype
+        y = policy_matmul(x2, w, compute_dtype, contract_rhs=1)
+    return y.reshape(*lead, *q.out_shape)
 
 
 def _reduce_matvec(x2, q: QArray):
-    """float32[R<=2, in] x QArray -> float32[R, O] without a dequantized copy of the weight."""
+    """float32[R, in] x QArray -> float32[R, O] without a dequantized copy of the weight."""
     values = q.values.reshape(-1, q.values.shape[-1])  # [O, in or in/2]
     scales = q.scales.reshape(-1, q.scales.shape[-1])  # [O, groups]
     rows = []
@@ -346,16 +352,16 @@ def _reduce_matvec(x2, q: QArray):
 
 
 def einsum(eq: str, x, w, *, compute_dtype=None):
-    """``jnp.einsum(eq, x, w)`` where ``w`` may be a QArray (float32 result then).
+    """``jnp.einsum(eq, x, w)`` -> float32 where ``w`` may be a QArray, under the numerics policy.
 
-    For a QArray the letters ``w`` shares with ``x`` and not with the output
-    must be exactly its contraction axes (in order); no batch letters. The
-    weight is dequantized to ``compute_dtype`` (default: the dtype it stands
-    for; float16 is computed in float32 here, as it has no overflow guard).
-    Plain arrays go to ``jnp.einsum`` unchanged.
+    A QArray is dequantized in front of the product (``policy_einsum``); a
+    CpuQArray goes through :func:`matmul`: the letters it shares with ``x`` and
+    not with the output must then be exactly its contraction axes, in order.
     """
-    if not isinstance(w, QArray):
-        return jnp.einsum(eq, x, w)
+    from .model.common import policy_einsum
+
+    if not isinstance(w, CpuQArray):
+        return policy_einsum(eq, x, dequantize(w) if isinstance(w, QArray) else w, compute_dtype)
     inputs, out = eq.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
     if "..." in xs:
@@ -373,9 +379,7 @@ def einsum(eq: str, x, w, *, compute_dtype=None):
     rest = [c for c in xs if c not in contracted]
     x = jnp.transpose(x, [xs.index(c) for c in rest + contracted])
     x = x.reshape(*x.shape[: len(rest)], -1)
-    if compute_dtype is None:
-        compute_dtype = jnp.bfloat16 if w.dtype == jnp.bfloat16 else jnp.float32
-    y = matmul(x, w, compute_dtype=compute_dtype)
+    y = matmul(x, w, compute_dtype)
     have = rest + [c for c in ws if c not in contracted]
     return jnp.transpose(y, [have.index(c) for c in out])
 
@@ -485,13 +489,16 @@ def dequantize_params(params: dict) -> dict:
     )  # fmt: skip
 
 
+def for_cpu(q: QArray) -> CpuQArray:
+    """The same arrays (no copy) as a CpuQArray: one-token products use the fused reduce."""
+    return q if isinstance(q, CpuQArray) else CpuQArray(*q.children(), *q.tree_flatten()[1])
+
+
 def cpu_layout(params):
-    """QArrays -> CpuQArrays (same arrays, no copy): decoding on CPU uses the fused reduce."""
+    """Every QArray of a tree as a CpuQArray (see ``for_cpu``)."""
     return jax.tree.map(
-        lambda a: CpuQArray(*a.tree_flatten()[0], *a.tree_flatten()[1])
-        if type(a) is QArray else a,
-        params, is_leaf=lambda a: isinstance(a, QArray),
-    )  # fmt: skip
+        lambda a: for_cpu(a) if isinstance(a, QArray) else a, params, is_leaf=is_quantized
+    )
 
 
 def tree_nbytes(params) -> int:

@@ -213,3 +213,106 @@ def test_load_rejects_an_unknown_scheme():
 
     with pytest.raises(ValueError, match="quantize='int3'.*use 'int8'"):
         pk.load("demo", quantize="int3", verbose=False)
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    from pali_kit.data import ShapesDataset
+
+    ds = ShapesDataset(2, size=64, seed=12345, tasks=["caption", "detect"])
+    return [ds[i].image for i in range(2)], [ds[i].prefix for i in range(2)]
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+def test_quantized_decode_equals_dequantized_reference(scheme, scenes):
+    # The quantized model (CPU: prefill dequantizes in front of the product,
+    # decode runs the fused reduce over the integers) and a float model holding
+    # the dequantized weights compute the same products of the same numbers,
+    # in another summation order: float32 re-association, ~K * eps relative
+    # per product (K <= 512 here: 6e-5), a few layers deep. Greedy tokens are
+    # equal; log-probabilities agree within 1e-3 (absolute, they are O(1)).
+    import pali_kit as pk
+
+    model = pk.load("demo", quantize=scheme, verbose=False)
+    reference = pk.Model(quant.dequantize_params(model.params), model.config, model.tokenizer)
+    assert isinstance(model.run_params["llm"]["layers"]["mlp"]["linear"][0], quant.CpuQArray)
+    images, prompts = scenes
+    got = model.generate(images, prompts, max_new_tokens=12)
+    want = reference.generate(images, prompts, max_new_tokens=12)
+    for g, w in zip(got, want):
+        assert g.text == w.text and len(g.text) > 3
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-3)
+
+
+def test_model_quantize_reports_quantized_leaves_honestly():
+    import pali_kit as pk
+
+    model = pk.load("demo", verbose=False)
+    small = model.quantize("int4")
+    flat = dict(jax.tree_util.tree_flatten_with_path(small.params, is_leaf=quant.is_quantized)[0])
+    quantized = {
+        "/".join(p.key for p in path): leaf for path, leaf in flat.items()
+        if isinstance(leaf, quant.QArray)
+    }  # fmt: skip
+    assert "llm/embedder/input_embedding" in quantized
+    assert all(quant.contraction_axes(k) is not None for k in quantized)
+    assert len(quantized) == 13  # the demo's matrices; patch and position embeddings stay float
+    assert small.num_params() == model.num_params() and small.quantization == "int4"
+    assert small.dtype == np.float32 and "int4" in small.summary()
+    assert quant.tree_nbytes(small.params) < 0.2 * quant.tree_nbytes(model.params)
+    with pytest.raises(ValueError, match="already quantized"):
+        small.quantize("int8")
+    with pytest.raises(ValueError, match="quantize='int16'"):
+        model.quantize("int16")
+    with pytest.raises(ValueError, match="quantized"):
+        pk.save(small, "/nonexistent/never_written.npz")
+
+
+def test_fine_tuning_with_int8_frozen_weights(demo_tokenizer):
+    # frozen weights int8, the trainable subset (attention) float32: the loss is
+    # finite and falls, only the trainable subset moves and gets optimizer state.
+    from pali_kit import checkpoints
+    from pali_kit import data as pdata
+    from pali_kit import train as pt
+    from pali_kit.model import init_params
+
+    from .conftest import tiny_config
+    from .test_train import _examples
+
+    config = tiny_config()
+    params = quant.quantize_params(init_params(config, 0), "int8")
+    batches = pdata.Batcher(_examples(), demo_tokenizer, batch_size=8, text_len=16,
+                            image_size=28, seed=0, prefetch=0)  # fmt: skip
+    trainer = pt.Trainer(params, config, trainable="attention", optimizer="adamw", lr=3e-3,
+                         num_steps=8)  # fmt: skip
+    history = trainer.fit(batches, progress=False)
+    assert np.all(np.isfinite(history.loss))
+    assert np.mean(history.loss[-3:]) < np.mean(history.loss[:3]) - 0.1, history.loss
+    trained = checkpoints.flatten(trainer.state.params)
+    assert set(trained) == {
+        "llm/layers/attn/q_einsum/w", "llm/layers/attn/kv_einsum/w",
+        "llm/layers/attn/attn_vec_einsum/w",
+    }  # fmt: skip
+    assert all(v.dtype == np.float32 and not isinstance(v, quant.QArray) for v in trained.values())
+    before = checkpoints.flatten(params)
+    for key, value in checkpoints.flatten(trainer.frozen).items():
+        assert isinstance(value, quant.QArray) == isinstance(before[key], quant.QArray), key
+        for a, b in zip(jax.tree.leaves(value), jax.tree.leaves(before[key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), key)
+    opt = [x.size for x in jax.tree.leaves(trainer.state.opt_state) if x.ndim]
+    assert sum(opt) == 2 * sum(v.size for v in trained.values())  # Adam mu + nu, trainable only
+
+
+def test_plan_counts_int8_frozen_weights():
+    from pali_kit import train as pt
+
+    from .conftest import tiny_config
+
+    config = tiny_config()
+    base = pt.plan(config, batch_size=2, text_len=8, tpu=False)
+    q8 = pt.plan(config, batch_size=2, text_len=8, tpu=False, frozen_dtype="int8")
+    assert q8.frozen_dtype == "int8" and q8.num_params == base.num_params
+    assert q8.frozen_bytes < base.frozen_bytes and q8.trainable_bytes == base.trainable_bytes
