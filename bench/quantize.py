@@ -142,8 +142,61 @@ def quality(n: int) -> None:
     table(rows, f"demo model, held-out scenes (seed 12345), {n} per task, greedy")
 
 
-def big() -> None:
-    raise NotImplementedError
+def big(name: str = "paligemma2-3b-pt-224", n_images: int = 3, n_text: int = 32, path=None) -> None:
+    """Full-size random weights: int8 / int4 logits vs bfloat16 on the same forward passes.
+
+    Each image is followed by "caption en" and ``n_text`` random tokens
+    (teacher forcing, causal): at every text position we compare the logits
+    (relative L2 error ||l_q - l_bf16|| / ||l_bf16||) and the greedy choice
+    (argmax agreement). Forward passes use the official stacked tree, one
+    model in memory at a time; quantized models are loaded from the same
+    bfloat16 file with ``pk.load(..., quantize=...)`` (streamed).
+    """
+    import jax
+    from common import peak_rss_gb, random_checkpoint
+
+    import pali_kit as pk
+    from pali_kit import quant
+    from pali_kit.model import PaliGemma
+
+    path = path or random_checkpoint(name, "bfloat16")
+    tok = pk.Tokenizer.demo()
+    prompt = [tok.bos_id] + tok.encode("caption en") + list(tok.newline_ids)
+    logits = {}
+    for variant in ("bfloat16", "int8", "int4"):
+        start = time.perf_counter()
+        quantize = None if variant == "bfloat16" else variant
+        model = pk.load(path, dtype="bfloat16", quantize=quantize, verbose=False)
+        load_s = time.perf_counter() - start
+        res, vocab = model.resolution, model.config.llm.vocab_size
+        rng = np.random.default_rng(0)  # the same inputs for every variant
+        images = rng.uniform(-1, 1, (n_images, res, res, 3)).astype(np.float32)
+        text = np.concatenate(
+            [np.tile(prompt, (n_images, 1)), rng.integers(3, vocab, (n_images, n_text))], axis=1
+        ).astype(np.int32)
+        mask_ar = np.concatenate(
+            [np.zeros((n_images, len(prompt))), np.ones((n_images, n_text))], axis=1
+        ).astype(np.int32)
+        module = PaliGemma(model.config)
+        out = jax.jit(lambda p, *a, m=module: m.apply({"params": p}, *a))(
+            model.params, images, text, mask_ar
+        )
+        logits[variant] = np.asarray(out[:, len(prompt) - 1 :], np.float32)
+        print(f"{variant}: load {load_s:.0f} s, weights {quant.tree_nbytes(model.params) / 1e9:.2f}"
+              f" GB, forward {time.perf_counter() - start - load_s:.0f} s, peak RSS so far "
+              f"{peak_rss_gb():.1f} GB", flush=True)  # fmt: skip
+        del model, out
+        jax.clear_caches()
+    ref = logits["bfloat16"]
+    rows = []
+    for variant in ("int8", "int4"):
+        got = logits[variant]
+        rel = np.linalg.norm(got - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+        agree = np.mean(np.argmax(got, -1) == np.argmax(ref, -1))
+        rows.append({"weights": variant, "relative logit error (median)": f"{np.median(rel):.4f}",
+                     "(max)": f"{rel.max():.4f}", "greedy agreement": f"{agree:.3f}",
+                     "positions": str(rel.size)})  # fmt: skip
+    table(rows, f"{name}, random weights, vs bfloat16, {n_images} images x {n_text + 1} positions")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ _EXPORTS = {
     "save_params": "checkpoints",
     "export_hf": "hf",
     "CheckpointError": "checkpoints",
+    "QArray": "quant",
     # text and images
     "Tokenizer": "tokenizer",
     "preprocess": "images",
@@ -46,7 +47,7 @@ _EXPORTS = {
 
 _SUBMODULES = {
     "api", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
-    "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
+    "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli", "quant",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

@@ -155,6 +155,9 @@ class QArray:
     def size(self) -> int:
         return math.prod(self.shape)
 
+    def __len__(self) -> int:
+        return self.shape[0]
+
     @property
     def nbytes(self) -> int:
         """Bytes held: values plus scales."""

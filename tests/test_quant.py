@@ -316,3 +316,26 @@ def test_plan_counts_int8_frozen_weights():
     q8 = pt.plan(config, batch_size=2, text_len=8, tpu=False, frozen_dtype="int8")
     assert q8.frozen_dtype == "int8" and q8.num_params == base.num_params
     assert q8.frozen_bytes < base.frozen_bytes and q8.trainable_bytes == base.trainable_bytes
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+def test_stacked_tree_forward_equals_dequantized(scheme):
+    # The official stacked tree (what GPUs/TPUs run):
+    # each QArray is dequantized in front of its product, so the forward pass is
+    # the dequantized model's up to float32 summation order (K <= 64 terms per
+    # product here; logits O(1)): 1e-4 absolute.
+    from pali_kit.model import PaliGemma, init_params
+
+    from .conftest import tiny_config
+
+    config = tiny_config()
+    params = quant.quantize_params(init_params(config, 0), scheme)
+    reference = quant.dequantize_params(params)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+    text = rng.integers(0, config.llm.vocab_size, (2, 6)).astype(np.int32)
+    mask_ar = np.array([[0, 0, 0, 1, 1, 1]] * 2, np.int32)
+    module = PaliGemma(config)  # (lax.scan over the stack: the fine-tuning test)
+    got = module.apply({"params": params}, images, text, mask_ar)
+    want = module.apply({"params": reference}, images, text, mask_ar)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
