@@ -328,10 +328,34 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
     x2 = x.reshape(-1, q.in_size)
     if isinstance(q, CpuQArray) and x2.shape[0] <= REDUCE_ROWS:
         y = _reduce_matvec(x2.astype(jnp.float32), q)
-    else:
+    elif _chunks(q) == 1:
         w = dequantize_out_in(q).reshape(-1, q.in_size)  # [O, in] in the stood-for dtype
         y = policy_matmul(x2, w, compute_dtype, contract_rhs=1)
+    else:  # the output layer: dequantize one chunk of rows at a time
+        product = lambda c: policy_matmul(x2, dequantize_out_in(c), compute_dtype, contract_rhs=1)
+        y = jax.lax.map(product, _split(q, _chunks(q)))  # [n, R, O / n]
+        y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)
     return y.reshape(*lead, *q.out_shape)
+
+
+CHUNK_ROWS = 1 << 16  # matrices with more output rows (the embedding table) dequantize in chunks
+
+
+def _chunks(q: QArray) -> int:
+    """How many row chunks a one-output-axis matrix of over CHUNK_ROWS rows is dequantized in."""
+    if len(q.out_shape) != 1 or q.out_shape[0] <= CHUNK_ROWS:
+        return 1
+    rows = q.out_shape[0]
+    for n in range(-(-rows // CHUNK_ROWS), min(rows, 4096) + 1):
+        if rows % n == 0:
+            return n
+    return 1
+
+
+def _split(q: QArray, n: int) -> QArray:
+    """[O, ...] -> a QArray stack [n, O / n, ...] (a view: lax.map walks the leading axis)."""
+    return q._replace(q.values.reshape(n, -1, q.values.shape[-1]),
+                      q.scales.reshape(n, -1, q.scales.shape[-1]))  # fmt: skip
 
 
 def _reduce_matvec(x2, q: QArray):
@@ -364,7 +388,18 @@ def einsum(eq: str, x, w, *, compute_dtype=None):
     from .model.common import policy_einsum
 
     if not isinstance(w, CpuQArray):
-        return policy_einsum(eq, x, dequantize(w) if isinstance(w, QArray) else w, compute_dtype)
+        if not isinstance(w, QArray):
+            return policy_einsum(eq, x, w, compute_dtype)
+        n = _chunks(w)
+        if n == 1:
+            return policy_einsum(eq, x, dequantize(w), compute_dtype)
+        # A huge table (the 257152-row output layer): dequantize it chunk by chunk
+        # (lax.map), so at most one chunk of float weights exists at a time.
+        out_letter = eq.replace(" ", "").split("->")[0].split(",")[1][0]
+        at = eq.replace(" ", "").split("->")[1].replace("...", "." * (x.ndim - 1)).index(out_letter)
+        ys = jax.lax.map(lambda c: policy_einsum(eq, x, dequantize(c), compute_dtype), _split(w, n))
+        ys = jnp.moveaxis(ys, 0, at)  # [..., n, V / n, ...]
+        return ys.reshape(*ys.shape[:at], -1, *ys.shape[at + 2 :])
     inputs, out = eq.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
     if "..." in xs:

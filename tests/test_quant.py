@@ -339,3 +339,29 @@ def test_stacked_tree_forward_equals_dequantized(scheme):
     got = module.apply({"params": params}, images, text, mask_ar)
     want = module.apply({"params": reference}, images, text, mask_ar)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_output_layer_dequantizes_in_chunks(monkeypatch, cpu):
+    # Tables with over CHUNK_ROWS rows (the 257152-row output layer) are
+    # dequantized chunk by chunk: the same logits, and the same gradient for the
+    # activations (a training step through a frozen quantized table), as one
+    # dequantized table; float32 re-association over K = 40 terms.
+    monkeypatch.setattr(quant, "CHUNK_ROWS", 100)
+    rng = np.random.default_rng(4)
+    q = quant.quantize(rng.standard_normal((1000, 40)).astype(np.float32), "int4", (-1,))
+    assert quant._chunks(q) == 10
+    q = quant.for_cpu(q) if cpu else q
+    table = np.asarray(quant.dequantize(q))
+    x = jnp.asarray(rng.standard_normal((2, 5, 40)).astype(np.float32))
+
+    def loss(x, product):
+        return jnp.sum(jnp.sin(product(x)))
+
+    got = jax.jit(lambda x: q.einsum("...d,vd->...v", x))(x)
+    want = jnp.einsum("btd,vd->btv", x, table)
+    bound = 4 * 40 * EPS32 * np.einsum("btd,vd->btv", np.abs(x), np.abs(table))
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= bound)
+    g = jax.grad(loss)(x, lambda x: q.einsum("...d,vd->...v", x))
+    g_ref = jax.grad(loss)(x, lambda x: jnp.einsum("btd,vd->btv", x, table))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4 * 40)
