@@ -96,8 +96,9 @@ class QArray:
 
     Children (arrays, what jit sees):
       values: int8[*out, in] for "int8"; int8[*out, in_padded // 2] for "int4"
-        (two 4-bit values per byte: input 2j in the low nibble, 2j+1 in the high one;
-        ``in`` padded with zeros to a multiple of GROUP_SIZE).
+        (two 4-bit values per byte: byte = (q[2j] + 8) + 16 * q[2j+1], i.e. input 2j
+        plus 8 in the low nibble, input 2j+1 in the high one; ``in`` padded with
+        zeros to a multiple of GROUP_SIZE).
       scales: float32[*out, groups]: groups = 1 ("int8") or in_padded // GROUP_SIZE.
     Static:
       scheme "int8" | "int4"; in_axes: the contracted axes of the logical shape
@@ -203,7 +204,27 @@ class QArray:
 
 @jax.tree_util.register_pytree_node_class
 class CpuQArray(QArray):
-    """A QArray that one-/two-row matmuls multiply as a fused reduce (``cpu_layout``)."""
+    """A QArray whose products with at most ``REDUCE_ROWS`` rows run as a fused reduce.
+
+    ``kernel``: the values and scales reshaped the way that loop reads them,
+    ``(int8[O, in], float32[O, 1])`` or, for int4, ``(int8[O, groups, GROUP_SIZE // 2],
+    float32[O, groups])``, made on the host as views of the same memory
+    (``for_cpu``): XLA:CPU runs that loop several times slower when the reshape
+    happens inside the compiled code. None where no view could be made.
+    """
+
+    def __init__(self, values, scales, scheme, in_axes, in_shape, dtype=np.float32, kernel=None):
+        super().__init__(values, scales, scheme, in_axes, in_shape, dtype)
+        self.kernel = kernel
+
+    def tree_flatten(self):
+        children, aux = super().tree_flatten()
+        return (*children, self.kernel), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        values, scales, kernel = children
+        return cls(values, scales, *aux, kernel=kernel)
 
 
 def is_quantized(x) -> bool:
@@ -252,8 +273,8 @@ def _quantize_rows(m, scheme: str):
         q = jnp.clip(jnp.round(m / safe), -qmax, qmax).astype(np.int8)
     del m
     q = q.reshape(*q.shape[:-2], -1)
-    if scheme == "int4":  # pack pairs: low nibble = even input, high nibble = odd input
-        q = ((q[..., 0::2] & 0x0F) | (q[..., 1::2] << 4)).astype(np.int8)
+    if scheme == "int4":  # pack pairs: low nibble = even input + 8 (0..15), high = odd input
+        q = (((q[..., 0::2] + 8) & 0x0F) | (q[..., 1::2] << 4)).astype(np.int8)
     return q, scales
 
 
@@ -278,8 +299,8 @@ def unpack_values(q: QArray, dtype=jnp.float32):
     if q.scheme == "int8":
         return v.astype(dtype)
     v = v.astype(np.int8)
-    low = (v << 4) >> 4  # arithmetic shifts sign-extend the nibbles
-    high = v >> 4
+    low = (v & 0x0F) - 8  # the low nibble holds the even input + 8
+    high = v >> 4  # an arithmetic shift sign-extends the high nibble
     return xp.stack([low, high], axis=-1).reshape(*v.shape[:-1], -1).astype(dtype)
 
 
@@ -332,7 +353,9 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
         w = dequantize_out_in(q).reshape(-1, q.in_size)  # [O, in] in the stood-for dtype
         y = policy_matmul(x2, w, compute_dtype, contract_rhs=1)
     else:  # the output layer: dequantize one chunk of rows at a time
-        product = lambda c: policy_matmul(x2, dequantize_out_in(c), compute_dtype, contract_rhs=1)
+        product = jax.checkpoint(
+            lambda c: policy_matmul(x2, dequantize_out_in(c), compute_dtype, contract_rhs=1)
+        )
         y = jax.lax.map(product, _split(q, _chunks(q)))  # [n, R, O / n]
         y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)
     return y.reshape(*lead, *q.out_shape)
@@ -359,22 +382,41 @@ def _split(q: QArray, n: int) -> QArray:
 
 
 def _reduce_matvec(x2, q: QArray):
-    """float32[R, in] x QArray -> float32[R, O] without a dequantized copy of the weight."""
-    values = q.values.reshape(-1, q.values.shape[-1])  # [O, in or in/2]
-    scales = q.scales.reshape(-1, q.scales.shape[-1])  # [O, groups]
+    """float32[R, in] x QArray -> float32[R, O], reading the integers in place (no float copy).
+
+    int8: ``(x @ convert(q).T) * s``, row by row: XLA:CPU emits a one-row product
+    whose weight operand is only converted as one loop over the int8 values.
+    int4: per group, ``sum(lo * x_even + hi * x_odd)``: with the byte
+    b = (lo + 8) + 16 hi read as a float f, hi = floor(f / 16) and
+    ``lo x_even + hi x_odd = f x_even + hi (x_odd - 16 x_even) - 8 x_even``: one
+    fused loop (a convert, a floor, two multiply-adds per byte); XLA:CPU runs it
+    as one library fusion (integer shifts would split it into several passes).
+    """
+    groups = q.scales.shape[-1]
+    if getattr(q, "kernel", None) is not None:
+        values, scales = q.kernel  # host views in the loop's shapes
+    else:
+        shape = (groups, GROUP_SIZE // 2) if q.scheme == "int4" else (q.values.shape[-1],)
+        values, scales = q.values.reshape(-1, *shape), q.scales.reshape(-1, groups)
+    if q.scheme == "int8":
+        # (one row at a time, written x @ w.T with w = convert(q): the form XLA:CPU
+        # emits as that loop; several rows at once take a slow path)
+        w_t = values.astype(jnp.float32).T  # [in, O]
+        rows = [jax.lax.dot_general(x2[r : r + 1], w_t, (((1,), (0,)), ((), ())))
+                for r in range(x2.shape[0])]  # fmt: skip
+        return jnp.concatenate(rows) * scales[:, 0]
+    # x's terms first, behind a barrier (small; slicing x inside the big loop slows it)
+    pad = groups * GROUP_SIZE - q.in_size
+    xp = jnp.pad(x2, ((0, 0), (0, pad))).reshape(x2.shape[0], groups, GROUP_SIZE // 2, 2)
+    x_even, x_mixed, x_bias = jax.lax.optimization_barrier(
+        (xp[..., 0], xp[..., 1] - 16 * xp[..., 0], 8 * jnp.sum(xp[..., 0], axis=-1))
+    )  # [R, groups, G/2], [R, groups, G/2], [R, groups]
+    f = values.astype(jnp.float32)  # [O, groups, G/2]
+    high = jnp.floor(f * (1 / 16))
     rows = []
     for r in range(x2.shape[0]):
-        xr = x2[r]
-        if q.scheme == "int8":
-            y = jnp.sum(values.astype(jnp.float32) * xr[None, :], axis=-1) * scales[:, 0]
-        else:
-            pad = scales.shape[-1] * GROUP_SIZE - q.in_size
-            xr = jnp.pad(xr, (0, pad)).reshape(scales.shape[-1], GROUP_SIZE // 2, 2)
-            v = values.reshape(values.shape[0], scales.shape[-1], GROUP_SIZE // 2)
-            low, high = ((v << 4) >> 4).astype(jnp.float32), (v >> 4).astype(jnp.float32)
-            per_group = jnp.sum(low * xr[..., 0] + high * xr[..., 1], axis=-1)  # [O, groups]
-            y = jnp.sum(per_group * scales, axis=-1)
-        rows.append(y)
+        per_group = jnp.sum(f * x_even[r] + high * x_mixed[r], axis=-1) - x_bias[r]
+        rows.append(jnp.sum(per_group * scales, axis=-1))  # [O]
     return jnp.stack(rows)
 
 
@@ -397,7 +439,9 @@ def einsum(eq: str, x, w, *, compute_dtype=None):
         # (lax.map), so at most one chunk of float weights exists at a time.
         out_letter = eq.replace(" ", "").split("->")[0].split(",")[1][0]
         at = eq.replace(" ", "").split("->")[1].replace("...", "." * (x.ndim - 1)).index(out_letter)
-        ys = jax.lax.map(lambda c: policy_einsum(eq, x, dequantize(c), compute_dtype), _split(w, n))
+        # (checkpointed: a backward pass recomputes a chunk instead of keeping them all)
+        chunk = jax.checkpoint(lambda c: policy_einsum(eq, x, dequantize(c), compute_dtype))
+        ys = jax.lax.map(chunk, _split(w, n))
         ys = jnp.moveaxis(ys, 0, at)  # [..., n, V / n, ...]
         return ys.reshape(*ys.shape[:at], -1, *ys.shape[at + 2 :])
     inputs, out = eq.replace(" ", "").split("->")
@@ -529,7 +573,25 @@ def dequantize_params(params: dict) -> dict:
 
 def for_cpu(q: QArray) -> CpuQArray:
     """The same arrays (no copy) as a CpuQArray: one-token products use the fused reduce."""
-    return q if isinstance(q, CpuQArray) else CpuQArray(*q.children(), *q.tree_flatten()[1])
+    if isinstance(q, CpuQArray):
+        return q
+    groups = q.scales.shape[-1]
+    per_value = (groups, GROUP_SIZE // 2) if q.scheme == "int4" else (q.values.shape[-1],)
+    kernel = (_host_view(q.values, (-1, *per_value)), _host_view(q.scales, (-1, groups)))
+    kernel = None if None in kernel else kernel
+    return CpuQArray(*q.children(), *q.tree_flatten()[1], kernel=kernel)
+
+
+def _host_view(a, shape):
+    """``a.reshape(shape)`` sharing ``a``'s memory (a CPU array, 64-byte aligned), or None."""
+    try:
+        host = np.asarray(a)  # no copy for an array on the CPU
+        if host.ctypes.data != a.unsafe_buffer_pointer():
+            return None
+        view = jax.device_put(host.reshape(shape), may_alias=True)
+        return view if view.unsafe_buffer_pointer() == host.ctypes.data else None
+    except Exception:  # not on one CPU, no may_alias, deleted: no view
+        return None
 
 
 def cpu_layout(params):
