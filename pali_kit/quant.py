@@ -22,17 +22,18 @@ column / group), up to float32 rounding of ``w / s``.
 Storage layout: a QArray stands for a weight of the official (logical) shape,
 say ``q_einsum/w`` (L, Nh, W, H) contracted over W. Its values are kept with
 the contraction axes moved last and flattened, ``(L, Nh, H, W)``: "(out, in)",
-the layout XLA:CPU reads at memory speed for one token, and one XLA:GPU/TPU
-matmuls read just as well. Leading (layer) axes index like an array:
-``q[i]`` is layer ``i``.
+the layout XLA:CPU reads fastest for one token; XLA:GPU/TPU matmuls take
+either. Leading (layer) axes index like an array: ``q[i]`` is layer ``i``.
 
-Matmuls: :func:`einsum` (and :func:`matmul`) accept a QArray as the weight.
-Everywhere they dequantize right before the dot (``x @ (q * s)``): XLA:GPU and
-TPU fuse the conversion into the matmul, so no full-precision copy of the
-weight is written to memory (see ``bench/quantize.py --hlo``). On CPU,
-:func:`cpu_layout` marks QArrays so that one- and two-row products (decoding)
-run as one fused multiply-and-sum over the int8 values instead, which reads
-each weight byte once and writes nothing.
+Products: the model's modules call ``w.einsum(eq, x, compute_dtype)`` on a
+weight that has the method (``pali_kit.model.common.mm``). A QArray is
+dequantized (to the dtype it stands for) right in front of the product, which
+then follows the numerics policy exactly as for the float weight: XLA:GPU/TPU
+fuse the conversion into the matmul, so no float copy of the weight is made
+(``bench/quantize.py --hlo`` prints the program). The CPU layout
+(``pali_kit.model.cpu``) turns QArrays into :class:`CpuQArray`: products of at
+most ``REDUCE_ROWS`` rows (decoding) then read the integers in place (see
+``_reduce_matvec``); the 257152-row output layer is dequantized chunk by chunk.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from collections.abc import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 SCHEMES = ("int8", "int4")
@@ -334,10 +334,11 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
     """x float[..., in] times the weight -> float32[..., *out] (``in``: the contracted axes flattened).
 
     A :class:`CpuQArray` with at most ``REDUCE_ROWS`` rows of ``x`` computes
-    ``y[o] = sum_k x[k] * q[o, k] * s[o, g(k)]`` as one fused elementwise-and-sum
-    pass over the integer values (float32 arithmetic; no float copy of the
-    weight). Otherwise the weight is dequantized to the dtype it stands for and
-    multiplied under the numerics policy (``pali_kit.model.cpu.matmul``).
+    ``y[o] = sum_k x[k] * q[o, k] * s[o, g(k)]`` in float32 reading the integers
+    in place (``_reduce_matvec``; no float copy of the weight). Otherwise the
+    weight is dequantized to the dtype it stands for (a chunk of rows at a time
+    for the output layer) and multiplied under the numerics policy
+    (``pali_kit.model.cpu.matmul``).
     """
     from .model.cpu import matmul as policy_matmul
 
@@ -437,8 +438,10 @@ def einsum(eq: str, x, w, *, compute_dtype=None):
             return policy_einsum(eq, x, dequantize(w), compute_dtype)
         # A huge table (the 257152-row output layer): dequantize it chunk by chunk
         # (lax.map), so at most one chunk of float weights exists at a time.
-        out_letter = eq.replace(" ", "").split("->")[0].split(",")[1][0]
-        at = eq.replace(" ", "").split("->")[1].replace("...", "." * (x.ndim - 1)).index(out_letter)
+        (xs, ws), out = (part.split(",") for part in eq.replace(" ", "").split("->"))
+        out = out[0].replace("...", "." * (x.ndim - len(xs.replace("...", ""))))
+        in_letters = {ws[a % len(ws)] for a in w.in_axes}
+        at = out.index(next(c for c in ws if c not in in_letters))  # the one output axis
         # (checkpointed: a backward pass recomputes a chunk instead of keeping them all)
         chunk = jax.checkpoint(lambda c: policy_einsum(eq, x, dequantize(c), compute_dtype))
         ys = jax.lax.map(chunk, _split(w, n))
@@ -464,14 +467,6 @@ def einsum(eq: str, x, w, *, compute_dtype=None):
     y = matmul(x, w, compute_dtype)
     have = rest + [c for c in ws if c not in contracted]
     return jnp.transpose(y, [have.index(c) for c in out])
-
-
-def embed_lookup(table, tokens, dtype=jnp.float32):
-    """Rows ``table[tokens]`` as float: a plain table, or a QArray over (V, W) with in_axes (-1,)."""
-    if not isinstance(table, QArray):
-        return table[(tokens,)]
-    rows = table._replace(table.values[tokens], table.scales[tokens])
-    return dequantize_out_in(rows, dtype)
 
 
 # ============================================================================ trees
@@ -613,17 +608,3 @@ def scheme_of(params) -> str | None:
         if isinstance(leaf, QArray):
             return leaf.scheme
     return None
-
-
-def iter_quantized(items: Iterable[tuple[str, np.ndarray]], scheme: str, place: Callable):
-    """(key, array) pairs -> (key, QArray or placed array), one leaf at a time."""
-    for key, array in items:
-        axes = contraction_axes(key)
-        if axes is None:
-            yield key, place(array)
-        else:
-            yield key, quantize_leaf(array, scheme, axes, place)
-        del array
-
-
-_ = ml_dtypes  # bfloat16 numpy arrays quantize through astype(float32)
