@@ -402,9 +402,18 @@ def _reduce_matvec(x2, q: QArray):
     if q.scheme == "int8":
         # (one row at a time, written x @ w.T with w = convert(q): the form XLA:CPU
         # emits as that loop; several rows at once take a slow path)
-        w_t = values.astype(jnp.float32).T  # [in, O]
-        rows = [jax.lax.dot_general(x2[r : r + 1], w_t, (((1,), (0,)), ((), ())))
-                for r in range(x2.shape[0])]  # fmt: skip
+        blocks = values if isinstance(values, tuple) else (values,)
+        rows = []
+        for r in range(x2.shape[0]):
+            parts, start = [], 0
+            for block in blocks:  # [O, <= BLOCK] each
+                xr = x2[r : r + 1, start : start + block.shape[1]]
+                start += block.shape[1]
+                w_t = block.astype(jnp.float32).T  # [in, O]
+                parts.append(jax.lax.dot_general(xr, w_t, (((1,), (0,)), ((), ()))))
+            # summed behind a barrier: each product stays its own loop
+            rows.append(sum(jax.lax.optimization_barrier(tuple(parts))) if len(parts) > 1
+                        else parts[0])  # fmt: skip
         return jnp.concatenate(rows) * scales[:, 0]
     # x's terms first, behind a barrier (small; slicing x inside the big loop slows it)
     pad = groups * GROUP_SIZE - q.in_size
@@ -570,10 +579,19 @@ def for_cpu(q: QArray) -> CpuQArray:
     """The same arrays (no copy) as a CpuQArray: one-token products use the fused reduce."""
     if isinstance(q, CpuQArray):
         return q
+    from .model.cpu import BLOCK
+
     groups = q.scales.shape[-1]
     per_value = (groups, GROUP_SIZE // 2) if q.scheme == "int4" else (q.values.shape[-1],)
     kernel = (_host_view(q.values, (-1, *per_value)), _host_view(q.scales, (-1, groups)))
-    kernel = None if None in kernel else kernel
+    if q.scheme == "int8" and kernel[0] is not None and q.in_size > BLOCK:
+        # XLA:CPU's one-row loop takes rows of at most ~BLOCK inputs, and only
+        # contiguous ones: wider matrices (the MLP's output layer) get (O, <= BLOCK)
+        # copies of their int8 values, one extra copy of those bytes.
+        host = np.asarray(kernel[0])
+        parts = np.array_split(host, -(-q.in_size // BLOCK), axis=1)
+        kernel = (tuple(_default_place(np.ascontiguousarray(p)) for p in parts), kernel[1])
+    kernel = None if any(k is None for k in kernel) else kernel
     return CpuQArray(*q.children(), *q.tree_flatten()[1], kernel=kernel)
 
 

@@ -78,6 +78,7 @@ EQUATIONS = [  # (eq, x shape, weight shape, in_axes): the model's products
     ("btnh,nhd->btd", (2, 3, 4, 16), (4, 16, 32), (-3, -2)),  # attn_vec
     ("...d,vd->...v", (2, 3, 40), (100, 40), (-1,)),  # output layer
     ("bnd,dhk->bnhk", (2, 5, 70), (70, 2, 6), (-3,)),  # SigLIP query
+    ("btf,fd->btd", (2, 3, 2500), (2500, 8), (-2,)),  # MLP linear: CPU blocks of <= 2304 inputs
 ]
 
 
