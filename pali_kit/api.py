@@ -29,7 +29,8 @@ import numpy as np
 from . import checkpoints, decode, quant
 from .configs import CHECKPOINTS, PaliGemmaConfig, checkpoint_info, paligemma_config
 from .images import preprocess
-from .model import PaliGemma, inference_params, init_params
+from .model import PaliGemma, count_params, inference_params, init_params, param_shapes
+from .model.cpu import IN_PLACE_LEAVES, official_params
 from .tokenizer import Tokenizer, data_dir
 
 
@@ -71,32 +72,50 @@ class Model:
 
     @property
     def params(self):
-        """The weights: the official big_vision tree, layers stacked."""
+        """The weights: the official big_vision tree, layers stacked.
+
+        With half-precision weights on CPU, a model that owns its arrays (from
+        ``pk.load`` or ``astype``) keeps the LLM matrices only in the CPU
+        inference layout (see ``run_params``); this tree is then rebuilt from it
+        on each access (a transient copy of those matrices: keep it only as long
+        as needed, e.g. for saving or training). Taking this tree before the
+        first inference keeps the arrays as they are (the layout then copies).
+        """
+        if self._run is not None and self._run_replaced:
+            return official_params(self._run, self._params)
+        self._owns_params = False  # the caller now holds these arrays: never write over them
         return self._params
 
     @params.setter
     def params(self, value):
         self._params = value
         self._run = None
+        self._run_replaced = False
+        self._owns_params = False  # a caller's tree: never written over
 
     @property
     def run_params(self):
-        """The same weights as handed to compiled inference code: on CPU the layer
-        stacks are split into per-layer views of the same memory (no copy)."""
+        """The same weights as handed to compiled inference code: on CPU the CPU
+        layout (``pali_kit.model.cpu``: per-layer views of the same memory; for
+        half-precision weights (out, in) blocks, written over the official arrays'
+        memory when the model owns them), elsewhere the official tree."""
         if self._run is None:
-            self._run = inference_params(self._params)
+            self._run = inference_params(self._params, in_place=self._owns_params)
+            skeleton = _without_replaced(self._params, self._run) if self._owns_params else None
+            if skeleton is not None:  # the official arrays' memory now holds the blocks
+                self._params, self._run_replaced = skeleton, True
         return self._run
 
     # --- facts -------------------------------------------------------------------------
     @property
     def dtype(self):
         """The float dtype of the weights (for a quantized model: the dtype its QArrays stand for)."""
-        return _leaves(self.params)[0].dtype
+        return _leaves(self._params)[0].dtype
 
     @property
     def quantization(self) -> str | None:
         """The quantization scheme ("int8", "int4") of the large matrices, or None."""
-        return quant.scheme_of(self.params)
+        return quant.scheme_of(self._params)
 
     def quantize(self, scheme: str = "int8") -> Model:
         """A copy with every large matrix quantized ("int8" per channel, "int4" in groups of 64).
@@ -118,7 +137,9 @@ class Model:
         return self.config.resolution
 
     def num_params(self) -> int:
-        return int(sum(np.prod(a.shape) for a in _leaves(self.params)))
+        if self._run_replaced:  # without rebuilding the official tree
+            return count_params(param_shapes(self.config))
+        return int(sum(np.prod(a.shape) for a in _leaves(self._params)))
 
     def summary(self) -> str:
         dtype = jnp.dtype(self.dtype).name
@@ -142,7 +163,7 @@ class Model:
             return a.astype(dt)
 
         params = jax.tree.map(cast, self.params, is_leaf=quant.is_quantized)
-        return Model(params, self.config, self.tokenizer, self.name, self.text_len)
+        return _owning(Model(params, self.config, self.tokenizer, self.name, self.text_len))
 
     # --- numerics ---------------------------------------------------------------------------
     def preprocess(self, images) -> np.ndarray:
@@ -259,6 +280,30 @@ def _leaves(params):
     return jax.tree.leaves(params, is_leaf=quant.is_quantized)
 
 
+def _owning(model: Model) -> Model:
+    """Mark a model whose arrays nobody else holds (made by pk.load / astype): its CPU
+    layout may then reuse their memory instead of copying (see Model.run_params)."""
+    model._owns_params = True
+    return model
+
+
+def _without_replaced(official, run):
+    """``official`` with the LLM matrices that ``run`` holds as (out, in) blocks set
+    to None (in place: their memory now holds the blocks), or None if there are none."""
+    linear = run["llm"]["layers"]["mlp"]["linear"]
+    if not (isinstance(linear, tuple) and getattr(linear[0], "transposed", False)):
+        return None
+    llm = dict(official["llm"])
+    layers = llm["layers"] = dict(llm["layers"])
+    for path in IN_PLACE_LEAVES:
+        node = layers
+        for key in path[:-1]:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[path[-1]] = None
+    return {**official, "llm": llm}
+
+
 def _length_with_eos(tokens) -> int:
     hits = np.flatnonzero(np.asarray(tokens) == decode.EOS_ID)
     if hits.size:
@@ -305,7 +350,7 @@ def _demo(dtype, overrides, quantize=None):
     if path.exists():
         params = checkpoints.load_params(path, dtype, quantize=quantize)
         config = checkpoints.infer_config(params, str(path)).replace(**overrides)
-        return Model(params, config, tok, name="pali_kit demo", text_len=32)
+        return _owning(Model(params, config, tok, name="pali_kit demo", text_len=32))
     warnings.warn(
         f"{path} does not exist yet: using a small RANDOM model with the demo tokenizer "
         "(its answers are noise)",
@@ -314,7 +359,7 @@ def _demo(dtype, overrides, quantize=None):
     config = demo_config().replace(**overrides)
     params = init_params(config, 0, dtype)
     params = quant.quantize_params(params, quantize) if quantize else params
-    return Model(params, config, tok, name="random demo-size model", text_len=32)
+    return _owning(Model(params, config, tok, name="random demo-size model", text_len=32))
 
 
 def demo_config(vocab_size: int = 2176) -> PaliGemmaConfig:
@@ -378,7 +423,7 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
             checkpoints.check_params(params, config, str(path))
         tok = _as_tokenizer(tokenizer) or _find_tokenizer(path.parent if path.is_file() else path,
                                                           config.llm.vocab_size)  # fmt: skip
-        model = Model(params, config, tok, name=name or path.name, text_len=text_len)
+        model = _owning(Model(params, config, tok, name=name or path.name, text_len=text_len))
     if verbose:
         print(f"pali_kit: {model.summary()}")
     return model

@@ -7,9 +7,9 @@ inputs of the MLP down-projections and the attention output projections pass
 input is normalised).
 
 Tolerances, relative to max |float32 logits|, in units of u, the relative
-rounding error of one value in the half dtype (float16 2^-11, bfloat16 2^-9):
+rounding error of one value in the half dtype (float16 2^-11, bfloat16 2^-8):
 the policy rounds the input of each product once (float16: to 2^-11 of its row's
-largest value; bfloat16: to 2^-9 of itself) and accumulates in float32. A logit
+largest value; bfloat16: to 2^-8 of itself) and accumulates in float32. A logit
 depends on about 16 such products in sequence (tiny model: 6 in the vision
 tower, 4 per LLM layer, the output layer), and with random weights a relative
 error passes through a product about unchanged, so the policy's error is below
@@ -29,7 +29,7 @@ from pali_kit.model import PaliGemma, common
 
 from .conftest import tiny_config
 
-U = {"float16": 2.0**-11, "bfloat16": 2.0**-9}
+U = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def large_activation_params(params):
@@ -165,7 +165,7 @@ def test_train_step_with_frozen_float16_weights_is_finite(large):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_product_with_half_weights_is_exact_up_to_input_rounding(dtype):
     rng = np.random.default_rng(1)
-    x = (rng.standard_normal((3, 5, 64)) * np.array([1e-3, 1.0, 1e6])[:, None, None])
+    x = rng.standard_normal((3, 5, 64)) * np.array([1e-3, 1.0, 1e6])[:, None, None]
     w = jnp.asarray(rng.standard_normal((64, 16)), dtype)
     got = np.asarray(jax.jit(common.mm, static_argnums=0)("btd,df->btf", x, w))
     exact = np.einsum("btd,df->btf", x, np.asarray(w, np.float64))

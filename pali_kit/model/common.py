@@ -9,13 +9,13 @@ dtype never makes an activation overflow where float32 does not:
 
 - float32 weights: float32 products (the reference's numerics).
 - bfloat16 weights: the activation is rounded to bfloat16 (relative error
-  <= 2^-9; bfloat16 has float32's exponent range, so nothing overflows) and
+  <= 2^-8; bfloat16 has float32's exponent range, so nothing overflows) and
   the products are accumulated in float32: what TPU matrix units and
   AVX-512 BF16 do natively.
 - float16 weights: float16 tops out at 65504, so each activation row (the
   axes the product sums over) is first multiplied by an exact power of two
   that brings its largest magnitude into [2^13, 2^14), then rounded to
-  float16 (relative error <= 2^-12 of that largest value); the products
+  float16 (error <= 2^-11 of that largest value); the products
   accumulate in float32 (tensor cores on a T4 do f16 x f16 -> f32 natively)
   and the result is multiplied back by the inverse power of two, exactly.
 - Gradients through half-precision weights are computed the same way and

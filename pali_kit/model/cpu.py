@@ -27,6 +27,7 @@ applies it only when the arrays live on one CPU.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import jax
@@ -55,17 +56,18 @@ class Matrix:
       - ``transposed=False``: one array, the group's slice ``(*in, *out)`` as stored
         (a view on CPU), reshaped to ``(in, out)`` inside the compiled code;
       - ``transposed=True``: ``(out, in_block)`` copies covering ``in`` in order
-        (``fshape`` is then the ``out`` shape).
+        (``fshape`` is then the ``out`` shape, ``shape`` the official array's).
     """
 
-    def __init__(self, groups, gshape=(), transposed=False, fshape=None):
+    def __init__(self, groups, gshape=(), transposed=False, fshape=None, shape=None):
         self.groups = tuple(tuple(g) for g in groups)
         self.gshape = tuple(gshape)
         self.transposed = transposed
         self.fshape = None if fshape is None else tuple(fshape)
+        self.shape = None if shape is None else tuple(shape)  # the official array's shape
 
     def tree_flatten(self):
-        return self.groups, (self.gshape, self.transposed, self.fshape)
+        return self.groups, (self.gshape, self.transposed, self.fshape, self.shape)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -95,12 +97,23 @@ class Matrix:
             raise ValueError(f"{eq}: the contracted axes must be the input's last axes")
         lead = x.shape[: x.ndim - len(c_labels)]
         k = math.prod(x.shape[len(lead) :])
-        # The barrier gives each product its own copy of the input as far as XLA
-        # can tell; otherwise the dot merger concatenates weights sharing it.
-        x2 = jax.lax.optimization_barrier(x.reshape(-1, k))
-        ys = [self._product(x2, group, compute_dtype) for group in self.groups]
+        x2, scale = x.reshape(-1, k), None
+        if compute_dtype is None and narrow_range(self.dtype):
+            # float16: scale each row once for all groups and blocks (see common.py),
+            # then the products cast without scaling again.
+            x2, scale = scale_rows(x2.astype(jnp.float32), (1,))
+            compute_dtype = jnp.dtype(self.dtype).name
+        # A barrier per group gives each product its own copy of the input as far
+        # as XLA can tell; otherwise the dot merger concatenates the weights that
+        # share it (heads, gate and up) on every call.
+        ys = [
+            self._product(jax.lax.optimization_barrier(x2), group, compute_dtype)
+            for group in self.groups
+        ]
+        y = jnp.stack(ys) if len(ys) > 1 else ys[0]  # [G, M, F] or [M, F]
+        y = y if scale is None else y * scale
         fshape = self.fshape or self.groups[0][0].shape[len(c_labels) :]
-        y = (jnp.stack(ys) if len(ys) > 1 else ys[0]).reshape(*self.gshape, *lead, *fshape)
+        y = y.reshape(*self.gshape, *lead, *fshape)
         src = g_labels + xl[: len(lead)] + f_labels
         return y if src == ol else jnp.einsum(f"{src}->{ol}", y)
 
@@ -143,21 +156,24 @@ def matmul(x, w, compute_dtype=None, contract_rhs: int = 0):
 # --- building the layout ---------------------------------------------------------------
 
 
-def inference_params(params, out_in: bool | None = None):
+def inference_params(params, out_in: bool | None = None, in_place: bool = False):
     """The run tree for compiled inference: ``cpu_layout`` where the arrays live on
     one CPU, otherwise ``params`` unchanged (GPU/TPU run the official tree)."""
     if not all(_on_one_cpu(a) for a in jax.tree.leaves(params)):
         return params
-    return cpu_layout(params, out_in)
+    return cpu_layout(params, out_in, in_place)
 
 
-def cpu_layout(params, out_in: bool | None = None):
+def cpu_layout(params, out_in: bool | None = None, in_place: bool = False):
     """Official tree -> CPU layout (same nesting; inference only).
 
     Layer stacks become per-layer views (leaves are tuples over layers), every
     matrix a :class:`Matrix`. ``out_in`` (default: for bfloat16/float16 weights)
-    copies the LLM's matrices as (out, in) blocks: one extra copy of them.
-    Arrays that cannot be viewed (not on one CPU) are left as they are.
+    stores the LLM's matrices as (out, in) blocks: a copy of them, or with
+    ``in_place`` written over the official arrays' own memory (no memory added;
+    those official arrays then hold the blocks and must be dropped: see
+    ``IN_PLACE_LEAVES`` and ``official_params``). Arrays that cannot be viewed
+    (not on one CPU) are left as they are.
     """
     img, llm = dict(params["img"]), dict(params["llm"])
     if out_in is None:
@@ -178,14 +194,27 @@ def cpu_layout(params, out_in: bool | None = None):
     }
     layers = _split_layers(llm["layers"])
     if layers is not None:
-        llm["layers"] = _stack_of([_llm_layer(layer, out_in) for layer in layers])
+        llm["layers"] = _stack_of([_llm_layer(layer, out_in, in_place) for layer in layers])
     return {**params, "img": img, "llm": llm}
 
 
-def _llm_layer(layer, out_in: bool):
+# The LLM matrices that (out, in) blocks replace, by their path under llm/layers.
+IN_PLACE_LEAVES = (
+    ("attn", "q_einsum", "w"),
+    ("attn", "kv_einsum", "w"),
+    ("attn", "attn_vec_einsum", "w"),
+    ("mlp", "gating_einsum"),
+    ("mlp", "linear"),
+)
+
+
+def _llm_layer(layer, out_in: bool, in_place: bool = False):
     """One LLM layer's matrices as Matrix grids (per head, per key/value, gate/up)."""
     attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
-    matrix = _own_form(_out_in_matrix if out_in else _view_matrix)
+    if out_in:
+        matrix = _own_form(lambda w, n: _out_in_matrix(w, n, in_place))
+    else:
+        matrix = _own_form(_view_matrix)
     attn["q_einsum"] = {"w": matrix(attn["q_einsum"]["w"], 1)}  # (Nh | W, H)
     attn["kv_einsum"] = {"w": matrix(attn["kv_einsum"]["w"], 2)}  # (2, K | W, H)
     attn["attn_vec_einsum"] = {"w": matrix(attn["attn_vec_einsum"]["w"], 0)}  # (Nh, H, W)
@@ -213,20 +242,77 @@ def _view_matrix(w, n_group: int):
     return Matrix([[g] for g in groups], w.shape[:n_group])
 
 
-def _out_in_matrix(w, n_group: int):
-    """Groups as (out, in) copies in blocks of at most ``BLOCK`` columns.
+def _out_in_matrix(w, n_group: int, in_place: bool = False):
+    """Groups as (out, in) blocks of at most ``BLOCK`` columns.
 
     The group's axes after the groups are (in..., out) with a single out axis
-    last (q, kv, gating: (W, H/F); attn_vec: (Nh, H, W) -> in = Nh * H).
+    last (q, kv, gating: (W, H/F); attn_vec: (Nh, H, W) -> in = Nh * H). The
+    blocks are copies, or with ``in_place`` written over ``w``'s own buffer
+    (one group at a time through a temporary copy): then ``w`` holds the blocks
+    afterwards and must not be used as the official array any more.
     """
-    host = np.asarray(w)
+    host = np.asarray(w)  # a view for a CPU array; keeps w's buffer alive
     gshape = host.shape[:n_group]
     flat = host.reshape(math.prod(gshape), -1, host.shape[-1])  # (groups, in, out)
-    groups = []
+    target = _writable(w) if in_place else None
+    groups, offset = [], 0
     for m in flat:
         n = -(-m.shape[0] // BLOCK)
-        groups.append([to_device(np.ascontiguousarray(part.T)) for part in np.array_split(m, n)])
-    return Matrix(groups, gshape, True, host.shape[-1:])
+        if target is None:
+            blocks = [to_device(np.ascontiguousarray(p.T)) for p in np.array_split(m, n)]
+        else:
+            blocks = []
+            for part in np.array_split(m.copy(), n):  # m.copy(): one group, e.g. 64 MB
+                size = part.size
+                target[offset : offset + size] = part.T.ravel()
+                view = host.reshape(-1)[offset : offset + size].reshape(part.shape[::-1])
+                blocks.append(_alias(view))
+                offset += size
+        groups.append(blocks)
+    return Matrix(groups, gshape, True, host.shape[-1:], host.shape)
+
+
+def _writable(w):
+    """A writable flat numpy view of a CPU array's buffer, or None if there is none."""
+    host = np.asarray(w)
+    if not _on_one_cpu(w) or host.ctypes.data != w.unsafe_buffer_pointer():
+        return None
+    raw = (ctypes.c_uint8 * host.nbytes).from_address(host.ctypes.data)
+    return np.frombuffer(raw, np.uint8).view(host.dtype)
+
+
+def _alias(view):
+    """A JAX array on ``view``'s memory (no copy) when JAX can adopt it, else a copy."""
+    try:
+        a = jax.device_put(view, may_alias=True)
+    except TypeError:  # JAX without may_alias
+        return jnp.array(view)
+    if a.unsafe_buffer_pointer() != view.ctypes.data:
+        return jnp.array(view)
+    return a
+
+
+def official_params(run, skeleton):
+    """The official tree again: ``skeleton`` (the official tree with the in-place
+    converted leaves set to None) completed from the (out, in) blocks of ``run``.
+
+    The rebuilt leaves are new arrays (a copy of those matrices while they live).
+    """
+
+    def fill(skel, r):
+        if isinstance(skel, dict):
+            return {k: fill(v, r[k]) for k, v in skel.items()}
+        if skel is not None:
+            return skel
+        return to_device(np.stack([_unblock(m) for m in r]))  # r: per-layer Matrices
+
+    return fill(skeleton, run)
+
+
+def _unblock(m: Matrix) -> np.ndarray:
+    """(out, in) blocks -> the official (groups..., in..., out) array of one layer."""
+    groups = [np.concatenate([np.asarray(b).T for b in blocks]) for blocks in m.groups]
+    return np.stack(groups).reshape(m.shape)
 
 
 def _map_kernels(tree, fn):

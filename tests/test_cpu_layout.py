@@ -1,0 +1,185 @@
+"""One model, two layouts: the official tree everywhere, the CPU layout for CPU inference.
+
+The model modules compute with the official stacked tree as plain einsums; the
+CPU tricks (per-layer views, per-head 2-D matrices, (out, in) blocks,
+optimization barriers) live in ``pali_kit.model.cpu`` only. Here: what GPU and
+TPU compile has no barrier, and the CPU layout computes what the official tree
+computes.
+
+Tolerances: in float32 both layouts do the same products with the same
+operands, split differently (per head / per block), so only float32 summation
+order differs: a K-term dot product moves by at most ~K * 2^-24 * sum|terms|,
+and over a few dozen products in sequence the logits agree to ~1e-5 of their
+scale (1e-4 leaves room). In bfloat16 the same holds for the products (the
+operands are rounded identically in both layouts), plus the (out, in) blocks
+that are summed in float32 in another order: again float32 re-association, so
+1e-4 of the scale as well.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import pali_kit as pk
+from pali_kit import decode
+from pali_kit.model import PaliGemma, cpu_layout, inference_params
+from pali_kit.model.cpu import BLOCK, Matrix
+
+from .conftest import tiny_config
+
+
+def _shapes(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def _spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    config = tiny_config()
+    return config, pk.init_params(config, 0)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_accelerator_programs_have_no_optimization_barrier(tiny, platform, dtype):
+    config, params = tiny
+    module = PaliGemma(config)
+    p = _shapes(jax.tree.map(lambda a: a.astype(dtype), params))
+    image, text = _spec((1, 28, 28, 3), jnp.float32), _spec((1, 8), jnp.int32)
+    programs = {
+        "forward": (
+            lambda p, i, t, m: module.apply({"params": p}, i, t, m),
+            (p, image, text, text),
+        ),
+        "prefill": (
+            lambda p, i, t, m: module.apply({"params": p}, i, t, m, 64, method=PaliGemma.prefill),
+            (p, image, text, _spec((1, 8), bool)),
+        ),
+    }
+    cache = pk.model.KVCache.zeros(config.llm, 1, 64)
+    step = lambda p, tok, c, v, pos, s: module.apply(
+        {"params": p}, tok, c, v, pos, s, method=PaliGemma.decode_step
+    )
+    programs["decode step"] = (
+        step,
+        (p, _spec((1,), jnp.int32), _shapes(cache), _spec((1, 64), bool),
+         _spec((1,), jnp.int32), _spec((), jnp.int32)),
+    )  # fmt: skip
+    for name, (fn, args) in programs.items():
+        text_ir = export.export(jax.jit(fn), platforms=(platform,))(*args).mlir_module()
+        assert "stablehlo.dot_general" in text_ir, name
+        assert "stablehlo.optimization_barrier" not in text_ir, name
+    # the check can fail: the CPU layout's program has barriers
+    cpu_ir = export.export(jax.jit(programs["forward"][0]), platforms=("cpu",))(
+        cpu_layout(jax.tree.map(lambda a: a.astype(dtype), params)), image, text, text
+    )
+    assert "stablehlo.optimization_barrier" in cpu_ir.mlir_module()
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cpu_layout_gives_the_official_logits(ref, dtype):
+    model, expect = ref
+    params = jax.tree.map(lambda a: a.astype(dtype), model.params)
+    run = inference_params(params)
+    leaves = jax.tree.leaves(run, is_leaf=lambda v: isinstance(v, Matrix))
+    assert any(isinstance(leaf, Matrix) for leaf in leaves)
+    if dtype == "bfloat16":  # half-precision LLM matrices are (out, in) blocks
+        assert run["llm"]["layers"]["mlp"]["linear"][0].transposed
+    args = (expect["image"], expect["text"], expect["mask_ar"])
+    fn = jax.jit(PaliGemma(model.config).apply)
+    assert _rel(fn({"params": run}, *args), fn({"params": params}, *args)) < 1e-4
+
+
+def test_cpu_layout_decodes_like_the_official_tree(tiny):
+    config, params = tiny
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+    text = rng.integers(2, 2000, (2, 5)).astype(np.int32)
+    mask = np.ones(text.shape, bool)
+    for dtype in ("float32", "bfloat16"):
+        p = jax.tree.map(lambda a, dt=dtype: a.astype(dt), params)
+        a = decode.generate_tokens(config, p, image, text, mask, max_new_tokens=6)
+        b = decode.generate_tokens(config, inference_params(p), image, text, mask, max_new_tokens=6)
+        np.testing.assert_array_equal(a[0], b[0])
+        # log-probs: O(1) values, float32 re-association only
+        np.testing.assert_allclose(a[1], b[1], rtol=0, atol=1e-4)
+
+
+def test_layer_views_share_the_stacked_memory(ref):
+    model, _ = ref
+    run = inference_params(model.params)  # float32: views only, no copies
+    stacked_q = model.params["llm"]["layers"]["attn"]["q_einsum"]["w"]
+    head = run["llm"]["layers"]["attn"]["q_einsum"]["w"][1].groups[0][0]  # layer 1, head 0
+    offset = stacked_q[0].size * stacked_q.dtype.itemsize
+    assert head.unsafe_buffer_pointer() == stacked_q.unsafe_buffer_pointer() + offset
+    assert len(run["llm"]["layers"]["pre_ffw_norm"]["scale"]) == (model.config.llm.depth)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_out_in_blocks_multiply_like_the_plain_matrix(rows, dtype):
+    from pali_kit.model.cpu import _out_in_matrix
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((2 * BLOCK + 100, 48)).astype(np.float32)  # 3 blocks
+    w = jnp.asarray(jnp.asarray(w).astype(dtype))
+    x = jnp.asarray(rng.standard_normal((rows, 1, w.shape[0])), jnp.float32)
+    blocked = _out_in_matrix(w, 0)
+    assert blocked.transposed and len(blocked.groups[0]) == 3
+    assert all(b.shape[1] <= BLOCK for b in blocked.groups[0])
+    got = jax.jit(lambda x, m: pk.model.common.mm("btf,fd->btd", x, m))(x, blocked)
+    want = jax.jit(lambda x, m: pk.model.common.mm("btf,fd->btd", x, m))(x, w)
+    assert got.shape == (rows, 1, 48)
+    # the same rounded operands; float32 sums of 4708 terms in another order
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), rtol=0, atol=1e-4 * np.abs(want).max()
+    )
+
+
+def test_loaded_bf16_model_keeps_one_copy_and_still_gives_the_official_tree(tmp_path):
+    config = tiny_config(llm_mlp_dim=BLOCK + 64)  # the down-projection needs 2 blocks
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
+    path = pk.save(pk.Model(params, config), tmp_path / "m.npz")
+    model = pk.load(path, verbose=False)
+    stacked = model._params["llm"]["layers"]["mlp"]["linear"]  # (model.params: see below)
+    start, end = stacked.unsafe_buffer_pointer(), stacked.unsafe_buffer_pointer() + stacked.nbytes
+    run = model.run_params
+    # the (out, in) blocks live in the official array's memory: nothing was added
+    blocks = [b for m in run["llm"]["layers"]["mlp"]["linear"] for b in m.groups[0]]
+    assert len(blocks) == 2 * config.llm.depth
+    assert all(start <= b.unsafe_buffer_pointer() < end for b in blocks)
+    del stacked
+    # the official tree is rebuilt on request, bit for bit
+    rebuilt = model.params
+    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    assert model.num_params() == pk.model.count_params(params)
+    # and the in-place layout computes what a copied layout computes
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32)
+    text, mask = np.array([[5, 6, 7]], np.int32), np.ones((1, 3), bool)
+    a = model.generate_tokens(image, text, mask, max_new_tokens=4)
+    b = pk.Model(params, config).generate_tokens(image, text, mask, max_new_tokens=4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])  # the same program on the same values
+
+
+def test_taking_the_params_before_inference_keeps_them_intact(tmp_path):
+    config = tiny_config()
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
+    model = pk.load(pk.save(pk.Model(params, config), tmp_path / "m.npz"), verbose=False)
+    held = model.params  # e.g. handed to a Trainer before a first generate
+    assert model.run_params is not None and not model._run_replaced  # the layout copied
+    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
