@@ -42,7 +42,9 @@ from pali_kit import decode
 from common import peak_rss_gb
 
 args = json.loads({args!r})
-model = pk.load(args["path"], dtype=args["dtype"], verbose=False, **args["overrides"])
+quantize = args["dtype"] if args["dtype"] in ("int8", "int4") else None  # bf16 + int weights
+model = pk.load(args["path"], dtype="bfloat16" if quantize else args["dtype"], quantize=quantize,
+                verbose=False, **args["overrides"])
 model.tokenizer = pk.Tokenizer.demo() if model.tokenizer is None else model.tokenizer
 res = model.resolution
 image = np.random.default_rng(0).integers(0, 255, (res, res, 3), dtype=np.uint8)
@@ -88,10 +90,12 @@ for _ in range(5):
     t = time.perf_counter(); rd(big).block_until_ready(); bw.append(big.nbytes / (time.perf_counter() - t))
 bandwidth = max(bw)
 # sizes from the shapes: model.params may be rebuilt on access (CPU layout, bf16)
-wdt = jnp.dtype(args["dtype"] or "float32")
+wdt = jnp.dtype("bfloat16" if quantize else args["dtype"] or "float32")
 shapes = pk.param_shapes(model.config)
 llm = jax.tree.leaves(shapes["llm"])
 llm_bytes = sum(x.size for x in llm) * wdt.itemsize
+if quantize:  # bytes held: integer values, float32 scales, float norms
+    llm_bytes = pk.quant.tree_nbytes(model.params["llm"])
 m, k, n = 512, model.config.llm.width, model.config.llm.mlp_dim
 a = jnp.ones((m, k), jnp.float32); w = jnp.ones((k, n), wdt)
 mmf = jax.jit(lambda a, w: pk.model.common.mm("mk,kn->mn", a, w)); mmf(a, w).block_until_ready()
@@ -111,7 +115,7 @@ print("RESULT " + json.dumps(dict(
     compiles_after=decode.compile_count() - compiles_first, peak_rss=peak_rss,
     bandwidth=bandwidth, decode_floor=llm_bytes / bandwidth, matmul_rate=rate,
     prefill_floor=prefill_flops / rate, device=str(dev.device_kind),
-    params=sum(x.size for x in jax.tree.leaves(shapes)), weight_bytes=model.num_params() * wdt.itemsize,
+    params=sum(x.size for x in jax.tree.leaves(shapes)), weight_bytes=pk.quant.tree_nbytes(model.params) if quantize else model.num_params() * wdt.itemsize,
 )))
 """
 
@@ -179,7 +183,8 @@ def child(code: str, env=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="paligemma-3b-pt-224")
-    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="comma-separated: float32, bfloat16, int8, int4 (bf16 + quantized matrices)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument(
         "--llm-depth", type=int, default=None, help="shallower model, to test the script"
@@ -220,7 +225,7 @@ def main():
         )
         kit["ttft_cold_warm_cache"] = warm["ttft_cold"]
         hf = None
-        if hf_folder is not None:
+        if hf_folder is not None and dtype not in ("int8", "int4"):  # no CPU int8 in transformers
             hspec = dict(folder=str(hf_folder), dtype=dtype, prompt_ids=prompt_ids,
                          new_tokens=args.new_tokens)  # fmt: skip
             hf = child(HF_CHILD.format(here=str(HERE), args=json.dumps(hspec)))

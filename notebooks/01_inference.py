@@ -292,8 +292,12 @@ for candidate in candidates:
 #
 # An interactive panel: pick or upload an image, choose a task, type a question or
 # object names, pick a sampler and press *Run*. It shows the exact prompt string,
-# streams the answer, draws boxes and masks, and prints the `model.generate` call
-# that reproduces the run.
+# streams the answer, draws boxes and masks, and prints the call that reproduces
+# the run: `model.generate(...)` for captions and questions; for detect and segment
+# the `model.detect(...)` / `model.segment(...)` call of chapter 2, whose objects
+# it scores (each tag reads "label score", with a table of label, score and box).
+# Its *constrained* box (on by default) keeps detect and segment answers parseable,
+# naming only the objects typed.
 
 # %%
 panel = pk.widgets.prompt_panel(model)
@@ -306,6 +310,8 @@ panel = pk.widgets.prompt_panel(model)
 panel.task.value, panel.text.value = "detect", "circle"
 result = panel.run()
 print(result.prompt, "->", repr(result.text))
+for d in result.detections:  # the objects model.detect returns: label, box, score
+    print(f"{d.label}: box {tuple(round(v) for v in d.box)}, score {d.score:.2f}")
 print(panel.code_line())
 
 # %% [markdown]

@@ -38,6 +38,7 @@ _EXPORTS = {
     # assets: the demo model, tokenizer and VAE, the sample images
     "asset_dir": "assets",
     "sample_images": "assets",
+    "QArray": "quant",
     # text and images
     "Tokenizer": "tokenizer",
     "preprocess": "images",
@@ -64,7 +65,7 @@ _EXPORTS = {
 _SUBMODULES = {
     "api", "assets", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
     "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
-    "constrain", "tasks", "errors", "devices",
+    "constrain", "tasks", "errors", "devices", "quant",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

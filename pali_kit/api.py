@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import checkpoints, decode
+from . import checkpoints, decode, quant
 from .assets import asset_dir
 from .configs import CHECKPOINTS, PaliGemmaConfig, checkpoint_info, paligemma_config
 from .errors import (
@@ -125,7 +125,28 @@ class Model:
     # --- facts -------------------------------------------------------------------------
     @property
     def dtype(self):
-        return jax.tree.leaves(self._params)[0].dtype
+        """The float dtype of the weights (for a quantized model: the dtype its QArrays stand for)."""
+        return _leaves(self._params)[0].dtype
+
+    @property
+    def quantization(self) -> str | None:
+        """The quantization scheme ("int8", "int4") of the large matrices, or None."""
+        return quant.scheme_of(self._params)
+
+    def quantize(self, scheme: str = "int8") -> Model:
+        """A copy with every large matrix quantized ("int8" per channel, "int4" in groups of 64).
+
+        ``model.params`` then holds ``pali_kit.quant.QArray`` leaves; see ``pali_kit.quant``.
+        """
+        if quant.check_scheme(scheme) is None:
+            raise ValueError("model.quantize(None): pass 'int8' or 'int4'")
+        if self.quantization is not None:
+            raise ValueError(
+                f"this model is already quantized ({self.quantization}): load it again "
+                f"with pk.load(..., quantize={scheme!r}) to change the scheme"
+            )
+        params = quant.quantize_params(self.params, scheme)
+        return Model(params, self.config, self.tokenizer, self.name, self.text_len)
 
     @property
     def resolution(self) -> int:
@@ -134,10 +155,15 @@ class Model:
     def num_params(self) -> int:
         if self._run_replaced:  # without rebuilding the official tree
             return count_params(param_shapes(self.config))
-        return count_params(self._params)
+        return int(sum(np.prod(a.shape) for a in _leaves(self._params)))
 
     def summary(self) -> str:
-        return (f"{self.name} | {self.num_params():,} params | {jnp.dtype(self.dtype).name} "
+        dtype = jnp.dtype(self.dtype).name
+        if self.quantization:
+            size = quant.tree_nbytes(self.params)
+            size = f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.2f} MB"
+            dtype = f"{self.quantization} + {dtype} ({size})"
+        return (f"{self.name} | {self.num_params():,} params | {dtype} "
                 f"| {self.resolution} px | {self.config.vision.num_tokens} image tokens")  # fmt: skip
 
     def __repr__(self):
@@ -146,7 +172,13 @@ class Model:
     def astype(self, dtype) -> Model:
         """A copy with every parameter cast (e.g. to bfloat16 for faster CPU inference)."""
         dt = _check_weight_dtype(dtype, "Model.astype", allow_none=False)
-        params = jax.tree.map(lambda a: a.astype(dt), self.params)
+
+        def cast(a):  # a QArray keeps its integers and now stands for ``dt``
+            if isinstance(a, quant.QArray):
+                return quant.QArray(*a.children(), a.scheme, a.in_axes, a.in_shape, dt)
+            return a.astype(dt)
+
+        params = jax.tree.map(cast, self.params, is_leaf=quant.is_quantized)
         return _owning(Model(params, self.config, self.tokenizer, self.name, self.text_len))
 
     # --- numerics ---------------------------------------------------------------------------
@@ -560,6 +592,11 @@ def _check_overrides_fit(params, config, overrides: dict, where: str, what: str)
         ) from None
 
 
+def _leaves(params):
+    """Parameter leaves, a QArray counting as one leaf."""
+    return jax.tree.leaves(params, is_leaf=quant.is_quantized)
+
+
 def _owning(model: Model) -> Model:
     """Mark a model whose arrays nobody else holds (made by pk.load / astype): its CPU
     layout may then reuse their memory instead of copying (see Model.run_params)."""
@@ -624,11 +661,11 @@ def _find_tokenizer(folder: Path, vocab: int) -> Tokenizer | None:
     return None
 
 
-def _demo(dtype, overrides):
+def _demo(dtype, overrides, quantize=None):
     path = asset_dir() / DEMO_FILE
     tok = Tokenizer.demo()
     if path.exists():
-        params = checkpoints.load_params(path, dtype)
+        params = checkpoints.load_params(path, dtype, quantize=quantize)
         config = _with_overrides(checkpoints.infer_config(params, str(path)), overrides, "pk.load")
         _check_overrides_fit(params, config, overrides, "pk.load('demo')", str(path))
         return _owning(Model(params, config, tok, name="pali_kit demo", text_len=32))
@@ -639,6 +676,7 @@ def _demo(dtype, overrides):
     )
     config = _with_overrides(demo_config(), overrides, "pk.load")
     params = init_params(config, 0, dtype)
+    params = quant.quantize_params(params, quantize) if quantize else params
     return _owning(Model(params, config, tok, name="random demo-size model", text_len=32))
 
 
@@ -651,20 +689,25 @@ def demo_config(vocab_size: int = 2176) -> PaliGemmaConfig:
     )  # fmt: skip
 
 
-def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **overrides) -> Model:
+def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = True,
+         **overrides) -> Model:  # fmt: skip
     """Load a PaliGemma from anywhere.
 
     source: ``"demo"`` (the embedded model, offline) | a name from ``pk.CHECKPOINTS``
     (downloaded with kagglehub) | a big_vision ``.npz`` | a transformers folder.
     dtype: cast the weights while loading (``"bfloat16"``, ``"float32"``, ...).
+    quantize: ``"int8"`` | ``"int4"``: weight-only quantization of every large matrix
+      (``pali_kit.quant``), done while a ``.npz`` streams in, so memory peaks near the
+      quantized size (a transformers folder is loaded, then quantized).
     tokenizer: a path or Tokenizer; by default one found beside the checkpoint.
     overrides: config fields by their big_vision names, e.g. ``final_logits_softcap=0.0``.
     """
     dtype = _check_load_args(source, dtype, verbose)
+    quant.check_scheme(quantize)
     enable_compilation_cache()
     text_len = None
     if source == "demo":
-        model = _demo(dtype, overrides)
+        model = _demo(dtype, overrides, quantize)
     else:
         name = None
         if (
@@ -691,8 +734,9 @@ def load(source, *, dtype=None, tokenizer=None, verbose: bool = True, **override
             config = _with_overrides(config, overrides, "pk.load")
             _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
                                  str(path))  # fmt: skip
+            params = quant.quantize_params(params, quantize) if quantize else params
         else:
-            params = checkpoints.load_params(path, dtype)
+            params = checkpoints.load_params(path, dtype, quantize=quantize)
             config = checkpoints.infer_config(params, str(path))
             if name is not None:
                 config = _registry_semantics(config, checkpoint_info(name).config)
@@ -737,4 +781,9 @@ def _as_tokenizer(tokenizer):
 
 def save(model: Model, path) -> Path:
     """Write the model's weights as an official-layout .npz (dtype kept, atomic)."""
+    if model.quantization:
+        raise ValueError(
+            f"this model is quantized ({model.quantization}); the official .npz layout has no "
+            "integer weights. Save the float model, and pass quantize= when loading it"
+        )
     return checkpoints.save_params(model.params, path)

@@ -40,6 +40,7 @@ from .errors import CheckpointError  # noqa: F401  (defined with the kit's other
 from .model.common import to_device
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
+QUANT_CHUNK_BYTES = 1 << 22  # 4 MiB slices when quantizing while reading
 
 
 # --- dtypes ----------------------------------------------------------------------
@@ -223,6 +224,60 @@ def _read_member(zf, info, path, key, dtype: np.dtype | None) -> np.ndarray:
     return out.T if fortran else out
 
 
+def _iter_member_rows(zf, info, path, key, dtype: np.dtype | None, rows_bytes: int = CHUNK_BYTES,
+                      lead: int = 1):  # fmt: skip
+    """Yield ``(start, rows)``: consecutive slices ``a[start:start + n]`` of one member.
+
+    ``a`` is the array with its first ``lead`` axes merged into one. For
+    quantizing while loading: only one slice (about ``rows_bytes``, at least
+    one row) is in memory at a time. Slices come in the stored dtype, or cast
+    to ``dtype``. Fortran-order members are read whole (one slice).
+    """
+    f, raw_member = _open_member(zf, info, path)
+    try:
+        start = f.tell() if raw_member else 0
+        shape, fortran, descr = _read_header(f, path, key)
+        stored = _stored_dtype(descr, path, key)
+        if fortran or len(shape) == 0:
+            f.close()
+            whole = _read_member(zf, info, path, key, dtype)
+            yield 0, whole.reshape(-1, *whole.shape[lead:])
+            return
+        shape = (int(np.prod(shape[:lead], dtype=np.int64)), *shape[lead:])
+        crc = None
+        if raw_member:
+            header_len = f.tell() - start
+            f.seek(start)
+            crc = _Crc(f.read(header_len))
+        out_dtype = dtype if dtype is not None and _is_float(stored) else stored
+        raw_dtype = np.dtype(np.uint16) if descr.kind == "V" else np.dtype(descr.str)
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        n_rows = max(1, rows_bytes // max(1, row * raw_dtype.itemsize))
+        for first in range(0, shape[0], n_rows):
+            n = min(n_rows, shape[0] - first)
+            raw = np.empty(n * row, raw_dtype)
+            if f.readinto(memoryview(raw).cast("B")) != raw.nbytes:
+                raise EOFError("file ends early")
+            if crc is not None:
+                crc.add(raw, wait=True)
+            rows = raw.view(stored) if stored != raw_dtype else raw
+            yield first, rows.astype(out_dtype, copy=False).reshape(n, *shape[1:])
+        if crc is not None and crc.result() != info.CRC:
+            raise zipfile.BadZipFile("CRC-32 mismatch")
+    except (EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: {key} is truncated or corrupt ({e or type(e).__name__}). "
+            "Download or copy the file again."
+        ) from None
+    finally:
+        f.close()
+
+
+def member_shape(zf, member: str, path) -> tuple[tuple[int, ...], np.dtype]:
+    shape, fortran, descr = _member_header(zf, member, path)
+    return tuple(shape), _stored_dtype(descr, path, member)
+
+
 def _canonical_key(member: str) -> str:
     key = member[:-4] if member.endswith(".npy") else member
     return key[len("params/") :] if key.startswith("params/") else key
@@ -241,13 +296,20 @@ def checkpoint_keys(path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         return out
 
 
-def iter_arrays(path, dtype=None, order: str = "largest") -> Iterator[tuple[str, np.ndarray]]:
+def iter_arrays(
+    path, dtype=None, order: str = "largest", *, quantize: str | None = None
+) -> Iterator[tuple[str, np.ndarray]]:
     """Yield ``(key, numpy array)`` one at a time (``params/`` prefix removed).
 
     order="largest" yields the biggest arrays first, which keeps the peak of
     "arrays already converted + the one being read" close to the total.
+    quantize ("int8" | "int4"): the weights ``pali_kit.quant.RULES`` names come
+    as numpy-backed ``QArray``s, quantized slice by slice while they are read.
     """
+    from . import quant
+
     dtype = as_dtype(dtype)
+    quant.check_scheme(quantize)
     with _open_zip(path) as zf:
         members = [m for m in zf.namelist() if m.endswith(".npy")]
         if not members:
@@ -258,7 +320,24 @@ def iter_arrays(path, dtype=None, order: str = "largest") -> Iterator[tuple[str,
             members.sort(key=lambda m: -zf.getinfo(m).file_size)
         for member in members:
             key = _canonical_key(member)
-            yield key, _read_member(zf, zf.getinfo(member), path, key, dtype)
+            axes = quant.contraction_axes(key) if quantize else None
+            if axes is None:
+                yield key, _read_member(zf, zf.getinfo(member), path, key, dtype)
+                continue
+            shape, stored = member_shape(zf, member, path)
+            stands_for = dtype if dtype is not None else stored
+            lead = min(a % len(shape) for a in axes)  # axes before the first contracted one
+            if lead == 0:  # contracted along axis 0: quantize it whole (small matrices)
+                whole = _read_member(zf, zf.getinfo(member), path, key, dtype)
+                yield key, quant.quantize_rows_of([(0, whole)], shape, stands_for, quantize, axes)
+                continue
+            # slices along the leading axes, merged into one (smaller slices)
+            rows = _iter_member_rows(zf, zf.getinfo(member), path, key, dtype,
+                                     QUANT_CHUNK_BYTES, lead)  # fmt: skip
+            merged = (int(np.prod(shape[:lead])), *shape[lead:])
+            q = quant.quantize_rows_of(rows, merged, stands_for, quantize, axes)
+            yield key, q._replace(q.values.reshape(*shape[:lead], *q.values.shape[1:]),
+                                  q.scales.reshape(*shape[:lead], *q.scales.shape[1:]))  # fmt: skip
 
 
 def unflatten(flat: dict) -> dict:
@@ -291,6 +370,7 @@ def load_params(
     *,
     place: Callable[[str, np.ndarray], jax.Array] | None = None,
     progress: bool | None = None,
+    quantize: str | None = None,
 ) -> dict:
     """Load a big_vision .npz as a nested dict of jax arrays (the official tree).
 
@@ -301,7 +381,12 @@ def load_params(
       place: ``(key, array) -> jax.Array`` to put each leaf where it belongs
         (e.g. ``jax.device_put`` with a sharding); default ``jnp.asarray``.
       progress: show a progress bar (default: for files over 200 MB).
+      quantize: "int8" | "int4" to quantize the large matrices while reading,
+        slice by slice (``pali_kit.quant``): host memory peaks near the quantized
+        size. Those leaves come back as ``QArray``s.
     """
+    from . import quant
+
     place = place or (lambda key, a: to_device(a))
     size = Path(path).stat().st_size if Path(path).exists() else 0
     bar = (
@@ -310,10 +395,15 @@ def load_params(
         else None
     )
     flat = {}
-    for key, array in iter_arrays(path, dtype):
-        flat[key] = place(key, array)
+    for key, array in iter_arrays(path, dtype, quantize=quantize):
+        if isinstance(array, quant.QArray):
+            done = array.size * np.dtype(array.dtype).itemsize  # the float bytes it replaces
+            flat[key] = array._replace(place(key, array.values), place(key, array.scales))
+        else:
+            done = array.nbytes
+            flat[key] = place(key, array)
         if bar is not None:
-            bar.update(array.nbytes)
+            bar.update(done)
         del array
     if bar is not None:
         bar.close()

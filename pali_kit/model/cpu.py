@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import quant
 from .common import (
     _expand_ellipsis,
     _labels,
@@ -178,17 +179,19 @@ def cpu_layout(params, out_in: bool | None = None, in_place: bool = False):
     if out_in is None:
         out_in = llm["final_norm"]["scale"].dtype in (jnp.bfloat16, jnp.float16)
 
-    img = _map_kernels(img, lambda k: Matrix([[k]]))
+    img = _map_kernels(img, _own_form(lambda k: Matrix([[k]])))
     transformer = dict(img["Transformer"])
     layers = _split_layers(params["img"]["Transformer"]["encoderblock"])
     if layers is not None:
         transformer["encoderblock"] = _stack_of(
-            [_map_kernels(layer, lambda k: Matrix([[k]])) for layer in layers]
+            [_map_kernels(layer, _own_form(lambda k: Matrix([[k]]))) for layer in layers]
         )
     img["Transformer"] = transformer
 
     table = llm["embedder"]["input_embedding"]  # (V, W) is already (out, in)
-    llm["embedder"] = {"input_embedding": Matrix([[table]], (), True, table.shape[:1])}
+    llm["embedder"] = {
+        "input_embedding": _own_form(lambda t: Matrix([[t]], (), True, t.shape[:1]))(table)
+    }
     layers = _split_layers(llm["layers"])
     if layers is not None:
         llm["layers"] = _stack_of([_llm_layer(layer, out_in, in_place) for layer in layers])
@@ -209,15 +212,20 @@ def _llm_layer(layer, out_in: bool, in_place: bool = False):
     """One LLM layer's matrices as Matrix grids (per head, per key/value, gate/up)."""
     attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
     if out_in:
-        matrix = lambda w, n: _out_in_matrix(w, n, in_place)
+        matrix = _own_form(lambda w, n: _out_in_matrix(w, n, in_place))
     else:
-        matrix = _view_matrix
+        matrix = _own_form(_view_matrix)
     attn["q_einsum"] = {"w": matrix(attn["q_einsum"]["w"], 1)}  # (Nh | W, H)
     attn["kv_einsum"] = {"w": matrix(attn["kv_einsum"]["w"], 2)}  # (2, K | W, H)
     attn["attn_vec_einsum"] = {"w": matrix(attn["attn_vec_einsum"]["w"], 0)}  # (Nh, H, W)
     mlp["gating_einsum"] = matrix(mlp["gating_einsum"], 1)  # (2 | W, F)
     mlp["linear"] = matrix(mlp["linear"], 0)  # (F, W)
     return {**layer, "attn": attn, "mlp": mlp}
+
+
+def _own_form(fn):
+    """``fn`` for float weights; a quantized weight (``pali_kit.quant``) brings its own CPU form."""
+    return lambda w, *args: quant.for_cpu(w) if isinstance(w, quant.QArray) else fn(w, *args)
 
 
 def _view_matrix(w, n_group: int):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import checkpoints
+from .. import checkpoints, quant
 from ..configs import resolve_config
 from ..model import count_params, param_shapes
 from .params import _training_dtype, merge_params, split_params, trainable_mask
@@ -129,8 +129,11 @@ class Plan:
         p.text(self.table())
 
 
-def _abstract_state(config, trainable, frozen_dtype, optimizer):
-    """ShapeDtypeStructs for (state, frozen) and a description; allocates nothing."""
+def _abstract_state(config, trainable, frozen_dtype, optimizer, scheme=None):
+    """ShapeDtypeStructs for (state, frozen) and a description; allocates nothing.
+
+    scheme ("int8" | "int4"): frozen large matrices are QArrays standing for ``frozen_dtype``.
+    """
     shapes = param_shapes(config)
     mask, _ = trainable_mask(shapes, trainable)
     typed = jax.tree.map(
@@ -138,6 +141,8 @@ def _abstract_state(config, trainable, frozen_dtype, optimizer):
         shapes, mask,
     )  # fmt: skip
     train_shapes, frozen_shapes = split_params(typed, mask)
+    if scheme is not None:
+        frozen_shapes = quant.abstract_quantize_params(frozen_shapes, scheme)
     tx, schedule = make_optimizer(optimizer, num_steps=100)
     state = jax.eval_shape(lambda p: init_state(p, tx), train_shapes)
     return state, frozen_shapes, tx, schedule
@@ -154,15 +159,22 @@ def _abstract_batch(config, batch_size: int, text_len: int) -> dict:
     }
 
 
+def _count(tree) -> int:
+    """Parameters in a tree whose QArrays count as the weights they stand for."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=quant.is_quantized))
+
+
 def _nbytes(tree) -> int:
     return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 @functools.lru_cache(maxsize=64)
 def _compiled_temp(config, trainable, frozen_dtype, optimizer, batch_size, text_len, remat,
-                   accum_steps) -> tuple[int, float]:  # fmt: skip
+                   accum_steps, scheme=None) -> tuple[int, float]:  # fmt: skip
     """XLA's temp bytes of the compiled train step on the default device, and compile seconds."""
-    state, frozen, tx, schedule = _abstract_state(config, trainable, frozen_dtype, optimizer)
+    state, frozen, tx, schedule = _abstract_state(
+        config, trainable, frozen_dtype, optimizer, scheme
+    )
     step = make_train_step(config, tx, schedule=schedule, remat=remat, accum_steps=accum_steps)
     start = time.perf_counter()
     compiled = step.lower(state, frozen, _abstract_batch(config, batch_size, text_len)).compile()
@@ -194,6 +206,10 @@ def plan(
     and layouts). On a GPU or TPU the real dtypes are compiled. ``tpu=True``
     also compiles at the per-core batch of an 8-core TPU host. Results are
     cached; PaliGemma-3B compiles in about 10 s (scan + remat: one layer).
+    ``frozen_dtype="int8"`` / ``"int4"``: the frozen large matrices are
+    weight-only quantized (``pali_kit.quant``; load with ``pk.load(...,
+    quantize=...)``), dequantized inside the step; norms and the other small
+    frozen weights are float16.
 
     Example::
 
@@ -201,13 +217,14 @@ def plan(
     """
     config = resolve_config(config_or_name)
     name = config_or_name if isinstance(config_or_name, str) else config.family
-    dtype = checkpoints.as_dtype(frozen_dtype)
+    scheme = frozen_dtype if frozen_dtype in quant.SCHEMES else None
+    dtype = checkpoints.as_dtype("float16" if scheme else frozen_dtype)
     subset = _hashable_subset(config, trainable)
-    state, frozen, _, _ = _abstract_state(config, subset, dtype, optimizer)
+    state, frozen, _, _ = _abstract_state(config, subset, dtype, optimizer, scheme)
     compiled_dtype = np.dtype(np.float32) if jax.default_backend() == "cpu" else dtype
     compile_at = functools.partial(
         _compiled_temp, config, subset, compiled_dtype, optimizer, text_len=text_len,
-        remat=remat, accum_steps=accum_steps,
+        remat=remat, accum_steps=accum_steps, scheme=scheme,
     )  # fmt: skip
     temp, seconds = compile_at(batch_size=batch_size)
     per_core = None
@@ -226,8 +243,8 @@ def plan(
         name=name, trainable=trainable if isinstance(trainable, str) else subset.__name__,
         batch_size=batch_size, text_len=text_len,
         optimizer=optimizer if isinstance(optimizer, str) else "custom",
-        frozen_dtype=np.dtype(dtype).name, remat=remat,
-        num_params=count_params(state.params) + count_params(frozen),
+        frozen_dtype=scheme or np.dtype(dtype).name, remat=remat,
+        num_params=count_params(state.params) + _count(frozen),
         num_trainable=count_params(state.params), frozen_bytes=_nbytes(frozen),
         trainable_bytes=_nbytes(state.params), gradient_bytes=_nbytes(state.params),
         optimizer_bytes=_nbytes(state.opt_state),

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-from .. import checkpoints
+from .. import checkpoints, quant
 
 Params = dict[str, Any]
 
@@ -69,10 +69,11 @@ def trainable_mask(params: Params, trainable="attention") -> tuple[Params, str]:
     else:
         predicate, what = _predicate(trainable)
         mask = jax.tree_util.tree_map_with_path(
-            lambda path, x: bool(predicate(_leaf_key(path), tuple(x.shape))), params
-        )
+            lambda path, x: bool(predicate(_leaf_key(path), tuple(x.shape))), params,
+            is_leaf=quant.is_quantized,  # a QArray is one weight
+        )  # fmt: skip
     flags = jax.tree.leaves(mask)
-    sizes = [math.prod(x.shape) for x in jax.tree.leaves(params)]
+    sizes = [math.prod(x.shape) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized)]
     if len(flags) != len(sizes):
         raise ValueError("the trainable mask does not have the parameters' tree structure")
     n_train = sum(s for s, f in zip(sizes, flags) if f)
@@ -155,8 +156,16 @@ def _training_dtype(trainable: bool, frozen_dtype, current) -> np.dtype:
 
 
 def cast_params(params: Params, mask: Params, frozen_dtype=None) -> Params:
-    """Trainable leaves to float32, frozen ones to ``frozen_dtype`` (default: the device's)."""
+    """Trainable leaves to float32, frozen ones to ``frozen_dtype`` (default: the device's).
+
+    Quantized weights (``pali_kit.quant.QArray``) stay quantized when frozen and
+    are dequantized to float32 when trainable.
+    """
     frozen_dtype = checkpoints.as_dtype(frozen_dtype) or default_frozen_dtype()
-    return jax.tree.map(
-        lambda x, t: x.astype(_training_dtype(t, frozen_dtype, x.dtype)), params, mask
-    )
+
+    def cast(x, t):
+        if isinstance(x, quant.QArray):
+            return quant.dequantize(x, jnp.float32) if t else x
+        return x.astype(_training_dtype(t, frozen_dtype, x.dtype))
+
+    return jax.tree.map(cast, params, mask, is_leaf=quant.is_quantized)

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from .. import checkpoints
+from .. import checkpoints, quant
 from .. import data as pdata
 from ..configs import PaliGemmaConfig
 from .distributed import ProcessBatches, gather_to_host
@@ -133,6 +133,7 @@ class Trainer:
         )  # fmt: skip
         self.tx, self.schedule = make_optimizer(**optimizer_args)
         trainable_params, frozen = split_params(params, self.mask)
+        trainable_params = quant.dequantize_params(trainable_params)  # trainable: float32
         self.frozen = self._put(frozen, self.frozen_dtype, copy=False)
         trainable_params = self._put(trainable_params, np.float32, copy=copy)
         init = functools.partial(init_state, tx=self.tx)
@@ -178,13 +179,16 @@ class Trainer:
         """
 
         def one(x):
+            if isinstance(x, quant.QArray):  # frozen quantized: integers and float32 scales
+                place = lambda a: jax.device_put(a, self._shardings(a))  # noqa: E731
+                return jax.tree.map(place, x)
             target = jax.ShapeDtypeStruct(x.shape, _training_dtype(False, dtype, x.dtype))
             sharding = shardings_for(target, self.mesh, self.min_shard_bytes)
             return jax.device_put(
                 x.astype(target.dtype), sharding, may_alias=False if copy else None
             )
 
-        return jax.tree.map(one, tree)
+        return jax.tree.map(one, tree, is_leaf=quant.is_quantized)
 
     def _put_state(self, state: TrainState) -> TrainState:
         return jax.device_put(state, self._shardings(state))

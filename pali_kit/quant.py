@@ -1,0 +1,628 @@
+"""Weight-only int8 / int4 quantization: a pytree leaf type, quantize, dequantize, matmul.
+
+Every large matrix of the model (attention and MLP weights of both towers, the
+vision head and the LLM's embedding table, which is also the output layer)
+can be replaced by a :class:`QArray`: integer values and float32 scales,
+symmetric (no zero point). Activations, norms, biases, the patch embedding
+and the position embedding stay in floating point.
+
+Schemes::
+
+    "int8"  per output channel: one scale per output column, s = max|w| / 127 over
+            the contraction axes, q = round(w / s) in [-127, 127], one byte each.
+    "int4"  grouped: one scale per output column and per group of GROUP_SIZE = 64
+            consecutive inputs, s = max|w| / 7 over the group, q = round(w / s) in
+            [-7, 7], two values per byte; plus 4 bytes of scale per 64 weights.
+
+Bytes per weight: int8 1 (+4 per column), int4 0.5625; bfloat16 is 2.
+Rounding to the nearest level bounds the round-trip error of every element by
+half a step: ``|w - dequantize(quantize(w))| <= s / 2`` (``s`` the scale of its
+column / group), up to float32 rounding of ``w / s``.
+
+Storage layout: a QArray stands for a weight of the official (logical) shape,
+say ``q_einsum/w`` (L, Nh, W, H) contracted over W. Its values are kept with
+the contraction axes moved last and flattened, ``(L, Nh, H, W)``: "(out, in)",
+the layout XLA:CPU reads fastest for one token; XLA:GPU/TPU matmuls take
+either. Leading (layer) axes index like an array: ``q[i]`` is layer ``i``.
+
+Products: the model's modules call ``w.einsum(eq, x, compute_dtype)`` on a
+weight that has the method (``pali_kit.model.common.mm``). A QArray is
+dequantized (to the dtype it stands for) right in front of the product, which
+then follows the numerics policy exactly as for the float weight: XLA:GPU/TPU
+fuse the conversion into the matmul, so no float copy of the weight is made
+(``bench/quantize.py --hlo`` prints the program). The CPU layout
+(``pali_kit.model.cpu``) turns QArrays into :class:`CpuQArray`: products of at
+most ``REDUCE_ROWS`` rows (decoding) then read the integers in place (see
+``_reduce_matvec``); the 257152-row output layer is dequantized chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SCHEMES = ("int8", "int4")
+GROUP_SIZE = 64  # int4: inputs per scale, along the contraction axes
+_QMAX = {"int8": 127, "int4": 7}
+
+# Which weights are quantized, and over which axes each is contracted (negative
+# axes: the leading layer axis, where present, is not counted).
+RULES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    (r"llm/embedder/input_embedding", (-1,)),  # (V, W): the output layer contracts W
+    (r"llm/layers/attn/q_einsum/w", (-2,)),  # (L, Nh, W, H)
+    (r"llm/layers/attn/kv_einsum/w", (-2,)),  # (L, 2, K, W, H)
+    (r"llm/layers/attn/attn_vec_einsum/w", (-3, -2)),  # (L, Nh, H, W)
+    (r"llm/layers/mlp/gating_einsum", (-2,)),  # (L, 2, W, F)
+    (r"llm/layers/mlp/linear", (-2,)),  # (L, F, W)
+    (
+        r"img/Transformer/encoderblock/MultiHeadDotProductAttention_0/(query|key|value)/kernel",
+        (-3,),
+    ),  # (L, D, heads, head_dim)  # fmt: skip
+    (r"img/Transformer/encoderblock/MultiHeadDotProductAttention_0/out/kernel", (-3, -2)),
+    (r"img/Transformer/encoderblock/MlpBlock_0/Dense_[01]/kernel", (-2,)),  # (L, D, M) / (L, M, D)
+    (r"img/head/kernel", (-2,)),  # (D, W)
+)
+
+
+def check_scheme(quantize) -> str | None:
+    """Validate a ``quantize=`` argument: None, "int8" or "int4"."""
+    if quantize is None or quantize in SCHEMES:
+        return quantize
+    raise ValueError(
+        f"quantize={quantize!r} is not a quantization scheme: use 'int8' (per-channel, "
+        f"1 byte per weight), 'int4' (groups of {GROUP_SIZE}, ~0.56 bytes per weight) or None"
+    )
+
+
+def contraction_axes(key: str) -> tuple[int, ...] | None:
+    """The contraction axes of the weight named ``key`` (``/``-joined), None if not quantized."""
+    for pattern, axes in RULES:
+        if re.fullmatch(pattern, key):
+            return axes
+    return None
+
+
+# ============================================================================ the leaf type
+
+
+@jax.tree_util.register_pytree_node_class
+class QArray:
+    """A quantized weight that stands for a float array of logical shape ``shape``.
+
+    Children (arrays, what jit sees):
+      values: int8[*out, in] for "int8"; int8[*out, in_padded // 2] for "int4"
+        (two 4-bit values per byte: byte = (q[2j] + 8) + 16 * q[2j+1], i.e. input 2j
+        plus 8 in the low nibble, input 2j+1 in the high one; ``in`` padded with
+        zeros to a multiple of GROUP_SIZE).
+      scales: float32[*out, groups]: groups = 1 ("int8") or in_padded // GROUP_SIZE.
+    Static:
+      scheme "int8" | "int4"; in_axes: the contracted axes of the logical shape
+      (negative); in_shape: their sizes; dtype: the float dtype it stands for
+      (what dequantize returns).
+
+    ``out`` are the logical axes not contracted, in their order. Indexing a
+    leading axis (``q[i]``, layer ``i``) and ``jax.tree.map`` over the children
+    keep it a QArray.
+    """
+
+    def __init__(self, values, scales, scheme: str, in_axes, in_shape, dtype=np.float32):
+        self.values = values
+        self.scales = scales
+        self.scheme = scheme
+        self.in_axes = tuple(int(a) for a in in_axes)
+        self.in_shape = tuple(int(n) for n in in_shape)
+        self.dtype = np.dtype(dtype)
+
+    # --- pytree
+    def tree_flatten(self):
+        aux = (self.scheme, self.in_axes, self.in_shape, self.dtype)
+        return (self.values, self.scales), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def _replace(self, values, scales) -> QArray:
+        return type(self)(values, scales, self.scheme, self.in_axes, self.in_shape, self.dtype)
+
+    # --- array-like facts
+    @property
+    def in_size(self) -> int:
+        return math.prod(self.in_shape)
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape[:-1])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical (official) shape this weight stands for."""
+        shape = list(self.out_shape)
+        ndim = len(shape) + len(self.in_axes)
+        for axis, n in sorted(zip((a % ndim for a in self.in_axes), self.in_shape)):
+            shape.insert(axis, n)
+        return tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: values plus scales."""
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in self.children())
+
+    def children(self):
+        return (self.values, self.scales)
+
+    def __getitem__(self, index):
+        """Index the leading (not contracted) axes.
+
+        ``q[i]`` of a layer stack is layer ``i`` (a QArray). An index that takes
+        every output axis, ``table[tokens]`` of the (V, W) embedding, returns the
+        dequantized rows ``float[..., W]`` (in ``dtype``).
+        """
+        index = index if isinstance(index, tuple) else (index,)
+        leading = min(a % self.ndim for a in self.in_axes)  # logical axes before the first input
+        if len(index) > leading:
+            raise IndexError(
+                f"a QArray of shape {self.shape} indexes its first {leading} axes only"
+            )
+        part = self._replace(self.values[index], self.scales[index])
+        if len(index) < len(self.out_shape):
+            return part
+        return dequantize_out_in(part).reshape(*part.values.shape[:-1], *self.in_shape)
+
+    def einsum(self, eq: str, x, compute_dtype=None) -> jax.Array:
+        """``jnp.einsum(eq, x, W)`` -> float32 for the float weight W this stands for.
+
+        The model's products (``pali_kit.model.common.mm``) call this: the weight
+        is dequantized (to the dtype it stands for) right in front of the
+        product, which then follows the kit's numerics policy exactly as for W.
+        """
+        return einsum(eq, x, self, compute_dtype=compute_dtype)
+
+    def __repr__(self):
+        return (f"QArray({self.scheme}, shape={self.shape}, stands for {self.dtype.name}, "
+                f"{self.nbytes / 1e6:.2f} MB)")  # fmt: skip
+
+    def dequantize(self) -> jax.Array:
+        return dequantize(self)
+
+
+@jax.tree_util.register_pytree_node_class
+class CpuQArray(QArray):
+    """A QArray whose products with at most ``REDUCE_ROWS`` rows run as a fused reduce.
+
+    ``kernel``: the values and scales reshaped the way that loop reads them,
+    ``(int8[O, in], float32[O, 1])`` or, for int4, ``(int8[O, groups, GROUP_SIZE // 2],
+    float32[O, groups])``, made on the host as views of the same memory
+    (``for_cpu``): XLA:CPU runs that loop several times slower when the reshape
+    happens inside the compiled code. None where no view could be made.
+    """
+
+    def __init__(self, values, scales, scheme, in_axes, in_shape, dtype=np.float32, kernel=None):
+        super().__init__(values, scales, scheme, in_axes, in_shape, dtype)
+        self.kernel = kernel
+
+    def tree_flatten(self):
+        children, aux = super().tree_flatten()
+        return (*children, self.kernel), aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        values, scales, kernel = children
+        return cls(values, scales, *aux, kernel=kernel)
+
+
+def is_quantized(x) -> bool:
+    return isinstance(x, QArray)
+
+
+# ============================================================================ quantize / dequantize
+
+
+def _to_out_in(w, in_axes: Sequence[int]):
+    """numpy/jax array -> (out-major array [*out, in], in_shape)."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    nd = w.ndim
+    ins = [a % nd for a in in_axes]
+    outs = [a for a in range(nd) if a not in ins]
+    moved = xp.transpose(w, outs + ins) if outs + ins != list(range(nd)) else w
+    in_shape = tuple(w.shape[a] for a in ins)
+    return moved.reshape(*moved.shape[: len(outs)], math.prod(in_shape)), in_shape
+
+
+def _quantize_rows(m, scheme: str):
+    """float[*out, in] -> (int8 values, float32 scales), numpy or jax alike.
+
+    numpy: computed in place on one float32 copy of ``m`` (quantizing while
+    loading keeps a single float temporary per slice).
+    """
+    xp = np if isinstance(m, np.ndarray) else jnp
+    m = m.astype(np.float32) if xp is jnp else np.array(m, np.float32)  # a copy we may write
+    qmax = _QMAX[scheme]
+    if scheme == "int4":
+        pad = (-m.shape[-1]) % GROUP_SIZE
+        if pad:
+            m = xp.concatenate([m, xp.zeros((*m.shape[:-1], pad), np.float32)], axis=-1)
+        m = m.reshape(*m.shape[:-1], -1, GROUP_SIZE)
+    else:
+        m = m[..., None, :]  # one group: the whole row
+    amax = xp.max(xp.abs(m), axis=-1) if xp is jnp else np.maximum(m.max(-1), -m.min(-1))
+    scales = (amax / qmax).astype(np.float32)
+    safe = xp.where(scales > 0, scales, 1.0)[..., None]  # an all-zero group: levels 0, scale 0
+    if xp is np:
+        np.divide(m, safe, out=m)
+        np.rint(m, out=m)  # round half to even, as jnp.round
+        np.clip(m, -qmax, qmax, out=m)
+        q = m.astype(np.int8)
+    else:
+        q = jnp.clip(jnp.round(m / safe), -qmax, qmax).astype(np.int8)
+    del m
+    q = q.reshape(*q.shape[:-2], -1)
+    if scheme == "int4":  # pack pairs: low nibble = even input + 8 (0..15), high = odd input
+        q = (((q[..., 0::2] + 8) & 0x0F) | (q[..., 1::2] << 4)).astype(np.int8)
+    return q, scales
+
+
+def quantize(w, scheme: str = "int8", in_axes: Sequence[int] = (-2,)) -> QArray:
+    """A float array (numpy or jax) -> QArray.
+
+    w: float[...] in its official layout; in_axes: the axes a matmul contracts
+    (e.g. (-2,) for an (in, out) kernel). The result stands for ``w.dtype``.
+    """
+    check_scheme(scheme)
+    if scheme is None:
+        raise ValueError("quantize(w, scheme=None): pass 'int8' or 'int4'")
+    m, in_shape = _to_out_in(w, in_axes)
+    values, scales = _quantize_rows(m, scheme)
+    return QArray(values, scales, scheme, in_axes, in_shape, w.dtype)
+
+
+def unpack_values(q: QArray, dtype=jnp.float32):
+    """The integer levels as ``dtype[*out, in_padded]`` (int4 unpacked; padding included)."""
+    v = q.values
+    xp = np if isinstance(v, np.ndarray) else jnp
+    if q.scheme == "int8":
+        return v.astype(dtype)
+    v = v.astype(np.int8)
+    low = (v & 0x0F) - 8  # the low nibble holds the even input + 8
+    high = v >> 4  # an arithmetic shift sign-extends the high nibble
+    return xp.stack([low, high], axis=-1).reshape(*v.shape[:-1], -1).astype(dtype)
+
+
+def dequantize_out_in(q: QArray, dtype=None):
+    """float[*out, in]: the weight in the QArray's (out, in) storage layout."""
+    levels = unpack_values(q, np.float32)
+    groups = q.scales.shape[-1]
+    levels = levels.reshape(*levels.shape[:-1], groups, -1) * q.scales[..., None]
+    w = levels.reshape(*levels.shape[:-2], -1)[..., : q.in_size]
+    return w.astype(dtype or q.dtype)
+
+
+def dequantize(q: QArray, dtype=None):
+    """The float array a QArray stands for, in the official layout and shape."""
+    w = dequantize_out_in(q, dtype)
+    nd = q.ndim
+    ins = [a % nd for a in q.in_axes]
+    outs = [a for a in range(nd) if a not in ins]
+    w = w.reshape(*q.out_shape, *q.in_shape)
+    xp = np if isinstance(w, np.ndarray) else jnp
+    return xp.transpose(w, np.argsort(outs + ins))
+
+
+# ============================================================================ matmul
+
+
+REDUCE_ROWS = 4  # CPU: products with at most this many rows use the fused reduce
+
+
+def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
+    """x float[..., in] times the weight -> float32[..., *out] (``in``: the contracted axes flattened).
+
+    A :class:`CpuQArray` with at most ``REDUCE_ROWS`` rows of ``x`` computes
+    ``y[o] = sum_k x[k] * q[o, k] * s[o, g(k)]`` in float32 reading the integers
+    in place (``_reduce_matvec``; no float copy of the weight). Otherwise the
+    weight is dequantized to the dtype it stands for (a chunk of rows at a time
+    for the output layer) and multiplied under the numerics policy
+    (``pali_kit.model.cpu.matmul``).
+    """
+    from .model.cpu import matmul as policy_matmul
+
+    if x.shape[-1] != q.in_size:
+        raise ValueError(
+            f"matmul: x has {x.shape[-1]} inputs, the weight {q.shape} takes {q.in_size}"
+        )
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, q.in_size)
+    if isinstance(q, CpuQArray) and x2.shape[0] <= REDUCE_ROWS:
+        y = _reduce_matvec(x2.astype(jnp.float32), q)
+    elif _chunks(q) == 1:
+        w = dequantize_out_in(q).reshape(-1, q.in_size)  # [O, in] in the stood-for dtype
+        y = policy_matmul(x2, w, compute_dtype, contract_rhs=1)
+    else:  # the output layer: dequantize one chunk of rows at a time
+        product = jax.checkpoint(
+            lambda c: policy_matmul(x2, dequantize_out_in(c), compute_dtype, contract_rhs=1)
+        )
+        y = jax.lax.map(product, _split(q, _chunks(q)))  # [n, R, O / n]
+        y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)
+    return y.reshape(*lead, *q.out_shape)
+
+
+CHUNK_ROWS = 1 << 16  # matrices with more output rows (the embedding table) dequantize in chunks
+
+
+def _chunks(q: QArray) -> int:
+    """How many row chunks a one-output-axis matrix of over CHUNK_ROWS rows is dequantized in."""
+    if len(q.out_shape) != 1 or q.out_shape[0] <= CHUNK_ROWS:
+        return 1
+    rows = q.out_shape[0]
+    for n in range(-(-rows // CHUNK_ROWS), min(rows, 4096) + 1):
+        if rows % n == 0:
+            return n
+    return 1
+
+
+def _split(q: QArray, n: int) -> QArray:
+    """[O, ...] -> a QArray stack [n, O / n, ...] (a view: lax.map walks the leading axis)."""
+    return q._replace(q.values.reshape(n, -1, q.values.shape[-1]),
+                      q.scales.reshape(n, -1, q.scales.shape[-1]))  # fmt: skip
+
+
+def _reduce_matvec(x2, q: QArray):
+    """float32[R, in] x QArray -> float32[R, O], reading the integers in place (no float copy).
+
+    int8: ``(x @ convert(q).T) * s``, row by row: XLA:CPU emits a one-row product
+    whose weight operand is only converted as one loop over the int8 values.
+    int4: per group, ``sum(lo * x_even + hi * x_odd)``: with the byte
+    b = (lo + 8) + 16 hi read as a float f, hi = floor(f / 16) and
+    ``lo x_even + hi x_odd = f x_even + hi (x_odd - 16 x_even) - 8 x_even``: one
+    fused loop (a convert, a floor, two multiply-adds per byte); XLA:CPU runs it
+    as one library fusion (integer shifts would split it into several passes).
+    """
+    groups = q.scales.shape[-1]
+    if getattr(q, "kernel", None) is not None:
+        values, scales = q.kernel  # host views in the loop's shapes
+    else:
+        shape = (groups, GROUP_SIZE // 2) if q.scheme == "int4" else (q.values.shape[-1],)
+        values, scales = q.values.reshape(-1, *shape), q.scales.reshape(-1, groups)
+    if q.scheme == "int8":
+        # (one row at a time, written x @ w.T with w = convert(q): the form XLA:CPU
+        # emits as that loop; several rows at once take a slow path)
+        blocks = values if isinstance(values, tuple) else (values,)
+        rows = []
+        for r in range(x2.shape[0]):
+            parts, start = [], 0
+            for block in blocks:  # [O, <= BLOCK] each
+                xr = x2[r : r + 1, start : start + block.shape[1]]
+                start += block.shape[1]
+                w_t = block.astype(jnp.float32).T  # [in, O]
+                parts.append(jax.lax.dot_general(xr, w_t, (((1,), (0,)), ((), ()))))
+            # summed behind a barrier: each product stays its own loop
+            rows.append(sum(jax.lax.optimization_barrier(tuple(parts))) if len(parts) > 1
+                        else parts[0])  # fmt: skip
+        return jnp.concatenate(rows) * scales[:, 0]
+    # x's terms first, behind a barrier (small; slicing x inside the big loop slows it)
+    pad = groups * GROUP_SIZE - q.in_size
+    xp = jnp.pad(x2, ((0, 0), (0, pad))).reshape(x2.shape[0], groups, GROUP_SIZE // 2, 2)
+    x_even, x_mixed, x_bias = jax.lax.optimization_barrier(
+        (xp[..., 0], xp[..., 1] - 16 * xp[..., 0], 8 * jnp.sum(xp[..., 0], axis=-1))
+    )  # [R, groups, G/2], [R, groups, G/2], [R, groups]
+    f = values.astype(jnp.float32)  # [O, groups, G/2]
+    high = jnp.floor(f * (1 / 16))
+    rows = []
+    for r in range(x2.shape[0]):
+        per_group = jnp.sum(f * x_even[r] + high * x_mixed[r], axis=-1) - x_bias[r]
+        rows.append(jnp.sum(per_group * scales, axis=-1))  # [O]
+    return jnp.stack(rows)
+
+
+def einsum(eq: str, x, w, *, compute_dtype=None):
+    """``jnp.einsum(eq, x, w)`` -> float32 where ``w`` may be a QArray, under the numerics policy.
+
+    A QArray is dequantized in front of the product (``policy_einsum``); a
+    CpuQArray goes through :func:`matmul`: the letters it shares with ``x`` and
+    not with the output must then be exactly its contraction axes, in order.
+    """
+    from .model.common import policy_einsum
+
+    if not isinstance(w, CpuQArray):
+        if not isinstance(w, QArray):
+            return policy_einsum(eq, x, w, compute_dtype)
+        n = _chunks(w)
+        if n == 1:
+            return policy_einsum(eq, x, dequantize(w), compute_dtype)
+        # A huge table (the 257152-row output layer): dequantize it chunk by chunk
+        # (lax.map), so at most one chunk of float weights exists at a time.
+        (xs, ws), out = (part.split(",") for part in eq.replace(" ", "").split("->"))
+        out = out[0].replace("...", "." * (x.ndim - len(xs.replace("...", ""))))
+        in_letters = {ws[a % len(ws)] for a in w.in_axes}
+        at = out.index(next(c for c in ws if c not in in_letters))  # the one output axis
+        # (checkpointed: a backward pass recomputes a chunk instead of keeping them all)
+        chunk = jax.checkpoint(lambda c: policy_einsum(eq, x, dequantize(c), compute_dtype))
+        ys = jax.lax.map(chunk, _split(w, n))
+        ys = jnp.moveaxis(ys, 0, at)  # [..., n, V / n, ...]
+        return ys.reshape(*ys.shape[:at], -1, *ys.shape[at + 2 :])
+    inputs, out = eq.replace(" ", "").split("->")
+    xs, ws = inputs.split(",")
+    if "..." in xs:
+        fill = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)
+        fill = fill[: x.ndim - (len(xs) - 3)]
+        xs, out = xs.replace("...", fill), out.replace("...", fill)
+    nd = len(ws)
+    contracted = [c for c in ws if c in xs and c not in out]
+    want = [ws[a % nd] for a in w.in_axes]
+    if contracted != want or any(c in xs for c in ws if c not in contracted):
+        raise ValueError(
+            f"einsum {eq!r}: the quantized weight contracts axes {w.in_axes} ({''.join(want)}), "
+            f"the equation contracts {''.join(contracted)}"
+        )
+    rest = [c for c in xs if c not in contracted]
+    x = jnp.transpose(x, [xs.index(c) for c in rest + contracted])
+    x = x.reshape(*x.shape[: len(rest)], -1)
+    y = matmul(x, w, compute_dtype)
+    have = rest + [c for c in ws if c not in contracted]
+    return jnp.transpose(y, [have.index(c) for c in out])
+
+
+# ============================================================================ trees
+
+
+def _keyed_map(fn: Callable, tree: dict, prefix: str = ""):
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        out[k] = _keyed_map(fn, v, key + "/") if isinstance(v, dict) else fn(key, v)
+    return out
+
+
+def quantize_params(params: dict, scheme: str) -> dict:
+    """The official tree with every weight named in ``RULES`` replaced by a QArray.
+
+    Works on numpy or jax leaves; layer stacks are quantized one layer at a time.
+    """
+    check_scheme(scheme)
+
+    def one(key, a):
+        axes = contraction_axes(key)
+        if axes is None or isinstance(a, QArray):
+            return a
+        return quantize_leaf(a, scheme, axes, place=_default_place)
+
+    return _keyed_map(one, params)
+
+
+def _default_place(a):
+    """numpy -> jax, adopting the (aligned) host memory without a copy where JAX can."""
+    if not isinstance(a, np.ndarray):
+        return a
+    try:
+        return jax.device_put(a, may_alias=True)
+    except TypeError:  # JAX without may_alias
+        return jnp.asarray(a)
+
+
+def quantize_leaf(a, scheme: str, in_axes, place: Callable = _default_place) -> QArray:
+    """Quantize one leaf (numpy or jax), in slices along axis 0 when that axis is not contracted.
+
+    Keeps the float temporaries at one slice (one layer of a stack, or ~16 MB of
+    embedding rows); ``place`` puts the finished values and scales on a device.
+    """
+    shape = tuple(a.shape)
+    if len(shape) < 2 or 0 in [x % len(shape) for x in in_axes]:
+        rows = [(0, a)]
+    else:
+        n = max(1, (1 << 22) // max(1, math.prod(shape[1:])))
+        rows = ((i, a[i : i + n]) for i in range(0, shape[0], n))
+    q = quantize_rows_of(rows, shape, a.dtype, scheme, in_axes)
+    return q._replace(place(q.values), place(q.scales))
+
+
+def quantize_rows_of(rows: Iterable, shape, dtype, scheme: str, in_axes) -> QArray:
+    """Quantize an array given as consecutive slices ``(start, a[start:start + n])``.
+
+    Axis 0 must not be contracted unless there is a single slice. Returns a
+    QArray of numpy arrays (page-aligned, so JAX can adopt them without a copy).
+    """
+    from .checkpoints import _aligned_empty
+
+    values = scales = in_shape = None
+    for start, part in rows:
+        q = quantize(np.asarray(part), scheme, in_axes)
+        in_shape = q.in_shape
+        if q.shape == tuple(shape):  # one slice: the whole array
+            values, scales = q.values, q.scales
+            break
+        if values is None:
+            values = _aligned_empty((shape[0], *q.values.shape[1:]), np.int8)
+            scales = _aligned_empty((shape[0], *q.scales.shape[1:]), np.float32)
+        values[start : start + len(part)] = q.values
+        scales[start : start + len(part)] = q.scales
+        del q, part
+    return QArray(values, scales, scheme, in_axes, in_shape, dtype)
+
+
+def abstract_quantize_params(shapes: dict, scheme: str) -> dict:
+    """``quantize_params`` for a tree of ``jax.ShapeDtypeStruct`` (allocates nothing)."""
+
+    def one(key, s):
+        axes = contraction_axes(key)
+        if axes is None:
+            return s
+        return jax.eval_shape(lambda: quantize(jnp.zeros(s.shape, s.dtype), scheme, axes))
+
+    return _keyed_map(one, shapes)
+
+
+def dequantize_params(params: dict) -> dict:
+    """Every QArray replaced by the float array it stands for (a reference model)."""
+    return jax.tree.map(
+        lambda a: dequantize(a) if isinstance(a, QArray) else a,
+        params, is_leaf=lambda a: isinstance(a, QArray),
+    )  # fmt: skip
+
+
+def for_cpu(q: QArray) -> CpuQArray:
+    """The same arrays (no copy) as a CpuQArray: one-token products use the fused reduce."""
+    if isinstance(q, CpuQArray):
+        return q
+    from .model.cpu import BLOCK
+
+    groups = q.scales.shape[-1]
+    per_value = (groups, GROUP_SIZE // 2) if q.scheme == "int4" else (q.values.shape[-1],)
+    kernel = (_host_view(q.values, (-1, *per_value)), _host_view(q.scales, (-1, groups)))
+    if q.scheme == "int8" and kernel[0] is not None and q.in_size > BLOCK:
+        # XLA:CPU's one-row loop takes rows of at most ~BLOCK inputs, and only
+        # contiguous ones: wider matrices (the MLP's output layer) get (O, <= BLOCK)
+        # copies of their int8 values, one extra copy of those bytes.
+        host = np.asarray(kernel[0])
+        parts = np.array_split(host, -(-q.in_size // BLOCK), axis=1)
+        kernel = (tuple(_default_place(np.ascontiguousarray(p)) for p in parts), kernel[1])
+    kernel = None if any(k is None for k in kernel) else kernel
+    return CpuQArray(*q.children(), *q.tree_flatten()[1], kernel=kernel)
+
+
+def _host_view(a, shape):
+    """``a.reshape(shape)`` sharing ``a``'s memory (a CPU array, 64-byte aligned), or None."""
+    try:
+        host = np.asarray(a)  # no copy for an array on the CPU
+        if host.ctypes.data != a.unsafe_buffer_pointer():
+            return None
+        view = jax.device_put(host.reshape(shape), may_alias=True)
+        return view if view.unsafe_buffer_pointer() == host.ctypes.data else None
+    except Exception:  # not on one CPU, no may_alias, deleted: no view
+        return None
+
+
+def cpu_layout(params):
+    """Every QArray of a tree as a CpuQArray (see ``for_cpu``)."""
+    return jax.tree.map(
+        lambda a: for_cpu(a) if isinstance(a, QArray) else a, params, is_leaf=is_quantized
+    )
+
+
+def tree_nbytes(params) -> int:
+    """Bytes held by a parameter tree (QArrays count values + scales)."""
+    leaves = jax.tree.leaves(params)
+    return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in leaves)
+
+
+def scheme_of(params) -> str | None:
+    """ "int8"/"int4" if the tree holds QArrays, else None."""
+    for leaf in jax.tree.leaves(params, is_leaf=lambda a: isinstance(a, QArray)):
+        if isinstance(leaf, QArray):
+            return leaf.scheme
+    return None

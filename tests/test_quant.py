@@ -1,0 +1,377 @@
+"""Weight-only int8 / int4 quantization (pali_kit.quant): bounds, products, layout, errors."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from pali_kit import quant
+
+EPS32 = np.finfo(np.float32).eps
+
+
+def _step(q: quant.QArray) -> np.ndarray:
+    """The scale of every element, in the official layout (the bound is half of it)."""
+    ones = q._replace(
+        np.ones_like(np.asarray(quant.unpack_values(q, np.float32)), dtype=np.int8)
+        if q.scheme == "int8"
+        else np.full(q.values.shape, 0x19, np.int8),  # two 1-levels: (1 + 8) + 16 * 1
+        q.scales,
+    )
+    return np.asarray(quant.dequantize(ones, np.float32))
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+@pytest.mark.parametrize(
+    "shape, in_axes",
+    [((96, 40), (-2,)), ((3, 4, 130, 5), (-2,)), ((2, 3, 8, 24), (-3, -2)), ((50, 200), (-1,))],
+)
+def test_round_trip_within_half_a_step(scheme, shape, in_axes):
+    # Rounding w / s to the nearest level errs by at most 1/2 level, i.e. s / 2.
+    # w / s is computed in float32 (relative error <= eps, |w / s| <= qmax), so
+    # a value within qmax * eps of a .5 boundary may round the other way: the
+    # bound grows by s * qmax * eps (and by |w| * eps for the final product).
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal(shape) * rng.uniform(0.01, 3.0, shape[-1])).astype(np.float32)
+    w[..., 0] = 0.0  # an all-zero output channel quantizes to zeros
+    q = quant.quantize(w, scheme, in_axes)
+    assert q.shape == w.shape and quant.dequantize(q).shape == w.shape
+    back = np.asarray(quant.dequantize(q))
+    step = _step(q)
+    qmax = {"int8": 127, "int4": 7}[scheme]
+    bound = step * (0.5 + qmax * EPS32) + np.abs(w) * EPS32
+    assert np.all(np.abs(w - back) <= bound)
+    assert np.all(back[..., 0] == 0.0)
+    # the step really is max|w| / qmax of its channel (group): not a loose bound
+    assert np.isclose(step.max(), np.abs(w).max() / qmax, rtol=1e-6)
+
+
+def test_int4_groups_and_packing():
+    # Groups of GROUP_SIZE consecutive inputs share a scale: a group of small
+    # weights keeps its precision next to a group of large ones.
+    g = quant.GROUP_SIZE
+    w = np.concatenate([np.full((g, 1), 0.07), np.full((g, 1), 7.0)]).astype(np.float32)
+    q = quant.quantize(w, "int4", (-2,))
+    assert q.values.shape == (1, g) and q.values.dtype == np.int8  # two values per byte
+    assert q.scales.shape == (1, 2)
+    np.testing.assert_allclose(np.asarray(quant.dequantize(q)), w, rtol=1e-6)
+    # 2304 x 9216 (a PaliGemma-3B MLP matrix): bytes per weight vs bfloat16's 2
+    big = jax.eval_shape(lambda: quant.quantize(jnp.zeros((2304, 9216)), "int4"))
+    assert big.nbytes / (2304 * 9216 * 2) < 0.29
+    big8 = jax.eval_shape(lambda: quant.quantize(jnp.zeros((2304, 9216)), "int8"))
+    assert big8.nbytes / (2304 * 9216 * 2) < 0.51
+
+
+def test_bfloat16_weights_keep_their_dtype():
+    w = np.random.default_rng(1).standard_normal((64, 16)).astype(ml_dtypes.bfloat16)
+    q = quant.quantize(w, "int8")
+    assert q.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert quant.dequantize(q).dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+EQUATIONS = [  # (eq, x shape, weight shape, in_axes): the model's products
+    ("btd,ndh->btnh", (2, 3, 64), (4, 64, 8), (-2,)),  # q_einsum
+    ("btd,ckdh->cbtkh", (2, 3, 64), (2, 2, 64, 8), (-2,)),  # kv_einsum
+    ("btnh,nhd->btd", (2, 3, 4, 16), (4, 16, 32), (-3, -2)),  # attn_vec
+    ("...d,vd->...v", (2, 3, 40), (100, 40), (-1,)),  # output layer
+    ("bnd,dhk->bnhk", (2, 5, 70), (70, 2, 6), (-3,)),  # SigLIP query
+    ("btf,fd->btd", (2, 3, 2500), (2500, 8), (-2,)),  # MLP linear: CPU blocks of <= 2304 inputs
+]
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+@pytest.mark.parametrize("eq, xs, ws, in_axes", EQUATIONS)
+@pytest.mark.parametrize("cpu_reduce", [False, True])
+def test_quantized_product_equals_dequantized_product(scheme, eq, xs, ws, in_axes, cpu_reduce):
+    # Both sides sum the same float32 products x * (q * s) over K terms, in another
+    # order (and with the scale applied per group): float32 re-association bounds
+    # the difference by ~K * eps * sum_k |x_k| |w_k|. The CPU int4 reduce sums
+    # f x_even + hi (x_odd - 16 x_even) - 8 x_even instead (f = the byte, |f| <= 128,
+    # |hi| <= 8): its terms are up to 256 * s * |x| whatever the weight, which
+    # widens the bound by K * eps * 256 * s * sum |x|.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(xs).astype(np.float32)
+    if cpu_reduce:
+        x = x[:1, :2]  # two rows: what the reduce path takes (decoding)
+    w = rng.standard_normal(ws).astype(np.float32)
+    q = quant.quantize(jnp.asarray(w), scheme, in_axes)
+    if cpu_reduce:
+        q = quant.cpu_layout({"w": q})["w"]
+        assert isinstance(q, quant.CpuQArray)
+    got = jax.jit(lambda x, q: q.einsum(eq, x))(jnp.asarray(x), q)
+    deq = np.asarray(quant.dequantize(q), np.float64)
+    want = np.einsum(eq, x.astype(np.float64), deq)
+    magnitude = np.einsum(eq, np.abs(x).astype(np.float64), np.abs(deq))
+    k = np.prod([ws[a] for a in in_axes])
+    if cpu_reduce and scheme == "int4":
+        s_max = float(np.max(q.scales))
+        x_sum = np.einsum(eq, np.abs(x).astype(np.float64), np.ones(ws))  # sum |x| per output
+        magnitude = magnitude + 256 * s_max * x_sum
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    assert np.all(np.abs(np.asarray(got) - want) <= 2 * k * EPS32 * magnitude + 1e-30)
+
+
+def test_rejects_a_mismatched_equation():
+    # (a plain QArray is dequantized and multiplied as the array it stands for;
+    # the CPU form computes from its contraction axes, so it checks them)
+    q = quant.for_cpu(quant.quantize(jnp.ones((4, 64, 8)), "int8", (-2,)))
+    with pytest.raises(ValueError, match="contracts axes"):
+        q.einsum("btn,ndh->btdh", jnp.ones((1, 1, 4)))
+
+
+def test_layer_indexing_and_embedding_rows():
+    w = np.random.default_rng(3).standard_normal((3, 2, 64, 8)).astype(np.float32)
+    q = quant.quantize(w, "int4", (-2,))
+    layer = q[1]
+    assert isinstance(layer, quant.QArray) and layer.shape == (2, 64, 8)
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(layer)), quant.dequantize(q)[1])
+    with pytest.raises(IndexError, match="first 2 axes"):
+        q[0, 0, 0]
+    table = quant.quantize(w.reshape(-1, 8), "int8", (-1,))  # (V=384, W=8)
+    tokens = np.array([[3, 0], [383, 7]])
+    rows = table[(tokens,)]
+    np.testing.assert_array_equal(np.asarray(rows), np.asarray(quant.dequantize(table))[tokens])
+    # layer slices of a stack through jax.tree.map (what lax.scan does) stay QArrays
+    sliced = jax.tree.map(lambda a: a[2], q)
+    assert isinstance(sliced, quant.QArray) and sliced.shape == (2, 64, 8)
+
+
+def test_quantize_argument_is_checked():
+    for bad in ("int2", "fp8", 8, True):
+        with pytest.raises(ValueError, match=re.escape(f"quantize={bad!r}") + ".*'int8'.*'int4'"):
+            quant.check_scheme(bad)
+    assert quant.check_scheme(None) is None and quant.check_scheme("int4") == "int4"
+
+
+def test_cuda_lowering_feeds_the_integers_to_the_matmul():
+    # What XLA:GPU is given: the int8 weight enters the program as int8 and is
+    # converted and scaled right in front of the dot (elementwise producers of
+    # the dot operand, which XLA's GPU fusion merges into the matmul); no
+    # float copy of the weight is a program input or output.
+    q = quant.quantize(jnp.ones((2304, 512)), "int8")
+    x = jax.ShapeDtypeStruct((1, 2304), jnp.bfloat16)
+    exported = jax.export.export(
+        jax.jit(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16)), platforms=("cuda",)
+    )(x, q)
+    text = exported.mlir_module()
+    main = text[text.index("func.func public @main") :].split("\n")[0]
+    assert "tensor<512x2304xi8>" in main and "tensor<512x2304xbf16>" not in main
+    assert "stablehlo.dot_general" in text and "stablehlo.convert" in text
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def _random_checkpoint(path, width=1024, mlp=4096, depth=4, vocab=16000):
+    """A ~200 MB float32 .npz with PaliGemma key names (written one array at a time)."""
+    from pali_kit import checkpoints
+
+    rng = np.random.default_rng(0)
+    shapes = {
+        "llm/layers/mlp/gating_einsum": (depth, 2, width, mlp),
+        "llm/embedder/input_embedding": (vocab, width),
+        "llm/layers/pre_ffw_norm/scale": (depth, width),
+        "img/head/kernel": (256, width),
+    }
+
+    def arrays():
+        for key, shape in shapes.items():
+            yield key, rng.standard_normal(shape, dtype=np.float32)
+
+    checkpoints.save_arrays(arrays(), path)
+    return sum(4 * np.prod(s) for s in shapes.values())
+
+
+def test_quantized_loading_peaks_near_the_quantized_size(tmp_path):
+    # numpy registers its buffers with tracemalloc, so the traced peak is the host
+    # memory the loader holds at once (the quantized arrays are adopted by JAX
+    # without a copy). Quantizing while streaming: quantized bytes plus a few
+    # 4 MiB slices with their float temporaries (bounded here by 40 MB).
+    # Reading the float weights needs all of them (~200 MB) at once.
+    import tracemalloc
+
+    from pali_kit import checkpoints
+
+    path = tmp_path / "ckpt.npz"
+    float_bytes = _random_checkpoint(path)
+    peaks, trees = {}, {}
+    for scheme in (None, "int8", "int4"):
+        tracemalloc.start()
+        trees[scheme] = checkpoints.load_params(path, quantize=scheme)
+        peaks[scheme] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[None] >= float_bytes
+    for scheme in ("int8", "int4"):
+        size = quant.tree_nbytes(trees[scheme])
+        assert size < {"int8": 0.26, "int4": 0.15}[scheme] * float_bytes
+        assert peaks[scheme] < size + 40e6, (scheme, peaks[scheme], size)
+        table = trees[scheme]["llm"]["embedder"]["input_embedding"]
+        assert isinstance(table, quant.QArray) and table.shape == (16000, 1024)
+        # the same integers as quantizing the float array in one go
+        whole = quant.quantize(np.asarray(trees[None]["llm"]["embedder"]["input_embedding"]),
+                               scheme, (-1,))  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(table.values), whole.values)
+    norm = trees["int8"]["llm"]["layers"]["pre_ffw_norm"]["scale"]
+    assert not isinstance(norm, quant.QArray)  # norms stay float
+
+
+def test_load_rejects_an_unknown_scheme():
+    import pali_kit as pk
+
+    with pytest.raises(ValueError, match="quantize='int3'.*use 'int8'"):
+        pk.load("demo", quantize="int3", verbose=False)
+
+
+# --- the model ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    from pali_kit.data import ShapesDataset
+
+    ds = ShapesDataset(2, size=64, seed=12345, tasks=["caption", "detect"])
+    return [ds[i].image for i in range(2)], [ds[i].prefix for i in range(2)]
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+def test_quantized_decode_equals_dequantized_reference(scheme, scenes):
+    # The quantized model (CPU: prefill dequantizes in front of the product,
+    # decode runs the fused reduce over the integers) and a float model holding
+    # the dequantized weights compute the same products of the same numbers,
+    # in another summation order: float32 re-association, ~K * eps relative
+    # per product (K <= 512 here: 6e-5), a few layers deep. Greedy tokens are
+    # equal; log-probabilities agree within 1e-3 (absolute, they are O(1)).
+    import pali_kit as pk
+
+    model = pk.load("demo", quantize=scheme, verbose=False)
+    reference = pk.Model(quant.dequantize_params(model.params), model.config, model.tokenizer)
+    assert isinstance(model.run_params["llm"]["layers"]["mlp"]["linear"][0], quant.CpuQArray)
+    images, prompts = scenes
+    got = model.generate(images, prompts, max_new_tokens=12)
+    want = reference.generate(images, prompts, max_new_tokens=12)
+    for g, w in zip(got, want):
+        assert g.text == w.text and len(g.text) > 3
+        np.testing.assert_allclose(g.logprobs, w.logprobs, atol=1e-3)
+
+
+def test_model_quantize_reports_quantized_leaves_honestly():
+    import pali_kit as pk
+
+    model = pk.load("demo", verbose=False)
+    small = model.quantize("int4")
+    flat = dict(jax.tree_util.tree_flatten_with_path(small.params, is_leaf=quant.is_quantized)[0])
+    quantized = {
+        "/".join(p.key for p in path): leaf for path, leaf in flat.items()
+        if isinstance(leaf, quant.QArray)
+    }  # fmt: skip
+    assert "llm/embedder/input_embedding" in quantized
+    assert all(quant.contraction_axes(k) is not None for k in quantized)
+    assert len(quantized) == 13  # the demo's matrices; patch and position embeddings stay float
+    assert small.num_params() == model.num_params() and small.quantization == "int4"
+    assert small.dtype == np.float32 and "int4" in small.summary()
+    assert quant.tree_nbytes(small.params) < 0.2 * quant.tree_nbytes(model.params)
+    with pytest.raises(ValueError, match="already quantized"):
+        small.quantize("int8")
+    with pytest.raises(ValueError, match="quantize='int16'"):
+        model.quantize("int16")
+    with pytest.raises(ValueError, match="quantized"):
+        pk.save(small, "/nonexistent/never_written.npz")
+
+
+def test_fine_tuning_with_int8_frozen_weights(demo_tokenizer):
+    # frozen weights int8, the trainable subset (attention) float32: the loss is
+    # finite and falls, only the trainable subset moves and gets optimizer state.
+    from pali_kit import checkpoints
+    from pali_kit import data as pdata
+    from pali_kit import train as pt
+    from pali_kit.model import init_params
+
+    from .conftest import tiny_config
+    from .test_train import _examples
+
+    config = tiny_config()
+    params = quant.quantize_params(init_params(config, 0), "int8")
+    batches = pdata.Batcher(_examples(), demo_tokenizer, batch_size=8, text_len=16,
+                            image_size=28, seed=0, prefetch=0)  # fmt: skip
+    trainer = pt.Trainer(params, config, trainable="attention", optimizer="adamw", lr=3e-3,
+                         num_steps=8)  # fmt: skip
+    history = trainer.fit(batches, progress=False)
+    assert np.all(np.isfinite(history.loss))
+    assert np.mean(history.loss[-3:]) < np.mean(history.loss[:3]) - 0.1, history.loss
+    trained = checkpoints.flatten(trainer.state.params)
+    assert set(trained) == {
+        "llm/layers/attn/q_einsum/w", "llm/layers/attn/kv_einsum/w",
+        "llm/layers/attn/attn_vec_einsum/w",
+    }  # fmt: skip
+    assert all(v.dtype == np.float32 and not isinstance(v, quant.QArray) for v in trained.values())
+    before = checkpoints.flatten(params)
+    for key, value in checkpoints.flatten(trainer.frozen).items():
+        assert isinstance(value, quant.QArray) == isinstance(before[key], quant.QArray), key
+        for a, b in zip(jax.tree.leaves(value), jax.tree.leaves(before[key])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), key)
+    opt = [x.size for x in jax.tree.leaves(trainer.state.opt_state) if x.ndim]
+    assert sum(opt) == 2 * sum(v.size for v in trained.values())  # Adam mu + nu, trainable only
+
+
+def test_plan_counts_int8_frozen_weights():
+    from pali_kit import train as pt
+
+    from .conftest import tiny_config
+
+    config = tiny_config()
+    base = pt.plan(config, batch_size=2, text_len=8, tpu=False)
+    q8 = pt.plan(config, batch_size=2, text_len=8, tpu=False, frozen_dtype="int8")
+    assert q8.frozen_dtype == "int8" and q8.num_params == base.num_params
+    assert q8.frozen_bytes < base.frozen_bytes and q8.trainable_bytes == base.trainable_bytes
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+def test_stacked_tree_forward_equals_dequantized(scheme):
+    # The official stacked tree (what GPUs/TPUs run):
+    # each QArray is dequantized in front of its product, so the forward pass is
+    # the dequantized model's up to float32 summation order (K <= 64 terms per
+    # product here; logits O(1)): 1e-4 absolute.
+    from pali_kit.model import PaliGemma, init_params
+
+    from .conftest import tiny_config
+
+    config = tiny_config()
+    params = quant.quantize_params(init_params(config, 0), scheme)
+    reference = quant.dequantize_params(params)
+    rng = np.random.default_rng(0)
+    images = rng.uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+    text = rng.integers(0, config.llm.vocab_size, (2, 6)).astype(np.int32)
+    mask_ar = np.array([[0, 0, 0, 1, 1, 1]] * 2, np.int32)
+    module = PaliGemma(config)  # (lax.scan over the stack: the fine-tuning test)
+    got = module.apply({"params": params}, images, text, mask_ar)
+    want = module.apply({"params": reference}, images, text, mask_ar)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+
+
+@pytest.mark.parametrize("cpu", [False, True])
+def test_output_layer_dequantizes_in_chunks(monkeypatch, cpu):
+    # Tables with over CHUNK_ROWS rows (the 257152-row output layer) are
+    # dequantized chunk by chunk: the same logits, and the same gradient for the
+    # activations (a training step through a frozen quantized table), as one
+    # dequantized table; float32 re-association over K = 40 terms.
+    monkeypatch.setattr(quant, "CHUNK_ROWS", 100)
+    rng = np.random.default_rng(4)
+    q = quant.quantize(rng.standard_normal((1000, 40)).astype(np.float32), "int4", (-1,))
+    assert quant._chunks(q) == 10
+    q = quant.for_cpu(q) if cpu else q
+    table = np.asarray(quant.dequantize(q))
+    x = jnp.asarray(rng.standard_normal((2, 5, 40)).astype(np.float32))
+
+    def loss(x, product):
+        return jnp.sum(jnp.sin(product(x)))
+
+    got = jax.jit(lambda x: q.einsum("...d,vd->...v", x))(x)
+    want = jnp.einsum("btd,vd->btv", x, table)
+    bound = 4 * 40 * EPS32 * np.einsum("btd,vd->btv", np.abs(x), np.abs(table))
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= bound)
+    g = jax.grad(loss)(x, lambda x: q.einsum("...d,vd->...v", x))
+    g_ref = jax.grad(loss)(x, lambda x: jnp.einsum("btd,vd->btv", x, table))
+    np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=1e-4, atol=1e-4 * 40)
