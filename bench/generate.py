@@ -183,8 +183,11 @@ def child(code: str, env=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="paligemma-3b-pt-224")
-    ap.add_argument("--dtypes", default="float32,bfloat16",
-                    help="comma-separated: float32, bfloat16, int8, int4 (bf16 + quantized matrices)")
+    ap.add_argument(
+        "--dtypes",
+        default="float32,bfloat16",
+        help="comma-separated: float32, bfloat16, int8, int4 (bf16 + quantized matrices)",
+    )
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument(
         "--llm-depth", type=int, default=None, help="shallower model, to test the script"
