@@ -15,7 +15,7 @@ import pali_kit as pk
 from pali_kit import checkpoints
 from pali_kit.checkpoints import CheckpointError, flatten, infer_config, load_params, save_params
 
-from .conftest import NEEDS_F16C, reference, tiny_config
+from .conftest import reference, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,7 @@ def _leaves_equal(a, b):
         np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8), err_msg=k)
 
 
-@pytest.mark.parametrize(
-    "dtype", ["float32", pytest.param("float16", marks=NEEDS_F16C), "bfloat16"]
-)
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, tiny_params, dtype):
     params = jax.tree.map(lambda a: a.astype(dtype), tiny_params)
     path = save_params(params, tmp_path / "ckpt.npz")
@@ -59,9 +57,7 @@ def test_file_written_by_numpy_savez_with_params_prefix_loads(tmp_path, tiny_par
     _leaves_equal(load_params(tmp_path / "bv.npz"), tiny_params)
 
 
-@pytest.mark.parametrize(
-    "dtype", ["bfloat16", pytest.param("float16", marks=NEEDS_F16C), "float32"]
-)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
 def test_cast_while_loading(tmp_path, tiny_params, dtype):
     path = save_params(tiny_params, tmp_path / "f32.npz")
     loaded = load_params(path, dtype=dtype)
@@ -71,7 +67,7 @@ def test_cast_while_loading(tmp_path, tiny_params, dtype):
     _leaves_equal(loaded, ref)
 
 
-@pytest.mark.parametrize("stored", ["bfloat16", pytest.param("float16", marks=NEEDS_F16C)])
+@pytest.mark.parametrize("stored", ["bfloat16", "float16"])
 def test_half_precision_files_upcast_while_loading(tmp_path, tiny_params, stored):
     params = jax.tree.map(lambda a: a.astype(stored), tiny_params)
     path = save_params(params, tmp_path / "half.npz")
