@@ -177,6 +177,17 @@ def _open_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path):
     return f, True
 
 
+_READ_ERRORS = (EOFError, zipfile.BadZipFile, OSError, ValueError)
+
+
+def _corrupt(path, key, error: Exception) -> CheckpointError:
+    """The error for a member that cannot be read to its end with a matching CRC."""
+    return CheckpointError(
+        f"{path}: {key} is truncated or corrupt ({error or type(error).__name__}). "
+        "Download or copy the file again."
+    )
+
+
 def _read_member(zf, info, path, key, dtype: np.dtype | None) -> np.ndarray:
     """Read one .npy member straight into a new page-aligned array, casting if asked.
 
@@ -214,11 +225,8 @@ def _read_member(zf, info, path, key, dtype: np.dtype | None) -> np.ndarray:
             done += n
         if crc is not None and crc.result() != info.CRC:
             raise zipfile.BadZipFile("CRC-32 mismatch")
-    except (EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: {key} is truncated or corrupt ({e or type(e).__name__}). "
-            "Download or copy the file again."
-        ) from None
+    except _READ_ERRORS as e:
+        raise _corrupt(path, key, e) from None
     finally:
         f.close()
     return out.T if fortran else out
@@ -264,11 +272,8 @@ def _iter_member_rows(zf, info, path, key, dtype: np.dtype | None, rows_bytes: i
             yield first, rows.astype(out_dtype, copy=False).reshape(n, *shape[1:])
         if crc is not None and crc.result() != info.CRC:
             raise zipfile.BadZipFile("CRC-32 mismatch")
-    except (EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise CheckpointError(
-            f"{path}: {key} is truncated or corrupt ({e or type(e).__name__}). "
-            "Download or copy the file again."
-        ) from None
+    except _READ_ERRORS as e:
+        raise _corrupt(path, key, e) from None
     finally:
         f.close()
 
