@@ -22,10 +22,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from .. import checkpoints, quant
+from ..devices import NO_BF16_GPUS as NO_BF16_GPUS  # noqa: F401  (re-exported by pk.train)
+from ..devices import device_dtype
 
 Params = dict[str, Any]
 
@@ -129,9 +130,6 @@ def merge_params(*trees: Params) -> Params:
 
 # ============================================================================ dtypes
 
-# GPUs without bfloat16 arithmetic: frozen weights go to float16 there (the colab's choice).
-NO_BF16_GPUS = ("T4", "V100", "P100", "P40", "P4", "K80", "M60", "GTX 10", "RTX 20")
-
 
 def default_frozen_dtype(device=None, *, cpu="float32") -> np.dtype:
     """The dtype for frozen weights on a device (default: the first JAX device).
@@ -143,10 +141,7 @@ def default_frozen_dtype(device=None, *, cpu="float32") -> np.dtype:
     device = device or jax.devices()[0]
     if device.platform == "cpu":
         return checkpoints.as_dtype(cpu)
-    kind = device.device_kind
-    if any(name in kind for name in NO_BF16_GPUS):
-        return np.dtype(np.float16)
-    return np.dtype(ml_dtypes.bfloat16)
+    return checkpoints.as_dtype(device_dtype(device))  # the kit's one rule per accelerator
 
 
 def _training_dtype(trainable: bool, frozen_dtype, current) -> np.dtype:
