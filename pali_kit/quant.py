@@ -204,13 +204,14 @@ class QArray:
 
 @jax.tree_util.register_pytree_node_class
 class CpuQArray(QArray):
-    """A QArray whose products with at most ``REDUCE_ROWS`` rows run as a fused reduce.
+    """A QArray whose products with at most ``REDUCE_ROWS`` rows read the integers in place.
 
-    ``kernel``: the values and scales reshaped the way that loop reads them,
-    ``(int8[O, in], float32[O, 1])`` or, for int4, ``(int8[O, groups, GROUP_SIZE // 2],
-    float32[O, groups])``, made on the host as views of the same memory
-    (``for_cpu``): XLA:CPU runs that loop several times slower when the reshape
-    happens inside the compiled code. None where no view could be made.
+    ``kernel``: ``(blocks, scales)`` the way that loop reads them: ``blocks`` a
+    tuple of ``int8[O, bytes]`` covering each output's bytes in order (one view
+    of ``values``, or copies of column blocks of a wide matrix), ``scales``
+    ``float32[O, groups]`` (a view), made on the host by ``for_cpu``: XLA:CPU
+    runs the loop several times slower when the reshape happens inside the
+    compiled code. None where no view could be made.
     """
 
     def __init__(self, values, scales, scheme, in_axes, in_shape, dtype=np.float32, kernel=None):
@@ -385,55 +386,55 @@ def _split(q: QArray, n: int) -> QArray:
 def _reduce_matvec(x2, q: QArray):
     """float32[R, in] x QArray -> float32[R, O], reading the integers in place (no float copy).
 
-    int8: ``(x @ convert(q).T) * s``, row by row: XLA:CPU emits a one-row product
-    whose weight operand is only converted as one loop over the int8 values.
-    int4: per group, ``sum(lo * x_even + hi * x_odd)``: with the byte
-    b = (lo + 8) + 16 hi read as a float f, hi = floor(f / 16) and
-    ``lo x_even + hi x_odd = f x_even + hi (x_odd - 16 x_even) - 8 x_even``: one
-    fused loop (a convert, a floor, two multiply-adds per byte); XLA:CPU runs it
-    as one library fusion (integer shifts would split it into several passes).
+    XLA:CPU emits ``x @ f(v).T`` (x one row of under 16 KB, ``f`` elementwise
+    on the int8 values ``v [O, K]``) as one loop over the bytes, converting as
+    it reads: the form used here, one row and one column block (``for_cpu``)
+    at a time, each product its own loop (``_materialized`` keeps XLA from
+    fusing anything else into it).
+
+    int8: ``x @ convert(v).T``, then times the channel scales.
+    int4: ``x_even @ (((v & 15) - 8) * s).T + x_odd @ ((v >> 4) * s).T``: the low
+    nibbles hold the even inputs, the high ones the odd inputs, ``s`` each
+    byte's group scale; two passes over the packed bytes.
     """
     groups = q.scales.shape[-1]
     if getattr(q, "kernel", None) is not None:
-        values, scales = q.kernel  # host views in the loop's shapes
+        blocks, scales = q.kernel  # host views / copies in the loop's shapes
     else:
-        shape = (groups, GROUP_SIZE // 2) if q.scheme == "int4" else (q.values.shape[-1],)
-        values, scales = q.values.reshape(-1, *shape), q.scales.reshape(-1, groups)
+        blocks, scales = (q.values.reshape(-1, q.values.shape[-1]),), q.scales.reshape(-1, groups)
+    edges = np.cumsum([0] + [blk.shape[1] for blk in blocks])  # in bytes of a row
+    dims = (((1,), (0,)), ((), ()))
     if q.scheme == "int8":
-        # (one row at a time, written x @ w.T with w = convert(q): the form XLA:CPU
-        # emits as that loop; several rows at once take a slow path)
-        blocks = values if isinstance(values, tuple) else (values,)
-        edges = np.cumsum([0] + [b.shape[1] for b in blocks])
-        # Every row's pieces of x first, behind a barrier: XLA:CPU otherwise fuses
-        # x's producers (a norm, the attention's head transpose, gelu * up) into
-        # the loop, recomputing them per output and indexing x through its
-        # original shape: up to 30x slower (the attention output at 3B shapes).
-        x2 = _materialized(x2)
-        pieces = [x2[r : r + 1, a:b] for r in range(x2.shape[0]) for a, b in zip(edges, edges[1:])]
-        rows = []
-        for r in range(x2.shape[0]):
-            parts = []
-            for i, block in enumerate(blocks):  # [O, <= BLOCK] each
-                w_t = block.astype(jnp.float32).T  # [in, O]
-                xr = pieces[r * len(blocks) + i]
-                parts.append(jax.lax.dot_general(xr, w_t, (((1,), (0,)), ((), ()))))
-            # summed behind a barrier: each product stays its own loop
-            rows.append(sum(jax.lax.optimization_barrier(tuple(parts))) if len(parts) > 1
-                        else parts[0])  # fmt: skip
-        return jnp.concatenate(rows) * scales[:, 0]
-    # x's terms first, behind a barrier (small; slicing x inside the big loop slows it)
-    pad = groups * GROUP_SIZE - q.in_size
-    xp = jnp.pad(x2, ((0, 0), (0, pad))).reshape(x2.shape[0], groups, GROUP_SIZE // 2, 2)
-    x_even, x_mixed, x_bias = jax.lax.optimization_barrier(
-        (xp[..., 0], xp[..., 1] - 16 * xp[..., 0], 8 * jnp.sum(xp[..., 0], axis=-1))
-    )  # [R, groups, G/2], [R, groups, G/2], [R, groups]
-    f = values.astype(jnp.float32)  # [O, groups, G/2]
-    high = jnp.floor(f * (1 / 16))
+        xs = (_materialized(x2),)
+        weights = [(lambda v: v.astype(jnp.float32),)] * len(blocks)
+    else:
+        pad = 2 * int(edges[-1]) - q.in_size
+        x2 = jnp.pad(x2, ((0, 0), (0, pad)))
+        xs = (_materialized(x2[:, 0::2]), _materialized(x2[:, 1::2]))
+        weights = []
+        for a, b in zip(edges, edges[1:]):
+            g0, g1 = a // (GROUP_SIZE // 2), b // (GROUP_SIZE // 2)
+            weights.append(tuple(
+                lambda v, f=f, g0=g0, g1=g1: f(v) * _per_byte(scales[:, g0:g1], v.shape)
+                for f in (lambda v: (v & 15).astype(jnp.float32) - 8,
+                          lambda v: (v >> 4).astype(jnp.float32))
+            ))  # fmt: skip
     rows = []
     for r in range(x2.shape[0]):
-        per_group = jnp.sum(f * x_even[r] + high * x_mixed[r], axis=-1) - x_bias[r]
-        rows.append(jnp.sum(per_group * scales, axis=-1))  # [O]
-    return jnp.stack(rows)
+        parts = [
+            _materialized(jax.lax.dot_general(x[r : r + 1, a:b], f(blk).T, dims))
+            for blk, fs, a, b in zip(blocks, weights, edges, edges[1:])
+            for x, f in zip(xs, fs)
+        ]  # [1, O] each
+        rows.append(sum(parts[1:], parts[0]))
+    y = jnp.concatenate(rows)
+    return y * scales[:, 0] if q.scheme == "int8" else y
+
+
+def _per_byte(scales, shape):
+    """float32[O, g] group scales -> float32[O, g * GROUP_SIZE / 2]: each packed byte's scale."""
+    o, g = scales.shape
+    return jnp.broadcast_to(scales[:, :, None], (o, g, GROUP_SIZE // 2)).reshape(shape)
 
 
 def _materialized(x2):
@@ -598,21 +599,30 @@ def dequantize_params(params: dict) -> dict:
 
 
 def for_cpu(q: QArray) -> CpuQArray:
-    """The same arrays (no copy) as a CpuQArray: one-token products use the fused reduce."""
+    """The same arrays as a CpuQArray: one-token products use the fused loop.
+
+    ``kernel``: the values as ``int8[O, bytes]`` (a view, no copy) and the
+    scales as ``float32[O, groups]``. XLA:CPU's one-row loop takes rows of at
+    most ~BLOCK bytes, and only contiguous ones: wider matrices (the MLP's
+    output layer) get ``(O, <= BLOCK)`` copies of their values instead (for
+    int4 split at group boundaries), one extra copy of those bytes.
+    """
     if isinstance(q, CpuQArray):
         return q
     from .model.cpu import BLOCK
 
     groups = q.scales.shape[-1]
-    per_value = (groups, GROUP_SIZE // 2) if q.scheme == "int4" else (q.values.shape[-1],)
-    kernel = (_host_view(q.values, (-1, *per_value)), _host_view(q.scales, (-1, groups)))
-    if q.scheme == "int8" and kernel[0] is not None and q.in_size > BLOCK:
-        # XLA:CPU's one-row loop takes rows of at most ~BLOCK inputs, and only
-        # contiguous ones: wider matrices (the MLP's output layer) get (O, <= BLOCK)
-        # copies of their int8 values, one extra copy of those bytes.
+    kernel = (_host_view(q.values, (-1, q.values.shape[-1])), _host_view(q.scales, (-1, groups)))
+    width = q.values.shape[-1]
+    if kernel[0] is not None and width > BLOCK:
+        unit = GROUP_SIZE // 2 if q.scheme == "int4" else 1
+        n = -(-width // BLOCK)
+        cuts = [unit * round(i * width / unit / n) for i in range(1, n)]
         host = np.asarray(kernel[0])
-        parts = np.array_split(host, -(-q.in_size // BLOCK), axis=1)
+        parts = np.split(host, cuts, axis=1)
         kernel = (tuple(_default_place(np.ascontiguousarray(p)) for p in parts), kernel[1])
+    elif kernel[0] is not None:
+        kernel = ((kernel[0],), kernel[1])
     kernel = None if any(k is None for k in kernel) else kernel
     return CpuQArray(*q.children(), *q.tree_flatten()[1], kernel=kernel)
 
