@@ -352,7 +352,9 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
     if isinstance(q, CpuQArray) and x2.shape[0] <= REDUCE_ROWS:
         y = _reduce_matvec(x2.astype(jnp.float32), q)
     elif _chunks(q) == 1:
-        w = dequantize_out_in(q).reshape(-1, q.in_size)  # [O, in] in the stood-for dtype
+        # dequantized once x exists: layer by layer (see _after)
+        w = dequantize_out_in(q._replace(q.values, _after(x2, q.scales)))
+        w = w.reshape(-1, q.in_size)  # [O, in] in the stood-for dtype
         y = policy_matmul(x2, w, compute_dtype, contract_rhs=1)
     else:  # the output layer: dequantize one chunk of rows at a time
         product = jax.checkpoint(
@@ -435,6 +437,21 @@ def _per_byte(scales, shape):
     """float32[O, g] group scales -> float32[O, g * GROUP_SIZE / 2]: each packed byte's scale."""
     o, g = scales.shape
     return jnp.broadcast_to(scales[:, :, None], (o, g, GROUP_SIZE // 2)).reshape(shape)
+
+
+def _after(x2, scales):
+    """``scales`` (the same values) made to depend on ``x2``.
+
+    XLA schedules a computation that only reads parameters anywhere, and
+    XLA:CPU puts every matrix's dequantization first: a prefill then held the
+    float copies of all of the model's matrices at once. A dependence on the
+    product's input makes each one wait for its layer, and its buffer is free
+    again after the product (``optimization_barrier`` is removed before
+    scheduling). ``(a != a) * 0`` is 0.0 for every float, NaN included, and XLA
+    does not fold it.
+    """
+    a = x2.reshape(-1)[0]
+    return scales + (a != a).astype(scales.dtype) * 0
 
 
 def _materialized(x2):
