@@ -84,14 +84,19 @@ EQUATIONS = [  # (eq, x shape, weight shape, in_axes): the model's products
 
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 @pytest.mark.parametrize("eq, xs, ws, in_axes", EQUATIONS)
-@pytest.mark.parametrize("cpu_reduce", [False, True])
-def test_quantized_product_equals_dequantized_product(scheme, eq, xs, ws, in_axes, cpu_reduce):
+@pytest.mark.parametrize("cpu_reduce", [False, True, "blocks"])
+def test_quantized_product_equals_dequantized_product(
+    scheme, eq, xs, ws, in_axes, cpu_reduce, monkeypatch
+):
     # Both sides sum the same float32 products x * (q * s) over K terms, in another
-    # order (and with the scale applied per group): float32 re-association bounds
-    # the difference by ~K * eps * sum_k |x_k| |w_k|. The CPU int4 reduce sums
-    # f x_even + hi (x_odd - 16 x_even) - 8 x_even instead (f = the byte, |f| <= 128,
-    # |hi| <= 8): its terms are up to 256 * s * |x| whatever the weight, which
-    # widens the bound by K * eps * 256 * s * sum |x|.
+    # order (the CPU path: per column block, and for int4 the even inputs before
+    # the odd ones): float32 re-association bounds the difference by
+    # ~K * eps * sum_k |x_k| |w_k|. "blocks": the CPU path with column blocks of
+    # at most 96 bytes (for_cpu copies them; int4 splits at group boundaries).
+    from pali_kit.model import cpu
+
+    if cpu_reduce == "blocks":
+        monkeypatch.setattr(cpu, "BLOCK", 96)
     rng = np.random.default_rng(2)
     x = rng.standard_normal(xs).astype(np.float32)
     if cpu_reduce:
@@ -101,17 +106,91 @@ def test_quantized_product_equals_dequantized_product(scheme, eq, xs, ws, in_axe
     if cpu_reduce:
         q = quant.cpu_layout({"w": q})["w"]
         assert isinstance(q, quant.CpuQArray)
+        blocks = q.kernel[0]
+        assert sum(b.shape[1] for b in blocks) == q.values.shape[-1]
+        if cpu_reduce == "blocks":
+            assert all(b.shape[1] <= 96 for b in blocks)
+            assert scheme == "int8" or all(b.shape[1] % 32 == 0 for b in blocks)
     got = jax.jit(lambda x, q: q.einsum(eq, x))(jnp.asarray(x), q)
     deq = np.asarray(quant.dequantize(q), np.float64)
     want = np.einsum(eq, x.astype(np.float64), deq)
     magnitude = np.einsum(eq, np.abs(x).astype(np.float64), np.abs(deq))
     k = np.prod([ws[a] for a in in_axes])
-    if cpu_reduce and scheme == "int4":
-        s_max = float(np.max(q.scales))
-        x_sum = np.einsum(eq, np.abs(x).astype(np.float64), np.ones(ws))  # sum |x| per output
-        magnitude = magnitude + 256 * s_max * x_sum
     assert got.dtype == jnp.float32 and got.shape == want.shape
     assert np.all(np.abs(np.asarray(got) - want) <= 2 * k * EPS32 * magnitude + 1e-30)
+
+
+def _entry_float_arrays(hlo: str) -> list[tuple[int, str]]:
+    """(elements, line) of every float array the compiled program's entry computation
+    writes (its buffers; what a fusion computes inside is never stored whole)."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    found = []
+    for line in entry.splitlines()[1:]:
+        m = re.match(r"\s*(?:ROOT )?%\S+ = (?:f32|bf16|f16)\[([\d,]*)\]", line)
+        if m and " parameter(" not in line:
+            found.append((int(np.prod([int(d) for d in m.group(1).split(",") if d])), line))
+    return found
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+def test_cpu_decode_step_never_writes_a_float_matrix(scheme, monkeypatch):
+    # The compiled one-token step of the CPU layout: no float array as large as a
+    # quantized matrix (the smallest: 128 x 128 here) is written; every weight is
+    # read as integers inside the product's loop. Control: with the fused path
+    # off (REDUCE_ROWS = 0) the same check finds the dequantized matrices.
+    import pali_kit as pk
+    from pali_kit.model import PaliGemma
+    from pali_kit.model.gemma import KVCache
+
+    def compiled(model):
+        cfg, slots = model.config, 64  # cache entries: 64 x 2 x 32 < 128 x 128
+        step = jax.jit(
+            lambda p, *a: PaliGemma(cfg).apply({"params": p}, *a, method=PaliGemma.decode_step)
+        )
+        args = (jnp.zeros((1,), jnp.int32), KVCache.zeros(cfg.llm, 1, slots),
+                jnp.ones((1, slots), bool), jnp.zeros((1,), jnp.int32), jnp.int32(3))  # fmt: skip
+        return step.lower(model.run_params, *args).compile()
+
+    model = pk.load("demo", dtype="bfloat16", quantize=scheme, verbose=False)
+    layer = model.params["llm"]["layers"]
+    smallest = min(layer["attn"][k]["w"][0].size for k in ("q_einsum", "kv_einsum"))
+    assert smallest == 128 * 128
+    program = compiled(model)
+    assert not [line for n, line in _entry_float_arrays(program.as_text()) if n >= smallest]
+    assert program.memory_analysis().temp_size_in_bytes < smallest * 4
+
+    monkeypatch.setattr(quant, "REDUCE_ROWS", 0)
+    control = compiled(pk.load("demo", dtype="bfloat16", quantize=scheme, verbose=False))
+    assert len([n for n, _ in _entry_float_arrays(control.as_text()) if n >= smallest]) >= 10
+
+
+@pytest.mark.parametrize("scheme", quant.SCHEMES)
+def test_cpu_prefill_dequantizes_one_matrix_at_a_time(scheme, monkeypatch):
+    # The compiled prefill (image + prompt, CPU layout) dequantizes a matrix for
+    # its product only; its temporaries hold about one matrix of float weights
+    # plus activations, not the float copies of all of them (the control: without
+    # the dependence on the product's input, XLA puts every dequantization first).
+    import pali_kit as pk
+    from pali_kit.model import PaliGemma
+
+    def temp_bytes():
+        model = pk.load("demo", quantize=scheme, verbose=False)
+        cfg, res = model.config, model.config.resolution
+        prefill = jax.jit(lambda p, *a: PaliGemma(cfg).apply(
+            {"params": p}, *a, 128, jnp.float32, method=PaliGemma.prefill))  # fmt: skip
+        program = prefill.lower(model.run_params, jnp.zeros((1, res, res, 3)),
+                                jnp.zeros((1, 16), jnp.int32), jnp.ones((1, 16), bool))  # fmt: skip
+        return program.compile().memory_analysis().temp_size_in_bytes, model.params
+
+    temp, params = temp_bytes()
+    table = params["llm"]["embedder"]["input_embedding"]  # looked up by rows, never whole
+    matrices = [q for q in jax.tree.leaves(params, is_leaf=quant.is_quantized)
+                if isinstance(q, quant.QArray) and q is not table]  # fmt: skip
+    float_bytes = sum(4 * q.size for q in matrices)  # the demo stands for float32
+    largest = max(4 * q.size // len(q) for q in matrices if q.ndim > 2)  # one layer's
+    assert temp < min(float_bytes / 3, 3 * largest), (temp, float_bytes, largest)
+    monkeypatch.setattr(quant, "_after", lambda x2, scales: scales)
+    assert temp_bytes()[0] >= float_bytes
 
 
 def test_rejects_a_mismatched_equation():
