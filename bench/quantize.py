@@ -1,16 +1,15 @@
 """Weight-only int8 / int4: kernel speed, the lowered GPU program, and quality.
 
-    python bench/quantize.py --kernels      # one-token products at PaliGemma-3B shapes (CPU)
+    python bench/quantize.py --kernels      # one-token products per 3B matrix kind (CPU)
     python bench/quantize.py --hlo          # the program XLA:GPU is given for a quantized matmul
     python bench/quantize.py --quality      # demo model: held-out scores f32 / bf16 / int8 / int4
     python bench/quantize.py --3b           # random 3B: logit error, greedy agreement vs bf16
 
 --kernels times, in one process and interleaved, the product of one token with
-a 2304 x 9216 matrix (the 3B MLP) in every form the kit uses for decoding:
-float32 (in, out), bfloat16 (out, in) (the CPU layout's form), and the
-quantized fused reduce over int8 / packed int4 values (``quant.CpuQArray``).
-GB/s = weight bytes read per product / time: the bandwidth floor says how fast
-each form could be at most.
+each matrix of a PaliGemma-3B layer and with the output layer, in the forms
+the kit decodes with on a CPU: bfloat16 (out, in) blocks (``model.cpu``) and
+the int8 / int4 loops over the integers (``quant.CpuQArray``). GB/s = weight
+bytes read per product / time.
 """
 
 from __future__ import annotations
@@ -27,53 +26,71 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from common import table  # noqa: E402
 
+# One-token products of a PaliGemma-3B layer and its output layer, as the model
+# writes them: (einsum, x shape, official weight shape, contracted axes, group axes).
+W, F, NH, K, H, V = 2304, 9216, 8, 4, 256, 257152
+KINDS = {
+    "q_einsum": ("btd,ndh->btnh", (1, 1, W), (NH, W, H), (-2,), 1),
+    "kv_einsum": ("btd,ckdh->cbtkh", (1, 1, W), (2, K, W, H), (-2,), 2),
+    "attn_vec_einsum": ("btnh,nhd->btd", (1, 1, NH, H), (NH, H, W), (-3, -2), 0),
+    "gating_einsum": ("btd,cdf->cbtf", (1, 1, W), (2, W, F), (-2,), 1),
+    "linear": ("btf,fd->btd", (1, 1, F), (F, W), (-2,), 0),
+    "output layer": ("...d,vd->...v", (1, W), (V, W), (-1,), None),
+}
 
-def kernels(k: int = 2304, n: int = 9216, repeat: int = 40) -> None:
+
+def kernels(repeat: int = 7, stream_mb: int = 256) -> None:
+    """Time each matrix kind in its CPU-layout form: bfloat16, int8, int4, interleaved.
+
+    Each form cycles through copies of its matrix (at least ``stream_mb`` MB of
+    weights in all) so that, as in decoding, the weights come from memory, not
+    from a cache that one repeated matrix would fit in.
+    """
     import jax
     import jax.numpy as jnp
+    import ml_dtypes
 
     from pali_kit import quant
+    from pali_kit.model import cpu
 
     rng = np.random.default_rng(0)
-    w = (rng.standard_normal((k, n), dtype=np.float32) * k**-0.5).astype(np.float32)
-    x = jnp.asarray(rng.standard_normal((1, k), dtype=np.float32))
-    w32 = jnp.asarray(w)
-    w16t = jnp.asarray(w.T.copy(), jnp.bfloat16)
-    forms = {
-        "float32 (in, out)": (lambda x, w: x @ w, w32, 4 * k * n),
-        "bfloat16 (out, in)": (
-            lambda x, w: jax.lax.dot_general(  # x @ w.T: the CPU layout's one-row form
-                x.astype(jnp.bfloat16),
-                w.T,
-                (((1,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32,
-            ),  # fmt: skip
-            w16t,
-            2 * k * n,
-        ),  # fmt: skip
-    }
-    for scheme in quant.SCHEMES:
-        q = quant.cpu_layout({"w": quant.quantize(w32, scheme)})["w"]
-        forms[f"{scheme} fused reduce"] = (lambda x, q: q.einsum("bd,df->bf", x), q, q.nbytes)
-    ref = np.asarray(x) @ w
-    jitted = {name: jax.jit(f) for name, (f, _, _) in forms.items()}
-    for name, (_, weight, _) in forms.items():
-        jitted[name](x, weight).block_until_ready()
-    times = {name: [] for name in forms}
-    for _ in range(repeat):  # interleaved: the machine's load affects every form alike
-        for name, (_, weight, _) in forms.items():
-            start = time.perf_counter()
-            jitted[name](x, weight).block_until_ready()
-            times[name].append(time.perf_counter() - start)
-    bf16 = float(np.median(times["bfloat16 (out, in)"]))
     rows = []
-    for name, (_, weight, nbytes) in forms.items():
-        t = float(np.median(times[name]))
-        err = np.abs(np.asarray(jitted[name](x, weight)) - ref).max() / np.abs(ref).max()
-        rows.append({"form": name, "weight MB": f"{nbytes / 1e6:.1f}", "ms": f"{t * 1e3:.2f}",
-                     "GB/s": f"{nbytes / t / 1e9:.1f}", "time vs bf16": f"{t / bf16:.2f}x",
-                     "max rel err": f"{err:.4f}"})  # fmt: skip
-    title = f"one token x ({k} x {n}) on {jax.devices()[0].device_kind}, median of {repeat}"
+    for kind, (eq, xs, ws, axes, n_group) in KINDS.items():
+        w = (rng.standard_normal(ws, dtype=np.float32) * ws[axes[0]] ** -0.5).astype(
+            ml_dtypes.bfloat16
+        )
+        x = jnp.asarray(rng.standard_normal(xs, dtype=np.float32))
+        copies = max(1, -(-stream_mb * 2**20 // w.nbytes))
+
+        def bf16_form(w=w, n_group=n_group):
+            if n_group is None:  # the table: (V, W) is already (out, in)
+                return cpu.Matrix([[jnp.asarray(w)]], (), True, w.shape[:1])
+            return cpu._out_in_matrix(jnp.asarray(w), n_group)
+
+        forms = {"bfloat16": [bf16_form() for _ in range(copies)]}
+        for scheme in quant.SCHEMES:
+            forms[scheme] = [quant.for_cpu(quant.quantize_leaf(w, scheme, axes))
+                             for _ in range(copies)]  # fmt: skip
+        product = jax.jit(lambda x, m, eq=eq: m.einsum(eq, x))
+        for ms in forms.values():
+            product(x, ms[0]).block_until_ready()
+        times = {name: [] for name in forms}
+        for _ in range(repeat):  # interleaved: the machine's load affects every form alike
+            for name, ms in forms.items():
+                start = time.perf_counter()
+                for m in ms:
+                    product(x, m).block_until_ready()
+                times[name].append((time.perf_counter() - start) / len(ms))
+        bf16 = float(np.median(times["bfloat16"]))
+        for name, ms in forms.items():
+            t = float(np.median(times[name]))
+            nbytes = w.nbytes if name == "bfloat16" else quant.QArray.nbytes.fget(ms[0])
+            rows.append({"matrix": kind, "shape": "x".join(map(str, ws)), "form": name,
+                         "MB": f"{nbytes / 1e6:.1f}", "ms": f"{t * 1e3:.2f}",
+                         "GB/s": f"{nbytes / t / 1e9:.1f}", "time vs bf16": f"{t / bf16:.2f}x"})  # fmt: skip
+        del forms
+    title = (f"one token, CPU layout, on {jax.devices()[0].device_kind}, median of {repeat} "
+             f"passes over >= {stream_mb} MB of copies per form")  # fmt: skip
     table(rows, title)
 
 

@@ -33,7 +33,9 @@ fuse the conversion into the matmul, so no float copy of the weight is made
 (``bench/quantize.py --hlo`` prints the program). The CPU layout
 (``pali_kit.model.cpu``) turns QArrays into :class:`CpuQArray`: products of at
 most ``REDUCE_ROWS`` rows (decoding) then read the integers in place (see
-``_reduce_matvec``); the 257152-row output layer is dequantized chunk by chunk.
+``_reduce_matvec``); longer ones (prefill) dequantize each matrix when its
+input exists, so one matrix at a time is float (``_after``); the 257152-row
+output layer is dequantized chunk by chunk.
 """
 
 from __future__ import annotations

@@ -318,7 +318,7 @@ def scenes():
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 def test_quantized_decode_equals_dequantized_reference(scheme, scenes):
     # The quantized model (CPU: prefill dequantizes in front of the product,
-    # decode runs the fused reduce over the integers) and a float model holding
+    # decode reads the integers inside the product loops) and a float model holding
     # the dequantized weights compute the same products of the same numbers,
     # in another summation order: float32 re-association, ~K * eps relative
     # per product (K <= 512 here: 6e-5), a few layers deep. Greedy tokens are
