@@ -57,9 +57,8 @@ def main() -> None:
             cells = [
                 f"{p.need(d) / pt.GB:.2f} ({'fits' if p.fits(d) else 'no'})" for d in (ONE, TWO)
             ]
-            print(
-                f"| {frozen} | `{subset}` | {p.num_trainable / 1e6:,.0f} M | {' | '.join(cells)} |"
-            )
+            name = subset.replace("|", "\\|")  # a regex's "|" inside a markdown cell
+            print(f"| {frozen} | `{name}` | {p.num_trainable / 1e6:,.0f} M | {' | '.join(cells)} |")
 
     print(f"\n## 3. t4_advice (largest subset at batch >= {args.batch}, then its largest batch)\n")
     for device in (ONE, TWO):
