@@ -34,8 +34,8 @@ assert jax.device_count() == 2, jax.devices()
 # only the 1- and 2-device entries: no 8-core compile
 memory.DEVICES = {{k: v for k, v in memory.DEVICES.items() if v[1] <= 2}}
 # layer weights dominate (as in a 10B model) over the embedding table and activations
-config = tiny_config(llm_depth=8, llm_width=256, llm_mlp_dim=1024, llm_head_dim=64,
-                     img_width=128, img_mlp_dim=256)
+config = tiny_config(llm_depth=8, llm_width=256, llm_mlp_dim=1024, llm_head_dim=64, llm_num_heads=8,
+                     num_kv_heads=4, img_width=128, img_mlp_dim=256)
 B, T = 4, 16
 rng = np.random.default_rng(0)
 prefix = np.arange(T + 1) < 4
@@ -52,7 +52,7 @@ for scheme, meshes in (("int8", ("one", "two")), ("int4", ("two",))):
     plan = pt.plan(config, trainable="attention", batch_size=B, text_len=T, frozen_dtype=scheme,
                    min_shard_bytes=0)
     out[scheme] = {{"plan_one": plan.total, "plan_two": plan.per_core(2),
-                   "gathered": plan.largest_layer_bytes}}
+                   "gathered": plan.largest_layer_bytes, "grads": plan.gradient_bytes}}
     for name in meshes:
         mesh = pt.make_mesh(jax.devices()[: 1 if name == "one" else 2])
         # float32 frozen: the dtype a CPU plan compiles with; min_shard_bytes=0 as in the plan
@@ -60,12 +60,13 @@ for scheme, meshes in (("int8", ("one", "two")), ("int4", ("two",))):
                              frozen_dtype="float32", mesh=mesh, min_shard_bytes=0)
         sharded = pt.shard_batch(batch, mesh)
         m = trainer._step.lower(trainer.state, trainer.frozen, sharded).compile().memory_analysis()
+        loss = [trainer.step(batch)["loss"] for _ in range(3)]  # (the step donates the state)
         q = trainer.state.params["llm"]["layers"]["attn"]["q_einsum"]["w"]
         frozen = trainer.frozen["llm"]["layers"]["mlp"]["linear"].values
         out[scheme][name] = {{
             "measured": m.argument_size_in_bytes + m.output_size_in_bytes
                         - m.alias_size_in_bytes + m.temp_size_in_bytes,
-            "loss": [trainer.step(batch)["loss"] for _ in range(3)],
+            "loss": loss,
             "trainable_shard": q.addressable_shards[0].data.size / q.size,
             "frozen_shard": frozen.addressable_shards[0].data.size / frozen.size,
         }}
@@ -104,8 +105,11 @@ def test_plan_per_device_matches_the_sharded_step_xla_compiles(two_devices):
         # The plan of the sharded device never under-states what XLA allocates per device
         # (weights, optimizer state and gradients reduce-scattered, per-device batch) and
         # over-states it by at most the one layer it counts as gathered (XLA gathers
-        # smaller pieces) plus 5 % for the partitioned program's other buffer reuse.
-        assert two <= res["plan_two"] <= two + res["gathered"] + 0.05 * two, res
+        # smaller pieces) plus 10 % for the partitioned program's other buffer reuse
+        # (about 5 % here). A plan that kept every gradient on each device would be off by
+        # half the gradients, more than that 10 %: the bound catches it.
+        assert two <= res["plan_two"] <= two + res["gathered"] + 0.1 * two, res
+        assert res["grads"] / 2 > 0.1 * two + res["gathered"], res
         if "one" in res:
             # one device: the same arrays; the plan counts the few small frozen leaves
             # (norms, biases) in float16 where this step holds them in float32: < 2 %
