@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python scripts/plan_finetune.py [--model paligemma2-10b-pt-224] [--batch 4]
 
-Prints the numbers quoted in docs/finetune.md (nothing is allocated: every
+Prints (as markdown) the numbers quoted in docs/finetune.md (nothing is allocated: every
 step is compiled abstractly, XLA's memory analysis gives the temporaries):
   1. the full plan of the ``attention`` subset (the colab's) at ``--batch``,
      frozen weights float16 / int8 / int4, with its verdict per device;
@@ -43,11 +43,12 @@ def main() -> None:
     kw = dict(batch_size=args.batch, text_len=args.text_len, optimizer="sgd")
     start = time.perf_counter()
 
-    print(f"## 1. {args.model}, trainable 'attention', batch {args.batch}\n")
+    print(f"### 1. {args.model}, trainable 'attention', batch {args.batch}\n\n```")
     for frozen in FROZEN:
         print(pt.plan(args.model, trainable="attention", frozen_dtype=frozen, **kw).table(), "\n")
+    print("```\n")
 
-    print(f"## 2. GB needed at batch {args.batch} (text_len {args.text_len}, SGD); "
+    print(f"### 2. GB needed at batch {args.batch} (text_len {args.text_len}, SGD); "
           f"usable: {pt.HEADROOM:.0%} of {pt.DEVICES[ONE][0] / pt.GB:.2f} GB\n")  # fmt: skip
     print("| frozen | trainable | params | one T4 | 2x T4, per device |")
     print("|---|---|---|---|---|")
@@ -60,17 +61,19 @@ def main() -> None:
             name = subset.replace("|", "\\|")  # a regex's "|" inside a markdown cell
             print(f"| {frozen} | `{name}` | {p.num_trainable / 1e6:,.0f} M | {' | '.join(cells)} |")
 
-    print(f"\n## 3. t4_advice (largest subset at batch >= {args.batch}, then its largest batch)\n")
+    print(f"\n### 3. t4_advice (largest subset at batch >= {args.batch}, then its largest batch)")
+    print("\n```")
     for device in (ONE, TWO):
         for frozen in FROZEN[1:]:
             print(pt.t4_advice(args.model, subsets=SUBSETS, frozen_dtype=frozen, device=device,
                                text_len=args.text_len, min_batch=args.batch))  # fmt: skip
 
-    seconds = [time.perf_counter() - start]
+    print("```")
+    elapsed = time.perf_counter() - start
     one = pt.plan(args.model, trainable="attention", frozen_dtype="int8", **kw)
-    print(f"\n## 4. compile time on this host ({one.measured_on}): one plan of 'attention' int8 "
+    print(f"\n### 4. compile time on this host ({one.measured_on}): one plan of 'attention' int8 "
           f"(3 compiles: the batch, per-device batches of 2 and 8 devices) took "
-          f"{one.compile_seconds:.0f} s; everything above {seconds[0]:.0f} s")  # fmt: skip
+          f"{one.compile_seconds:.0f} s; everything above {elapsed:.0f} s")  # fmt: skip
 
 
 if __name__ == "__main__":
