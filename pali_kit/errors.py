@@ -147,6 +147,14 @@ def check_int(value, name: str, where: str, *, low: int | None = None,
     return value
 
 
+def positive_int(value, name: str) -> int:
+    """A Python or numpy integer >= 1 (not bool) -> int; else ArgumentError (a ValueError)
+    ``"<name> must be a positive int, got <value>"``. For sizes such as ``batch_size``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ArgumentError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_bool(value, name: str, where: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ArgumentTypeError(
