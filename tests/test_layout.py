@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -194,6 +196,19 @@ def test_subpackages_import_the_kit_relatively(subpackage):
         if u.absolute and (u.importer == subpackage or u.importer.startswith(subpackage + "."))
     ]
     assert not absolute, "use relative imports (from ..x import y):\n" + "\n".join(absolute)
+
+
+def test_data_imports_without_jax_and_still_offers_the_grading_names():
+    # the data package reads files and draws scenes: numpy only. score_shapes and
+    # grade_answer live in train.evaluation; pali_kit.data hands them out on first use.
+    code = (
+        "import sys, pali_kit.data as d; assert 'jax' not in sys.modules, 'jax imported'; "
+        "from pali_kit.data import grade_answer; import pali_kit.train.evaluation as e; "
+        "assert d.score_shapes is e.score_shapes and grade_answer is e.grade_answer; "
+        "assert {'score_shapes', 'grade_answer'} <= set(dir(d))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 # ============================================================================ the checks can fail
