@@ -110,7 +110,8 @@ def __getattr__(name: str):
     if name in _GRADING:
         from ..train import evaluation
 
-        return getattr(evaluation, name)
+        value = globals()[name] = getattr(evaluation, name)
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

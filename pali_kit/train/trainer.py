@@ -1,4 +1,5 @@
-"""The ``Trainer`` (state, frozen weights, jitted step, ``fit``), its ``History``, checkpoints.
+"""The ``Trainer`` (state, frozen weights, jitted step, ``fit``), its ``History`` and
+``plot_history`` (the loss curve), checkpoints.
 
 ``Trainer(params, config, trainable="attention", num_steps=64)`` (or
 ``Trainer.load(path, ...)``) splits the weights (``params.py``), places them
