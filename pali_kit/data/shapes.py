@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import tokenizer as ptok
+from ..assets import asset_dir
 from ..detection import detections_to_text
 from .examples import Dataset, Example, encode_mask
 
@@ -291,5 +292,5 @@ def sample_ground_truth(folder=None) -> dict[str, dict]:
     [width, height], ``caption`` (str, or None), ``count`` and ``objects``
     (``label``, ``colour``, ``box`` [x0, y0, x1, y1] in pixels, x1/y1 exclusive).
     """
-    folder = Path(folder) if folder is not None else ptok.data_dir() / "images"
+    folder = Path(folder) if folder is not None else asset_dir() / "images"
     return json.loads((folder / "ground_truth.json").read_text("utf-8"))
