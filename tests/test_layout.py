@@ -19,6 +19,7 @@ import dataclasses
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "pali_kit"
 
-# Left to the modules' owners; remove an entry once it is gone (the test says when).
+# Left to the modules' owners; remove an entry once it is gone (the tests warn then).
 KNOWN_CYCLES: set[frozenset[str]] = {
     # quant imports model.cpu / checkpoints inside functions; both import quant
     frozenset({"pali_kit.checkpoints", "pali_kit.model", "pali_kit.model.cpu", "pali_kit.quant"}),
@@ -166,6 +167,13 @@ def _where(edges: list[Use], cycle: frozenset[str]) -> str:
     return "; ".join(f"{u.importer}:{u.line} -> {u.target}" for u in inside)
 
 
+def _warn_stale(name: str, stale) -> None:
+    # a warning, not a failure: a branch that removes a leftover merges without touching this file
+    if stale:
+        listed = sorted(sorted(x) if isinstance(x, frozenset) else x for x in stale)
+        warnings.warn(f"gone from the code, remove from {name}: {listed}", stacklevel=2)
+
+
 # ============================================================================ the kit
 
 
@@ -174,8 +182,7 @@ def test_no_import_cycle_between_the_kits_modules():
     found = cycles(edges, modules(ROOT))
     new = [c for c in found if c not in KNOWN_CYCLES]
     assert not new, "import cycles:\n" + "\n".join(_where(edges, c) for c in new)
-    stale = KNOWN_CYCLES - set(found)
-    assert not stale, f"these cycles are gone: remove them from KNOWN_CYCLES: {stale}"
+    _warn_stale("KNOWN_CYCLES", KNOWN_CYCLES - set(found))
 
 
 def test_no_private_name_is_used_across_modules():
@@ -184,8 +191,7 @@ def test_no_private_name_is_used_across_modules():
     assert not new, "private names used by another module (make them public, or move them):\n" + (
         "\n".join(f"  {u.importer}:{u.line} uses {u.private}" for u in new)
     )
-    stale = KNOWN_PRIVATE - set(crossing)
-    assert not stale, f"gone: remove them from KNOWN_PRIVATE: {sorted(stale)}"
+    _warn_stale("KNOWN_PRIVATE", KNOWN_PRIVATE - set(crossing))
 
 
 @pytest.mark.parametrize("subpackage", RELATIVE_ONLY)
