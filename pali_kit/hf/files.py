@@ -3,9 +3,9 @@
 Reading goes through the ``safetensors`` library (numpy backend: no torch; bf16
 comes back as ``ml_dtypes.bfloat16``), which also checks that a file is whole.
 Writing streams one tensor at a time into the library's format instead of
-calling ``safetensors.numpy.save_file``, which needs every tensor of a shard in
-memory at once: on a 1 GB bf16 export that is +1 GB of peak memory, up to 5 GB
-per shard on a real model (numbers in the ``export_hf`` docstring).
+calling ``safetensors.numpy.save_file``: that one takes a dict of finished
+arrays, so every transformers-layout tensor of a shard (up to 5 GB) would be in
+memory next to the params, where streaming holds one tensor at a time.
 """
 
 from __future__ import annotations
