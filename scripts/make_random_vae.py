@@ -1,5 +1,10 @@
 """Write a mask VQ-VAE .npz with random weights in the exact key layout of vae-oid.npz.
 
+Builds: no file in ``data/`` by itself (the path is an argument); tests call
+``random_vae_arrays`` and ``train_demo_vae.py`` starts ``data/vae.npz`` from it.
+Takes about 1 s. Deterministic: ``--seed`` (default 0) drives every array; the
+same seed gives the same bytes.
+
     python scripts/make_random_vae.py data/vae.npz --codebook-dim 512 --seed 0
 
 Tests and the docs use it where the real ``vae-oid.npz`` (spec 7.3/7.4) is not
