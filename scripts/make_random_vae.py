@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pali_kit.atomic import atomic_write
+
 HIDDEN = 128
 UP_CHANNELS = (128, 128, 64, 32, 16)  # decoder ConvTranspose in/out chain
 DOWN_CHANNELS = (1, 16, 32, 64, 128)  # encoder stride-2 conv chain
@@ -82,8 +84,11 @@ def make_random_vae(
 ) -> Path:
     """Write the random VAE to ``path`` (an .npz) and return the path."""
     path = Path(path)
+    if path.suffix != ".npz":  # as np.savez names it
+        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **random_vae_arrays(codebook_dim, seed, encoder_kernel))
+    with atomic_write(path) as f:
+        np.savez(f, **random_vae_arrays(codebook_dim, seed, encoder_kernel))
     return path
 
 

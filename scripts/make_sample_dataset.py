@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pali_kit.atomic import write_text
+from pali_kit.atomic import atomic_write, write_text
 from pali_kit.data import make_scene, shape_task
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "sample_dataset"
@@ -69,9 +69,10 @@ def write(out: Path) -> None:
     for index in range(NUM_IMAGES):
         image, rows = lines_for(index, SIZES[index % len(SIZES)])
         # An adaptive palette keeps the exact colours (a scene has at most 4) in tiny files.
-        image.quantize(colors=8, method=Image.Quantize.MAXCOVERAGE).save(
-            out / "images" / f"shapes_{index:02d}.png", optimize=True
-        )
+        with atomic_write(out / "images" / f"shapes_{index:02d}.png") as f:
+            image.quantize(colors=8, method=Image.Quantize.MAXCOVERAGE).save(
+                f, format="PNG", optimize=True
+            )
         splits["train" if index < NUM_TRAIN else "val"].extend(rows)
     for name, rows in splits.items():
         text = "".join(json.dumps(row) + "\n" for row in rows)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
-from pali_kit.atomic import write_text
+from pali_kit.atomic import atomic_write, write_text
 from pali_kit.data import make_scene
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "images"
@@ -126,9 +126,11 @@ def save(image: Image.Image, name: str, exif_rotated: bool = False) -> None:
         stored = image.transpose(Image.Transpose.ROTATE_90)  # counter-clockwise
         exif = Image.Exif()
         exif[EXIF_ORIENTATION] = ROTATE_90_CW
-        stored.save(path, quality=95, exif=exif.tobytes())
+        with atomic_write(path) as f:
+            stored.save(f, format="JPEG", quality=95, exif=exif.tobytes())
     else:
-        image.save(path, optimize=True)
+        with atomic_write(path) as f:
+            image.save(f, format="PNG", optimize=True)
     with Image.open(path) as stored:  # the file, turned upright, shows the drawn picture
         upright = ImageOps.exif_transpose(stored)
         assert upright.size == image.size, (name, upright.size, image.size)

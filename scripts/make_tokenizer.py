@@ -43,6 +43,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from pali_kit.atomic import write_bytes
 from pali_kit.vocab import pieces
 
 BASE_VOCAB = 1024
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out}: {'up to date' if same else 'DIFFERS from a fresh build'}")
         return 0 if same else 1
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(data)
+    write_bytes(args.out, data)
     print(f"wrote {args.out}: {_summary(data)}")
     return 0
 

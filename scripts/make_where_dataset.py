@@ -1,7 +1,7 @@
 """Write chapter 3's dataset in data/where_dataset/, deterministically.
 
 Builds: ``data/where_dataset/`` (``train.jsonl``, ``val.jsonl``, the PNG images,
-``README.md``). Takes 1-3 s. Deterministic: scene seeds 31 (train) and 32
+``README.md``). Takes a few seconds. Deterministic: scene seeds 31 (train) and 32
 (val), per-image ``default_rng((seed, index))``; rerunning rewrites the same
 bytes (``git status data/`` stays clean).
 
@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image
 
 from pali_kit import tokenizer as ptok
-from pali_kit.atomic import write_text
+from pali_kit.atomic import atomic_write, write_text
 from pali_kit.data import clear_quadrant, make_scene, quadrant, shape_task
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "where_dataset"
@@ -82,7 +82,8 @@ def rows(name: str, seed: int, count: int) -> tuple[list[dict], dict[str, np.nda
 def split(name: str, seed: int, count: int) -> list[dict]:
     lines, images = rows(name, seed, count)
     for path, pixels in images.items():
-        Image.fromarray(pixels).save(OUT / path, optimize=True)
+        with atomic_write(OUT / path) as f:
+            Image.fromarray(pixels).save(f, format="PNG", optimize=True)
     write_text(OUT / f"{name}.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
     return lines
 
