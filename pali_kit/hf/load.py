@@ -1,7 +1,10 @@
 """load_hf: a transformers PaliGemma folder -> (params, config) in the big_vision tree.
 
-The stacked ``[L, ...]`` arrays are filled layer by layer, so host memory stays
-near one copy of the weights. Reading needs no torch.
+The stacked ``[L, ...]`` arrays are filled layer by layer straight from the
+files (numpy never holds a second stacked copy); each finished array is then
+copied into JAX, so host memory peaks near the weights plus twice the largest
+stacked array, plus the file pages the safetensors library maps (clean pages
+the OS can drop). Reading needs no torch.
 """
 
 from __future__ import annotations
