@@ -69,7 +69,8 @@ LANGUAGES = (
 Batch = dict[str, np.ndarray]
 
 
-# The former name of ``pk.asset_dir``; pali_kit.data still calls it (to be removed with that).
+# The former name of ``pk.asset_dir``, for pali_kit/data.py until the data package replaces it
+# (which reads ``asset_dir``); nothing else uses it: delete it then.
 data_dir = asset_dir
 
 
