@@ -119,7 +119,7 @@ if model.tokenizer is None:  # Kaggle's weights come without it: fetch big_visio
     model.tokenizer = pk.Tokenizer(urllib.request.urlretrieve(url, "paligemma_tokenizer.model")[0])
 tok = model.tokenizer
 TRUTH = pdata.sample_ground_truth()  # file name -> caption, count, objects (label, colour, box)
-IMAGES = [pk.tokenizer.data_dir() / "images" / name for name in TRUTH]
+IMAGES = [pk.asset_dir() / "images" / name for name in TRUTH]
 image = IMAGES[0]
 print([p.name for p in IMAGES])
 

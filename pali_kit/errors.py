@@ -194,9 +194,12 @@ def _int_range(low, high) -> str:
     return ""
 
 
-def _short(value, limit: int = 60) -> str:
+def short_repr(value, limit: int = 60) -> str:
     """repr(value), shortened: arrays by shape and dtype, long text cut."""
     if not isinstance(value, type) and hasattr(value, "shape") and hasattr(value, "dtype"):
         return f"<{type(value).__name__} shape {tuple(value.shape)} {value.dtype}>"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_short = short_repr  # the former name, still used in this module and by api.py

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from pali_kit import cli
-from pali_kit.tokenizer import data_dir
+from pali_kit.assets import asset_dir as data_dir
 
 
 def test_demo_answers_draws_and_scores(tmp_path, capsys):

@@ -24,13 +24,13 @@ from hypothesis import strategies as st
 import pali_kit as pk
 from pali_kit import cli, decode, errors
 from pali_kit.api import Generation
+from pali_kit.assets import asset_dir
 from pali_kit.detection import parse_detections
 from pali_kit.segmentation import load_vae, reconstruct_masks
-from pali_kit.tokenizer import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "errors.md"
-IMAGE = str(data_dir() / "images" / "shapes_0.png")
+IMAGE = str(asset_dir() / "images" / "shapes_0.png")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ CASES = [
     ('pk.load("paligemma2-3b-pt-244")', lambda m, t: pk.load("paligemma2-3b-pt-244"),
      pk.UnknownNameError, ["paligemma2-3b-pt-244", "did you mean 'paligemma2-3b-pt-224'"]),
     ('pk.load("data/demo_model.npz", tokenizer="nothere.model")',
-     lambda m, t: pk.load(str(data_dir() / "demo_model.npz"), tokenizer="nothere.model"),
+     lambda m, t: pk.load(str(asset_dir() / "demo_model.npz"), tokenizer="nothere.model"),
      pk.MissingFileError, ["tokenizer='nothere.model'"]),
     ("pk.Model(params, config).generate(IMAGE, 'x')  (no tokenizer)",
      lambda m, t: pk.Model(m.params, m.config).generate(IMAGE, "x"), pk.NoTokenizerError,
@@ -272,7 +272,7 @@ def run_case(case, model, tmp: Path) -> tuple[str, str]:
 
 
 def _clean(text: str, tmp: Path) -> str:
-    text = text.replace(str(tmp), "<tmp>").replace(str(data_dir()), "<data>")
+    text = text.replace(str(tmp), "<tmp>").replace(str(asset_dir()), "<data>")
     text = text.replace(os.getcwd(), "<cwd>").replace(str(ROOT), ".")
     return text.replace("|", "\\|")
 
