@@ -26,7 +26,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
 FINETUNE = (
     "Fine-tune a PaliGemma on a jsonl dataset; writes DIR/history.jsonl (one JSON object per "
     "update) and DIR/model.npz (pk.load opens it; --resume continues it). Several processes "
