@@ -327,9 +327,9 @@ print(panel.code_line())
 # `pali-kit generate IMAGE PROMPT --quantize int8` on the command line. The rows
 # are the weights this device runs (`pk.widgets.weight_choices()`, the panel's
 # list), none wider than the loaded ones; each gives its size, its time per
-# generated token (the median interval between streamed tokens, EOS masked so
-# that every answer runs the full length) and its answers, all against the first
-# row, measured in this one cell.
+# generated token (the median interval between the tokens of a streamed caption,
+# three times) and its answers, all against the first row, measured in this one
+# cell.
 
 # %%
 import numpy as np
@@ -341,12 +341,13 @@ def weight_bytes(m):  # a quantized model: its integers and their scales
     return quant.tree_nbytes(m.params) if m.quantization else m.num_params() * m.dtype.itemsize
 
 
-def seconds_per_token(m, n=48, runs=2):
-    """The median time between streamed tokens, over `runs` answers of `n` tokens."""
-    no_eos = np.arange(tok.vocab_size) != tok.eos_id  # every answer runs to n tokens
-    stream = lambda: m.stream(image, ptok.caption("en"), max_new_tokens=n, logit_mask=no_eos)
-    gaps = [np.diff([time.perf_counter() for _ in stream()]) for _ in range(runs)]
-    return float(np.median(np.concatenate(gaps)))
+def streamed(m, prompt):
+    """(the answer, the seconds between its streamed tokens)"""
+    ticks, pieces = [], []
+    for piece in m.stream(image, prompt, max_new_tokens=24):
+        ticks.append(time.perf_counter())
+        pieces.append(piece)
+    return "".join(pieces), np.diff(ticks)
 
 
 # %%
@@ -357,23 +358,23 @@ questions = [ptok.caption("en"), ptok.answer("how many shapes")]
 rows = []
 for w in [as_loaded] + [w for w in weights if w != as_loaded]:
     m = model if w == as_loaded else model.quantize(w) if w in quant.SCHEMES else model.astype(w)
-    answers = [o.text for o in m.generate(image, questions, max_new_tokens=24)]
-    rows.append((w, weight_bytes(m), seconds_per_token(m), answers))
+    answers = [streamed(m, q)[0] for q in questions]  # the first one compiles
+    gaps = np.concatenate([streamed(m, questions[0])[1] for _ in range(3)])
+    rows.append((w, weight_bytes(m), float(np.median(gaps)), answers))
     del m  # one copy at a time beside the loaded model
 first = rows[0]
 print(f"{pk.machine()}; ratios against the first row")
 for w, size, s, answers in rows:
     same = "same answers" if answers == first[3] else "other answers"
-    print(
-        f"{w:9} {size / 1e6:8.2f} MB {size / first[1]:5.2f}x  {s * 1e3:7.2f} ms/token "
-        f"{s / first[2]:5.2f}x  {answers} ({same})"
-    )
+    print(f"{w:9} {size / 1e6:8.2f} MB {size / first[1]:5.2f}x  {s * 1e3:7.2f} ms/token "
+          f"{s / first[2]:5.2f}x  {answers} ({same})")
 
 # %% [markdown]
-# The demo model's weights are a few megabytes, so its time per token is mostly
-# the fixed cost of each decoding step, not the reading of the weights: the size
-# column is what carries over to large models, the time column varies from run to
-# run. For the full-size PaliGemma 2 3B on a CPU, `bench/generate.py` measured
+# The demo model's weights are a few megabytes, small enough to stay in the
+# processor's caches, so its time per token says little about a large model's,
+# whose weights are read from memory at every token; the size column carries
+# over, and the time column varies from run to run (and with other work on the
+# machine). For the full-size PaliGemma 2 3B on a CPU, `bench/generate.py` measured
 # (random weights, `--dtypes bfloat16,int8,int4 --new-tokens 8`, one run on a
 # 2-core shared VM while other jobs loaded it: its bandwidth probe read 8-10
 # GB/s), as `docs/quantization.md` reports: decode
