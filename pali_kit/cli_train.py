@@ -1,12 +1,12 @@
 """``pali-kit finetune`` and ``pali-kit eval``: fine-tuning and evaluation from the command line.
 
 pali-kit finetune TRAIN.jsonl --model MODEL --out DIR [--steps N --batch-size B --trainable SUBSET
-        --lr LR --optimizer sgd|adamw --seed S --text-len T --frozen-dtype D --val VAL.jsonl
-        --eval-every K --resume] [--coordinator HOST:PORT --num-processes N --process-id I]
+        --lr LR --optimizer sgd|adamw --seed S --text-len T --frozen-dtype D --quantize int8|int4
+        --val VAL.jsonl --eval-every K --resume] [--coordinator HOST:PORT --num-processes N --process-id I]
     -> DIR/history.jsonl (one JSON object per update: step, loss, grad_norm, lr, and the
        evaluation scores on the lines where it evaluated), DIR/model.npz (pk.load opens it;
        with the optimizer state and step, so --resume continues it), DIR/run.json
-pali-kit eval MODEL VAL.jsonl [--json]   the task metrics of MODEL on VAL.jsonl
+pali-kit eval MODEL VAL.jsonl [--json] [--dtype D --quantize int8|int4]   the task metrics
 
 Several processes (one per host, or several on one machine) run the same
 command with ``--coordinator HOST:PORT --num-processes N --process-id I``
@@ -26,7 +26,6 @@ from pathlib import Path
 
 from .atomic import write_bytes, write_text
 
-DTYPES = ("float32", "bfloat16", "float16")
 FINETUNE = (
     "Fine-tune a PaliGemma on a jsonl dataset; writes DIR/history.jsonl (one JSON object per "
     "update) and DIR/model.npz (pk.load opens it; --resume continues it). Several processes "
@@ -78,6 +77,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub) -> None:
     """Add ``finetune`` and ``eval`` to the ``pali-kit`` subcommands."""
+    from .cli_args import add_weight_args, weight_dtype
+
     f = sub.add_parser("finetune", help="fine-tune on a jsonl dataset (one or several processes)",
                        description=FINETUNE)  # fmt: skip
     f.add_argument("train", metavar="TRAIN.jsonl")
@@ -123,9 +124,17 @@ def add_parsers(sub) -> None:
     )
     f.add_argument(
         "--frozen-dtype",
-        choices=DTYPES,
+        type=weight_dtype,
+        metavar="DTYPE",
         default=None,
         help="dtype of the frozen weights (default: the device's)",
+    )
+    f.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="quantize the frozen large matrices (int8 per channel, int4 in groups of 64; they "
+        "stand for --frozen-dtype); the trainable ones stay float32, model.npz is written in float",
     )
     f.add_argument(
         "--val",
@@ -163,6 +172,7 @@ def add_parsers(sub) -> None:
         help="prompt tokens (default: the longest prompt of each batch)",
     )
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_weight_args(e)
     _add_model_args(e)
     e.set_defaults(func=functools.partial(_eval, parser=e))
 
@@ -361,8 +371,14 @@ def _make_trainer(args, config, start_from: Path):
     from . import train as pt
 
     mesh = pt.make_mesh()
-    params, _, _ = pt.load_for_training(start_from, trainable=args.trainable,
-                                        frozen_dtype=args.frozen_dtype, mesh=mesh, progress=False)  # fmt: skip
+    params, mask, _ = pt.load_for_training(start_from, trainable=args.trainable,
+                                           frozen_dtype=args.frozen_dtype, mesh=mesh, progress=False)  # fmt: skip
+    if args.quantize:  # the frozen weights, loaded in float, become integers and scales
+        from . import quant
+
+        trainable, frozen = pt.split_params(params, mask)
+        del params
+        params = pt.merge_params(trainable, quant.quantize_params(frozen, args.quantize))
     trainer = pt.Trainer(params, config, trainable=args.trainable, num_steps=args.steps,
                          optimizer=args.optimizer, lr=args.lr, frozen_dtype=args.frozen_dtype,
                          mesh=mesh, copy=False)  # fmt: skip
@@ -414,7 +430,7 @@ def _step_of(line: str) -> int | None:
         return None
 
 
-SAME_RUN = ("trainable", "optimizer", "steps", "batch_size", "seed", "text_len", "lr")
+SAME_RUN = ("trainable", "optimizer", "steps", "batch_size", "seed", "text_len", "lr", "quantize")
 
 
 def _run_record(args, config) -> dict:
@@ -457,7 +473,8 @@ def _eval(args, parser) -> int:
     from . import data as pdata
     from . import train as pt
 
-    model = pk.load(args.model, tokenizer=args.tokenizer, verbose=False)
+    model = pk.load(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                    quantize=args.quantize, verbose=False)  # fmt: skip
     if model.tokenizer is None:
         raise FileNotFoundError(f"no tokenizer found for {args.model}: pass --tokenizer PATH")
     val = pdata.JsonlDataset(args.val)

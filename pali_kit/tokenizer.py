@@ -69,11 +69,6 @@ LANGUAGES = (
 Batch = dict[str, np.ndarray]
 
 
-# The former name of ``pk.asset_dir``, for pali_kit/data.py until the data package replaces it
-# (which reads ``asset_dir``); nothing else uses it: delete it then.
-data_dir = asset_dir
-
-
 # ----------------------------------------------------------------------------
 # Task prompts (spec 5.4). Each is a prefix; the encoders add BOS and "\n".
 

@@ -34,14 +34,8 @@ KNOWN_CYCLES: set[frozenset[str]] = {
 }
 KNOWN_PRIVATE: set[tuple[str, str]] = {
     ("pali_kit.api", "pali_kit.errors._short"),
-    ("pali_kit.decode", "pali_kit.errors._short"),
-    ("pali_kit.detection", "pali_kit.errors._short"),
-    ("pali_kit.segmentation", "pali_kit.errors._short"),
-    ("pali_kit.viz", "pali_kit.errors._short"),
     ("pali_kit.cli_train", "pali_kit.api._registry_semantics"),
     ("pali_kit.cli_train", "pali_kit.api._find_tokenizer"),
-    ("pali_kit.tasks", "pali_kit.images._is_array"),
-    ("pali_kit.tasks", "pali_kit.images._read_pixels"),
     ("pali_kit.tasks", "pali_kit.decode._count_traces"),
     ("pali_kit.tasks", "pali_kit.decode._pad_rows"),
     ("pali_kit.model.cpu", "pali_kit.model.common._expand_ellipsis"),

@@ -286,7 +286,7 @@ def test_bad_arguments_end_to_end(tmp_path):
         (["--until", "9"], "--until: 9 is after the last step (--steps 4)"),
         (["--eval-every", "2"], "--eval-every needs --val"),
         (["--metric", "f1"], "--metric: 'f1' is not one of auto, cider"),
-        (["--frozen-dtype", "int8"], "argument --frozen-dtype: invalid choice: 'int8'"),
+        (["--frozen-dtype", "int8"], "--frozen-dtype: 'int8' is a quantization scheme"),
         (["--trainable", "attention/.*"], "--trainable: trainable='attention/.*' matches no"),
         (["--resume"], "model.npz does not exist (start the run without --resume)"),
     ],

@@ -407,6 +407,11 @@ def _path_name(path) -> str:
     return leaf_key(path) or "_"
 
 
+def _float(x):
+    """A frozen quantized weight is written as the float array it stands for (official layout)."""
+    return quant.dequantize(x) if isinstance(x, quant.QArray) else x
+
+
 def save_checkpoint(
     path, state: TrainState, frozen: Params, *, extra: Mapping[str, Any] | None = None
 ) -> Path | None:
@@ -422,7 +427,7 @@ def save_checkpoint(
     items = [(f"params/{k}", v) for k, v in params.items()]
     items += [(f"opt/{_path_name(p)}", v) for p, v in opt]
     items += [("train/step", state.step)] + list((extra or {}).items())
-    arrays = ((key, to_host(value)) for key, value in items)
+    arrays = ((key, to_host(_float(value))) for key, value in items)
     if jax.process_index() != 0:
         for _ in arrays:  # take part in the gathers, write nothing
             pass
