@@ -29,7 +29,7 @@ import numpy as np
 from .. import checkpoints, quant
 from ..configs import resolve_config
 from ..model import count_params, param_shapes
-from .params import _training_dtype, merge_params, split_params, trainable_mask
+from .params import merge_params, split_params, trainable_mask, training_dtype
 from .sharding import MIN_SHARD_BYTES, fsdp_spec
 from .step import init_state, make_optimizer, make_train_step
 
@@ -191,7 +191,7 @@ def _abstract_state(config, trainable, frozen_dtype, optimizer, scheme=None):
     shapes = param_shapes(config)
     mask, _ = trainable_mask(shapes, trainable)
     typed = jax.tree.map(
-        lambda s, t: jax.ShapeDtypeStruct(s.shape, _training_dtype(t, frozen_dtype, s.dtype)),
+        lambda s, t: jax.ShapeDtypeStruct(s.shape, training_dtype(t, frozen_dtype, s.dtype)),
         shapes, mask,
     )  # fmt: skip
     train_shapes, frozen_shapes = split_params(typed, mask)

@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .. import checkpoints, quant
-from .params import Params, _training_dtype, default_frozen_dtype, trainable_mask
+from .params import Params, default_frozen_dtype, trainable_mask, training_dtype
 
 # ============================================================================ devices and sharding
 
@@ -100,7 +100,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     return out
 
 
-def _place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def host_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A host array (the same on every host) -> a global array with ``sharding``."""
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
@@ -140,17 +140,17 @@ def load_for_training(
 
     def put(array):
         target = jax.ShapeDtypeStruct(array.shape, array.dtype)
-        return _place(array, shardings_for(target, mesh, min_shard_bytes))
+        return host_to_global(array, shardings_for(target, mesh, min_shard_bytes))
 
     def place(key, array):
         axes = quant.contraction_axes(key) if quantize and not flags[key] else None
         if axes is not None:  # frozen large matrix: quantized one slice of rows at a time
             q = quant.quantize_leaf(array, quantize, axes, place=put)
             return quant.QArray(q.values, q.scales, quantize, q.in_axes, q.in_shape, frozen_dtype)
-        dtype = _training_dtype(flags[key], frozen_dtype, array.dtype)
+        dtype = training_dtype(flags[key], frozen_dtype, array.dtype)
         array = array.astype(dtype, copy=False)
         target = jax.ShapeDtypeStruct(array.shape, dtype)
-        return _place(array, shardings_for(target, mesh, min_shard_bytes))
+        return host_to_global(array, shardings_for(target, mesh, min_shard_bytes))
 
     params = checkpoints.load_params(path, place=place, progress=progress)
     return params, mask, summary
