@@ -201,5 +201,12 @@ def test_load_for_training_quantizes_only_the_frozen_matrices(tmp_path):
     assert set(checkpoints.flatten(trainer.state.params)) == {
         k for k, v in flags.items() if v
     }  # fmt: skip
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32),
+        "text": rng.integers(0, config.llm.vocab_size, (2, 9)).astype(np.int32),
+        "mask_ar": np.ones((2, 9), np.int32), "mask_loss": np.ones((2, 9), np.int32),
+    }  # fmt: skip
+    assert np.isfinite(trainer.step(batch)["loss"])
     with pytest.raises(ValueError, match="int3"):
         pt.load_for_training(path, quantize="int3")
