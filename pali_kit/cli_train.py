@@ -371,14 +371,10 @@ def _make_trainer(args, config, start_from: Path):
     from . import train as pt
 
     mesh = pt.make_mesh()
-    params, mask, _ = pt.load_for_training(start_from, trainable=args.trainable,
-                                           frozen_dtype=args.frozen_dtype, mesh=mesh, progress=False)  # fmt: skip
-    if args.quantize:  # the frozen weights, loaded in float, become integers and scales
-        from . import quant
-
-        trainable, frozen = pt.split_params(params, mask)
-        del params
-        params = pt.merge_params(trainable, quant.quantize_params(frozen, args.quantize))
+    # --quantize: the frozen large matrices become integers and scales as they are read
+    params, _, _ = pt.load_for_training(start_from, trainable=args.trainable,
+                                        frozen_dtype=args.frozen_dtype, mesh=mesh, progress=False,
+                                        quantize=args.quantize)  # fmt: skip
     trainer = pt.Trainer(params, config, trainable=args.trainable, num_steps=args.steps,
                          optimizer=args.optimizer, lr=args.lr, frozen_dtype=args.frozen_dtype,
                          mesh=mesh, copy=False)  # fmt: skip
