@@ -22,8 +22,8 @@
 # Load a PaliGemma, look at how a prompt becomes tokens, and ask it for captions,
 # answers to questions and text; then batch several images and prompts, try every
 # sampler, stream an answer, read the log-probability of any answer, open the
-# interactive prompt panel, and see why trying a new prompt does not compile
-# anything.
+# interactive prompt panel, compare the weights' memory and speed per dtype
+# (float32 to int4), and see why trying a new prompt does not compile anything.
 #
 # **Runtime:** about a minute on a CPU with the demo model (the last cell prints
 # the time and the machine); a free T4 GPU runs the real PaliGemma 2 3B (set
@@ -119,7 +119,7 @@ if model.tokenizer is None:  # Kaggle's weights come without it: fetch big_visio
     model.tokenizer = pk.Tokenizer(urllib.request.urlretrieve(url, "paligemma_tokenizer.model")[0])
 tok = model.tokenizer
 TRUTH = pdata.sample_ground_truth()  # file name -> caption, count, objects (label, colour, box)
-IMAGES = [pk.tokenizer.data_dir() / "images" / name for name in TRUTH]
+IMAGES = [pk.asset_dir() / "images" / name for name in TRUTH]
 image = IMAGES[0]
 print([p.name for p in IMAGES])
 
@@ -297,7 +297,9 @@ for candidate in candidates:
 # the `model.detect(...)` / `model.segment(...)` call of chapter 2, whose objects
 # it scores (each tag reads "label score", with a table of label, score and box).
 # Its *constrained* box (on by default) keeps detect and segment answers parseable,
-# naming only the objects typed.
+# naming only the objects typed. Its *weights* selector makes other weights from
+# the loaded model (next section) and shows their size; the code line then starts
+# with `model.astype(...)` or `model.quantize(...)`.
 
 # %%
 panel = pk.widgets.prompt_panel(model)
@@ -313,6 +315,75 @@ print(result.prompt, "->", repr(result.text))
 for d in result.detections:  # the objects model.detect returns: label, box, score
     print(f"{d.label}: box {tuple(round(v) for v in d.box)}, score {d.score:.2f}")
 print(panel.code_line())
+
+# %% [markdown]
+# ## Memory and speed per dtype
+#
+# The same model in other weights, made in memory from the loaded one:
+# `model.astype(dtype)` casts every weight; `model.quantize("int8")` stores each
+# large matrix as 8-bit integers with one float scale per output channel,
+# `"int4"` as 4-bit integers with a scale per group of 64 (`docs/quantization.md`).
+# `pk.load(MODEL, quantize="int8")` does the same while reading the file, and
+# `pali-kit generate IMAGE PROMPT --quantize int8` on the command line. The rows
+# are the weights this device runs (`pk.widgets.weight_choices()`, the panel's
+# list), none wider than the loaded ones; each gives its size, its time per
+# generated token (the median interval between the tokens of a streamed caption,
+# three times) and its answers, all against the first row, measured in this one
+# cell.
+
+# %%
+import numpy as np
+
+from pali_kit import quant
+
+
+def weight_bytes(m):  # a quantized model: its integers and their scales
+    return quant.tree_nbytes(m.params) if m.quantization else m.num_params() * m.dtype.itemsize
+
+
+def streamed(m, prompt):
+    """(the answer, the seconds between its streamed tokens)"""
+    ticks, pieces = [], []
+    for piece in m.stream(image, prompt, max_new_tokens=24):
+        ticks.append(time.perf_counter())
+        pieces.append(piece)
+    return "".join(pieces), np.diff(ticks)
+
+
+# %%
+as_loaded = model.quantization or model.dtype.name
+weights = [w for w in pk.widgets.weight_choices() if w in quant.SCHEMES
+           or pk.checkpoints.as_dtype(w).itemsize <= model.dtype.itemsize]  # fmt: skip
+questions = [ptok.caption("en"), ptok.answer("how many shapes")]
+rows = []
+for w in [as_loaded] + [w for w in weights if w != as_loaded]:
+    m = model if w == as_loaded else model.quantize(w) if w in quant.SCHEMES else model.astype(w)
+    answers = [streamed(m, q)[0] for q in questions]  # the first one compiles
+    gaps = np.concatenate([streamed(m, questions[0])[1] for _ in range(3)])
+    rows.append((w, weight_bytes(m), float(np.median(gaps)), answers))
+    del m  # one copy at a time beside the loaded model
+first = rows[0]
+print(f"{pk.machine()}; ratios against the first row")
+for w, size, s, answers in rows:
+    same = "same answers" if answers == first[3] else "other answers"
+    print(f"{w:9} {size / 1e6:8.2f} MB {size / first[1]:5.2f}x  {s * 1e3:7.2f} ms/token "
+          f"{s / first[2]:5.2f}x  {answers} ({same})")
+
+# %% [markdown]
+# The demo model's weights are a few megabytes, small enough to stay in the
+# processor's caches, so its time per token says little about a large model's,
+# whose weights are read from memory at every token; the size column carries
+# over, and the time column varies from run to run (and with other work on the
+# machine). For the full-size PaliGemma 2 3B on a CPU, `bench/generate.py` measured
+# (random weights, `--dtypes bfloat16,int8,int4 --new-tokens 8`, one run on a
+# 2-core shared VM while other jobs loaded it: its bandwidth probe read 8-10
+# GB/s), as `docs/quantization.md` reports: decode
+# 0.457 s/token in bfloat16, 1.100 in int8 and 4.619 in int4; prefill to the first
+# token 15.9 / 34.0 / 37.6 s; peak memory (RSS) 12.1 / 9.3 / 7.4 GB. The 3B
+# weights take 6.06 GB in bfloat16, 3.04 GB in int8 and 1.71 GB in int4
+# (`bench/quantize.py --3b`). On that CPU the quantized decode is slower than
+# bfloat16 so far: int8 and int4 save memory there, not time (see "Open" in
+# `docs/quantization.md`).
 
 # %% [markdown]
 # ## Compiled once

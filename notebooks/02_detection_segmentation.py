@@ -100,7 +100,7 @@ if model.tokenizer is None:  # Kaggle's weights come without it: fetch big_visio
     model.tokenizer = pk.Tokenizer(urllib.request.urlretrieve(url, "paligemma_tokenizer.model")[0])
 tok = model.tokenizer
 TRUTH = pdata.sample_ground_truth()  # file name -> caption, count, objects (label, colour, box)
-IMAGES = [pk.tokenizer.data_dir() / "images" / name for name in TRUTH]
+IMAGES = [pk.asset_dir() / "images" / name for name in TRUTH]
 image = IMAGES[0]
 print([p.name for p in IMAGES])
 
@@ -412,7 +412,7 @@ pk.viz.show(pictures, titles=titles, cols=4, size=2.8)
 
 # %%
 name = next(n for n, t in TRUTH.items() if not t["in_domain"])
-photo, truth = pk.tokenizer.data_dir() / "images" / name, TRUTH[name]
+photo, truth = pk.asset_dir() / "images" / name, TRUTH[name]
 W, H = truth["size"]
 outs = model.generate(photo, [ptok.detect(o["label"]) for o in truth["objects"]], max_new_tokens=24)
 found = [d for out in outs for d in pk.parse_detections(out.text, W, H)[:1]]

@@ -106,7 +106,7 @@ MODEL = "demo"  # or "paligemma2-3b-pt-224" on a GPU runtime
 
 DEMO = MODEL == "demo"
 if DEMO:
-    CHECKPOINT = pk.tokenizer.data_dir() / "demo_model.npz"
+    CHECKPOINT = pk.asset_dir() / "demo_model.npz"
     tok, config = pk.Tokenizer.demo(), pk.load("demo", verbose=False).config
 else:
     import urllib.request  # Kaggle's weights come without a tokenizer: big_vision's is public
@@ -130,7 +130,7 @@ print(f"{CHECKPOINT.name} | {n_params:,} parameters | {config.resolution} px | {
 # here with its line number, not in the middle of training.
 
 # %% tags=["setup"]
-folder = pk.tokenizer.data_dir() / "where_dataset"  # written by scripts/make_where_dataset.py
+folder = pk.asset_dir() / "where_dataset"  # written by scripts/make_where_dataset.py
 train = pdata.JsonlDataset(folder / "train.jsonl").validate()
 val = pdata.JsonlDataset(folder / "val.jsonl").validate()
 print(train, val, sep="\n")

@@ -101,7 +101,7 @@ if model.tokenizer is None:  # Kaggle's weights come without it: fetch big_visio
     model.tokenizer = pk.Tokenizer(urllib.request.urlretrieve(url, "paligemma_tokenizer.model")[0])
 tok = model.tokenizer
 TRUTH = pdata.sample_ground_truth()  # file name -> caption, count, objects (label, colour, box)
-IMAGES = [pk.tokenizer.data_dir() / "images" / name for name in TRUTH]
+IMAGES = [pk.asset_dir() / "images" / name for name in TRUTH]
 image = IMAGES[0]
 print([p.name for p in IMAGES])
 pixels = model.preprocess(image)  # float32 [1, R, R, 3] in [-1, 1]

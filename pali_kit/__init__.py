@@ -4,6 +4,10 @@
     model = pk.load("demo")                       # or "paligemma2-3b-pt-224", a .npz, a HF folder
     print(model.generate(pk.sample_images()["shapes_0.png"], "caption en")[0].text)
 
+``pk.Model`` (what ``pk.load`` returns), the ``pali_kit.model`` package (Flax
+modules) and ``pk.PaliGemma`` (the whole network's Flax module) are three
+different things; the README's "What is inside" says which is which.
+
 Names are imported lazily so that ``import pali_kit`` stays fast; JAX loads on
 first use.
 """
@@ -65,7 +69,7 @@ _EXPORTS = {
 _SUBMODULES = {
     "api", "assets", "configs", "model", "checkpoints", "hub", "hf", "tokenizer", "images", "decode",
     "detection", "segmentation", "viz", "widgets", "data", "train", "metrics", "cli",
-    "constrain", "tasks", "errors", "devices", "quant",
+    "constrain", "tasks", "errors", "devices", "quant", "vocab", "atomic",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)

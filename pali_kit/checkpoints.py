@@ -17,9 +17,7 @@ memory peaks near one copy of the weights. Nothing is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
-import os
 import struct
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from .atomic import atomic_write
 from .configs import (
     GEMMA_VARIANTS,
     GemmaConfig,
@@ -454,42 +453,14 @@ def save_arrays(items, path) -> Path:
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            with zipfile.ZipFile(raw, "w", allowZip64=True) as zf:
-                for key, value in items:
-                    array = _to_storable(value)
-                    with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
-                        np.lib.format.write_array(f, array, allow_pickle=False)
-                    del array
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path) as raw:
+        with zipfile.ZipFile(raw, "w", allowZip64=True) as zf:
+            for key, value in items:
+                array = _to_storable(value)
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, array, allow_pickle=False)
+                del array
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- the architecture from the shapes -----------------------------------------------

@@ -2,6 +2,8 @@
 
 pali-kit demo                                   the embedded demo model on the sample images
 pali-kit generate IMAGE "caption en" [--model demo|NAME|PATH] [--sampler ...]
+    demo, generate, eval: [--dtype float32|bfloat16|float16] [--quantize int8|int4]
+    finetune: [--frozen-dtype D] [--quantize int8|int4] (the frozen weights)
 pali-kit info [NAME]                            registry entries, parameter counts
 pali-kit export-hf MODEL FOLDER [--force]       a folder transformers loads
 pali-kit finetune TRAIN.jsonl --model M --out DIR   fine-tune (pali_kit/cli_train.py)
@@ -22,12 +24,14 @@ import sys
 import time
 from pathlib import Path
 
+from .cli_args import add_weight_args
+
 
 def _demo(args) -> int:
     import pali_kit as pk
     from pali_kit import data, viz
 
-    model = pk.load("demo")
+    model = _load("demo", args.dtype, args.quantize)
     truths = data.sample_ground_truth()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,16 +104,16 @@ def _status(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _load(source, dtype=None):
+def _load(source, dtype=None, quantize=None):
     import pali_kit as pk
 
-    model = pk.load(source, dtype=dtype, verbose=False)
+    model = pk.load(source, dtype=dtype, quantize=quantize, verbose=False)
     _status(f"pali_kit: {model.summary()}")
     return model
 
 
 def _generate(args) -> int:
-    model = _load(args.model, args.dtype)
+    model = _load(args.model, args.dtype, args.quantize)
     if args.stream:
         for piece in model.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                                   sampler=args.sampler, seed=args.seed):  # fmt: skip
@@ -242,13 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the embedded demo model on the sample images")
     d.add_argument("--out", default="out/demo_run", help="where to write the rendered images")
+    add_weight_args(d)
     d.set_defaults(func=_demo)
 
     g = sub.add_parser("generate", help="answer one prompt about one image")
     g.add_argument("image")
     g.add_argument("prompt")
     g.add_argument("--model", default="demo", help="'demo', a pk.CHECKPOINTS name, .npz or folder")
-    g.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    add_weight_args(g)
     g.add_argument("--sampler", default="greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-new-tokens", type=int, default=64)

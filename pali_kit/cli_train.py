@@ -1,12 +1,12 @@
 """``pali-kit finetune`` and ``pali-kit eval``: fine-tuning and evaluation from the command line.
 
 pali-kit finetune TRAIN.jsonl --model MODEL --out DIR [--steps N --batch-size B --trainable SUBSET
-        --lr LR --optimizer sgd|adamw --seed S --text-len T --frozen-dtype D --val VAL.jsonl
-        --eval-every K --resume] [--coordinator HOST:PORT --num-processes N --process-id I]
+        --lr LR --optimizer sgd|adamw --seed S --text-len T --frozen-dtype D --quantize int8|int4
+        --val VAL.jsonl --eval-every K --resume] [--coordinator HOST:PORT --num-processes N --process-id I]
     -> DIR/history.jsonl (one JSON object per update: step, loss, grad_norm, lr, and the
        evaluation scores on the lines where it evaluated), DIR/model.npz (pk.load opens it;
        with the optimizer state and step, so --resume continues it), DIR/run.json
-pali-kit eval MODEL VAL.jsonl [--json]   the task metrics of MODEL on VAL.jsonl
+pali-kit eval MODEL VAL.jsonl [--json] [--dtype D --quantize int8|int4]   the task metrics
 
 Several processes (one per host, or several on one machine) run the same
 command with ``--coordinator HOST:PORT --num-processes N --process-id I``
@@ -21,12 +21,11 @@ import argparse
 import functools
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
+from .atomic import write_bytes, write_text
+
 FINETUNE = (
     "Fine-tune a PaliGemma on a jsonl dataset; writes DIR/history.jsonl (one JSON object per "
     "update) and DIR/model.npz (pk.load opens it; --resume continues it). Several processes "
@@ -78,6 +77,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub) -> None:
     """Add ``finetune`` and ``eval`` to the ``pali-kit`` subcommands."""
+    from .cli_args import add_weight_args, weight_dtype
+
     f = sub.add_parser("finetune", help="fine-tune on a jsonl dataset (one or several processes)",
                        description=FINETUNE)  # fmt: skip
     f.add_argument("train", metavar="TRAIN.jsonl")
@@ -123,9 +124,17 @@ def add_parsers(sub) -> None:
     )
     f.add_argument(
         "--frozen-dtype",
-        choices=DTYPES,
+        type=weight_dtype,
+        metavar="DTYPE",
         default=None,
         help="dtype of the frozen weights (default: the device's)",
+    )
+    f.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="quantize the frozen large matrices (int8 per channel, int4 in groups of 64; they "
+        "stand for --frozen-dtype); the trainable ones stay float32, model.npz is written in float",
     )
     f.add_argument(
         "--val",
@@ -163,13 +172,14 @@ def add_parsers(sub) -> None:
         help="prompt tokens (default: the longest prompt of each batch)",
     )
     e.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    add_weight_args(e)
     _add_model_args(e)
     e.set_defaults(func=functools.partial(_eval, parser=e))
 
 
 def _check_finetune(args, parser) -> None:
     """Usage errors that argparse cannot see alone (exit status 2, before JAX starts)."""
-    from pali_kit.train import METRICS
+    from .train import METRICS
 
     several = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in several) and any(v is None for v in several):
@@ -207,15 +217,16 @@ def _check_finetune(args, parser) -> None:
 
 def _resolve(model: str, tokenizer_path: str | None):
     """(checkpoint path, config, tokenizer, text_len) of a ``--model`` value."""
-    from pali_kit import api, checkpoints
-    from pali_kit.configs import CHECKPOINTS, checkpoint_info
-    from pali_kit.tokenizer import Tokenizer, data_dir
+    from . import api, checkpoints
+    from .assets import asset_dir
+    from .configs import CHECKPOINTS, checkpoint_info
+    from .tokenizer import Tokenizer
 
     registered = None
     if model == "demo":
-        path = data_dir() / api.DEMO_FILE
+        path = asset_dir() / api.DEMO_FILE
     elif not Path(model).exists() and (model in CHECKPOINTS or model.startswith("paligemma")):
-        from pali_kit import hub
+        from . import hub
 
         registered = checkpoint_info(model)
         path = Path(hub.download(registered))
@@ -274,8 +285,8 @@ def _runtime_errors(command: str):
 def _finetune(args, parser) -> int:
     _check_finetune(args, parser)
     jax = _start_jax(args)
-    from pali_kit import data as pdata
-    from pali_kit import train as pt
+    from . import data as pdata
+    from . import train as pt
 
     out, main = Path(args.out), jax.process_index() == 0
     path, config, tokenizer = _resolve(args.model, args.tokenizer)
@@ -314,17 +325,17 @@ def _finetune(args, parser) -> int:
 
 def _keep_tokenizer(tokenizer, out: Path) -> None:
     """A copy of the tokenizer beside model.npz, where pk.load looks (the demo's it finds)."""
-    from pali_kit.tokenizer import data_dir
+    from .assets import asset_dir
 
     source = Path(tokenizer.path)
-    if source.is_file() and source.resolve() != (data_dir() / "tokenizer.model").resolve():
-        _write_bytes(out / "paligemma_tokenizer.model", source.read_bytes())
+    if source.is_file() and source.resolve() != (asset_dir() / "tokenizer.model").resolve():
+        write_bytes(out / "paligemma_tokenizer.model", source.read_bytes())
 
 
 def _start_jax(args):
     """Join the other processes first (when asked), before JAX starts its backends."""
-    from pali_kit import api
-    from pali_kit import train as pt
+    from . import api
+    from . import train as pt
 
     if args.coordinator is not None or args.distributed:
         pt.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
@@ -339,8 +350,8 @@ def _check_with_devices(args, parser, start_from: Path) -> None:
     """Usage errors that need the checkpoint's keys or the device count (exit status 2)."""
     import jax
 
-    from pali_kit import checkpoints
-    from pali_kit import train as pt
+    from . import checkpoints
+    from . import train as pt
 
     shapes = {k: jax.ShapeDtypeStruct(s, d) for k, (s, d) in
               checkpoints.checkpoint_keys(start_from).items() if k.startswith(("img/", "llm/"))}  # fmt: skip
@@ -357,11 +368,13 @@ def _check_with_devices(args, parser, start_from: Path) -> None:
 
 def _make_trainer(args, config, start_from: Path):
     """A Trainer on every device of every process, from the model or (--resume) DIR/model.npz."""
-    from pali_kit import train as pt
+    from . import train as pt
 
     mesh = pt.make_mesh()
+    # --quantize: the frozen large matrices become integers and scales as they are read
     params, _, _ = pt.load_for_training(start_from, trainable=args.trainable,
-                                        frozen_dtype=args.frozen_dtype, mesh=mesh, progress=False)  # fmt: skip
+                                        frozen_dtype=args.frozen_dtype, mesh=mesh, progress=False,
+                                        quantize=args.quantize)  # fmt: skip
     trainer = pt.Trainer(params, config, trainable=args.trainable, num_steps=args.steps,
                          optimizer=args.optimizer, lr=args.lr, frozen_dtype=args.frozen_dtype,
                          mesh=mesh, copy=False)  # fmt: skip
@@ -372,7 +385,7 @@ def _make_trainer(args, config, start_from: Path):
 
 def _fit(args, trainer, batcher, evaluator, end: int, log: Path | None) -> None:
     """Train to update ``end``; ``log`` (process 0 only) gets one JSON line per update."""
-    from pali_kit import train as pt
+    from . import train as pt
 
     file = open(log, "a", encoding="utf-8") if log is not None else None  # noqa: SIM115
     try:
@@ -402,7 +415,7 @@ def _start_history(path: Path, step: int) -> None:
     if step and path.exists():
         lines = [ln for ln in path.read_text(encoding="utf-8").splitlines()
                  if _step_of(ln) is not None and _step_of(ln) <= step]  # fmt: skip
-    _write_text(path, "".join(ln + "\n" for ln in lines))
+    write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 def _step_of(line: str) -> int | None:
@@ -413,7 +426,7 @@ def _step_of(line: str) -> int | None:
         return None
 
 
-SAME_RUN = ("trainable", "optimizer", "steps", "batch_size", "seed", "text_len", "lr")
+SAME_RUN = ("trainable", "optimizer", "steps", "batch_size", "seed", "text_len", "lr", "quantize")
 
 
 def _run_record(args, config) -> dict:
@@ -436,31 +449,8 @@ def _check_same_run(out: Path, args, parser) -> None:
                          f"new run from its weights with --model {path.parent / CHECKPOINT}")  # fmt: skip
 
 
-def _write_text(path: Path, text: str) -> None:
-    _write_bytes(path, text.encode("utf-8"))
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Atomic: a temporary file in the same folder, then a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_json(path: Path, value) -> None:
-    _write_text(path, json.dumps(value, indent=1) + "\n")
+    write_text(path, json.dumps(value, indent=1) + "\n")
 
 
 # ============================================================================ eval
@@ -468,17 +458,19 @@ def _write_json(path: Path, value) -> None:
 
 @_runtime_errors("eval")
 def _eval(args, parser) -> int:
-    from pali_kit.train import METRICS
+    from .train import METRICS
 
     if args.metric not in METRICS:
         parser.error(f"argument --metric: {args.metric!r} is not one of {', '.join(METRICS)}")
     if not Path(args.val).is_file():
         parser.error(f"val file {args.val} does not exist")
     import pali_kit as pk
-    from pali_kit import data as pdata
-    from pali_kit import train as pt
 
-    model = pk.load(args.model, tokenizer=args.tokenizer, verbose=False)
+    from . import data as pdata
+    from . import train as pt
+
+    model = pk.load(args.model, tokenizer=args.tokenizer, dtype=args.dtype,
+                    quantize=args.quantize, verbose=False)  # fmt: skip
     if model.tokenizer is None:
         raise FileNotFoundError(f"no tokenizer found for {args.model}: pass --tokenizer PATH")
     val = pdata.JsonlDataset(args.val)

@@ -39,7 +39,8 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from .tokenizer import NUM_LOC, NUM_SEG, Tokenizer
+from .tokenizer import Tokenizer
+from .vocab import NUM_LOC, NUM_SEG
 
 LOC, SEG = 0, 1  # the two class symbols
 DONE = 0  # the state after EOS

@@ -38,10 +38,10 @@ from .errors import (
     ArgumentError,
     ArgumentTypeError,
     SamplerError,
-    _short,
     check_float_dtype,
     check_int,
     did_you_mean,
+    short_repr,
 )
 from .model import PaliGemma
 
@@ -196,7 +196,7 @@ def check_logit_mask(logit_mask, vocab_size: int, where: str) -> np.ndarray:
         np.issubdtype(mask.dtype, np.integer) and np.isin(mask, (0, 1)).all()
     ):
         raise ArgumentTypeError(
-            f"{where}: logit_mask={_short(logit_mask)} must be a bool array of shape "
+            f"{where}: logit_mask={short_repr(logit_mask)} must be a bool array of shape "
             f"[{vocab_size}] (True = the token may be generated)"
         )
     if mask.shape != (vocab_size,):

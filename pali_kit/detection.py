@@ -34,11 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ArgumentError, ArgumentTypeError, _short, check_int
-
-NUM_LOC_BINS = 1024  # <loc0000> ... <loc1023>
-NUM_SEG_CODES = 128  # <seg000> ... <seg127>
-SEG_TOKENS_PER_MASK = 16
+from .errors import ArgumentError, ArgumentTypeError, check_int, short_repr
+from .vocab import NUM_LOC, NUM_SEG, SEG_RE, SEG_TOKENS_PER_MASK, loc_text, seg_text, to_bin
 
 Box = tuple[float, float, float, float]
 
@@ -83,7 +80,7 @@ class Detection:
         *,
         seg_codes: Sequence[int] | None = None,
         score: float = 1.0,
-        scale: float = NUM_LOC_BINS,
+        scale: float = NUM_LOC,
     ) -> Detection:
         """A Detection from a pixel box (x0, y0, x1, y1); ``loc_tokens`` are its bins."""
         x0, y0, x1, y1 = (float(v) for v in box)
@@ -105,7 +102,6 @@ _OBJECT_RE = re.compile(
     r"([^;]*?)(?=<loc\d{4}>|;|\Z)",
     re.DOTALL,
 )
-_SEG_RE = re.compile(r"<seg(\d{3})>")
 _LOC_RUN_RE = re.compile(r"(?:<loc\d{4}>\s*)+")  # consecutive loc tokens
 _TAG_RE = re.compile(r"<[^<>]*>")  # <eos>, <unk>, stray <segNNN>, ...
 _PAD_RE = re.compile(r"<pad>|<bos>")
@@ -116,7 +112,7 @@ def parse_detections(
     width: float,
     height: float,
     *,
-    scale: float = NUM_LOC_BINS,
+    scale: float = NUM_LOC,
     max_objects: int = 100,
     inverted: str = "swap",
 ) -> list[Detection]:
@@ -165,13 +161,13 @@ def _check_parse_args(text, width, height, scale, max_objects, inverted) -> None
     if not isinstance(text, str):
         hint = ": pass its .text" if hasattr(text, "text") else ""
         raise ArgumentTypeError(
-            f"{where}: text={_short(text)} must be the model's answer as a string, not a "
+            f"{where}: text={short_repr(text)} must be the model's answer as a string, not a "
             f"{type(text).__name__}{hint}"
         )
     for name, value in (("width", width), ("height", height), ("scale", scale)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ArgumentTypeError(
-                f"{where}: {name}={_short(value)} must be a positive number (pixels), not a "
+                f"{where}: {name}={short_repr(value)} must be a positive number (pixels), not a "
                 f"{type(value).__name__}"
             )
         if not (math.isfinite(value) and value > 0):
@@ -192,7 +188,7 @@ def _keep_runs_of_four(run: re.Match) -> str:
 def _to_detection(match, width, height, scale, inverted) -> Detection | None:
     """One regex match -> Detection, or None when the object is invalid."""
     y0, x0, y1, x1 = (int(g) for g in match.groups()[:4])
-    if max(y0, x0, y1, x1) >= NUM_LOC_BINS:
+    if max(y0, x0, y1, x1) >= NUM_LOC:
         return None
     if (y1 < y0 or x1 < x0) and inverted == "drop":
         return None
@@ -214,9 +210,9 @@ def _to_detection(match, width, height, scale, inverted) -> Detection | None:
     )
 
 
-def _seg_codes(seg_text: str) -> tuple[int, ...] | None:
-    codes = [int(c) for c in _SEG_RE.findall(seg_text)[:SEG_TOKENS_PER_MASK]]
-    if len(codes) < SEG_TOKENS_PER_MASK or max(codes) >= NUM_SEG_CODES:
+def _seg_codes(text: str) -> tuple[int, ...] | None:
+    codes = [int(c) for c in SEG_RE.findall(text)[:SEG_TOKENS_PER_MASK]]
+    if len(codes) < SEG_TOKENS_PER_MASK or max(codes) >= NUM_SEG:
         return None
     return tuple(codes)
 
@@ -229,12 +225,12 @@ def _clean_label(label: str) -> str:
 
 
 def loc_bins(
-    box: Sequence[float], width: float, height: float, *, scale: float = NUM_LOC_BINS
+    box: Sequence[float], width: float, height: float, *, scale: float = NUM_LOC
 ) -> tuple[int, int, int, int]:
     """Pixel box (x0, y0, x1, y1) -> bins (ymin, xmin, ymax, xmax), y first.
 
-    Convention: ``bin = clip(round(v / size * scale), 0, 1023)`` with Python's
-    round (half to even, like big_vision's ``tf.round``). Decoding with the same
+    Convention (``pali_kit.vocab``): ``bin = clip(round(v / size * scale), 0, 1023)``
+    with Python's round (half to even, like big_vision's ``tf.round``). Decoding with the same
     scale (``bin / scale * size``) gives back ``v`` within half a bin, i.e.
     ``size / (2 * scale)`` pixels (0.11 px at 224 px), except that a coordinate
     at the very right/bottom edge comes back as ``1023 / 1024 * size`` (0.22 px
@@ -250,22 +246,20 @@ def loc_bins(
 
 
 def _bin(value: float, size: float, scale: float) -> int:
-    return int(min(max(round(float(value) / size * scale), 0), NUM_LOC_BINS - 1))
+    return to_bin(float(value) / size, scale)
 
 
-def box_to_loc(
-    box: Sequence[float], width: float, height: float, *, scale: float = NUM_LOC_BINS
-) -> str:
+def box_to_loc(box: Sequence[float], width: float, height: float, *, scale: float = NUM_LOC) -> str:
     """Pixel box (x0, y0, x1, y1) -> ``"<locYMIN><locXMIN><locYMAX><locXMAX>"``.
 
     See ``loc_bins`` for the binning convention.
     """
-    return "".join(f"<loc{b:04d}>" for b in loc_bins(box, width, height, scale=scale))
+    return loc_text(loc_bins(box, width, height, scale=scale))
 
 
 def seg_to_text(codes: Sequence[int]) -> str:
     """16 VQ-VAE codes -> ``"<segNNN>" * 16``."""
-    return "".join(f"<seg{c:03d}>" for c in _check_seg_codes(codes))
+    return seg_text(_check_seg_codes(codes))
 
 
 def detections_to_text(
@@ -273,7 +267,7 @@ def detections_to_text(
     width: float,
     height: float,
     *,
-    scale: float = NUM_LOC_BINS,
+    scale: float = NUM_LOC,
 ) -> str:
     """Build a training target such as ``"<loc..>x4[<seg..>x16] cat ; <loc..>x4 dog"``.
 
@@ -303,7 +297,7 @@ def detections_to_text(
 
 def _check_seg_codes(codes: Sequence[int]) -> tuple[int, ...]:
     codes = tuple(int(c) for c in codes)
-    if len(codes) != SEG_TOKENS_PER_MASK or not all(0 <= c < NUM_SEG_CODES for c in codes):
+    if len(codes) != SEG_TOKENS_PER_MASK or not all(0 <= c < NUM_SEG for c in codes):
         raise ValueError(f"expected 16 seg codes in [0, 127], got {codes}")
     return codes
 
@@ -356,7 +350,7 @@ def from_supervision(
     *,
     width: float,
     height: float,
-    scale: float = NUM_LOC_BINS,
+    scale: float = NUM_LOC,
 ) -> list[Detection]:
     """``supervision.Detections`` -> list of Detection (e.g. to build targets).
 

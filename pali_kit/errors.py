@@ -147,6 +147,14 @@ def check_int(value, name: str, where: str, *, low: int | None = None,
     return value
 
 
+def positive_int(value, name: str) -> int:
+    """A Python or numpy integer >= 1 (not bool) -> int; else ArgumentError (a ValueError)
+    ``"<name> must be a positive int, got <value>"``. For sizes such as ``batch_size``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ArgumentError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_bool(value, name: str, where: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ArgumentTypeError(
@@ -186,9 +194,12 @@ def _int_range(low, high) -> str:
     return ""
 
 
-def _short(value, limit: int = 60) -> str:
+def short_repr(value, limit: int = 60) -> str:
     """repr(value), shortened: arrays by shape and dtype, long text cut."""
     if not isinstance(value, type) and hasattr(value, "shape") and hasattr(value, "dtype"):
         return f"<{type(value).__name__} shape {tuple(value.shape)} {value.dtype}>"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_short = short_repr  # the former name, still used in this module and by api.py

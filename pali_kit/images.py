@@ -131,10 +131,10 @@ def load_image(image) -> np.ndarray:
     ([H, W] or [H, W, C]; see the module docstring for value ranges). 16-bit and float
     inputs are rounded to 8 bits here; ``preprocess`` keeps their precision.
     """
-    return np.round(_read_pixels(image)).astype(np.uint8)
+    return np.round(read_pixels(image)).astype(np.uint8)
 
 
-def _read_pixels(image) -> np.ndarray:
+def read_pixels(image) -> np.ndarray:
     """One image of any supported kind -> float32 [H, W, 3] on the [0, 255] scale."""
     if isinstance(image, (str, os.PathLike)):
         pixels = _pil_pixels(_open_path(image))
@@ -142,7 +142,7 @@ def _read_pixels(image) -> np.ndarray:
         pixels = _pil_pixels(_open_bytes(image))
     elif isinstance(image, Image.Image):
         pixels = _pil_pixels(_upright(_load(image, "the PIL image")))
-    elif _is_array(image):
+    elif is_array(image):
         pixels = _array_pixels(np.asarray(image))
     else:
         raise ImageError(
@@ -347,7 +347,7 @@ def preprocess(images, size: int | tuple[int, int]) -> np.ndarray:
     size:   the model resolution (224, 448 or 896), or (height, width).
     """
     out_size = _check_size(size)
-    if _is_array(images):
+    if is_array(images):
         images = np.asarray(images)  # e.g. a jax array
     if isinstance(images, np.ndarray) and images.ndim >= 4:
         return _preprocess_array_batch(images, out_size)
@@ -365,7 +365,7 @@ def preprocess(images, size: int | tuple[int, int]) -> np.ndarray:
 
 def _preprocess_one(image, size: tuple[int, int]) -> np.ndarray:
     """One image -> float32 [h, w, 3] in [-1, 1]."""
-    return normalize(resize(_read_pixels(image), size))
+    return normalize(resize(read_pixels(image), size))
 
 
 def _preprocess_array_batch(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -382,12 +382,13 @@ def _preprocess_array_batch(images: np.ndarray, size: tuple[int, int]) -> np.nda
     return resized.reshape(*images.shape[:-3], *size, 3)
 
 
-def _is_array(item) -> bool:
+def is_array(item) -> bool:
+    """True for an array-like image or batch (numpy, jax, torch), False for a PIL image."""
     return not isinstance(item, Image.Image) and hasattr(item, "__array__")
 
 
 def _is_video(item) -> bool:
-    return isinstance(item, (list, tuple)) or (_is_array(item) and np.ndim(item) == 4)
+    return isinstance(item, (list, tuple)) or (is_array(item) and np.ndim(item) == 4)
 
 
 def _preprocess_videos(videos: Sequence, size: tuple[int, int]) -> list[np.ndarray]:

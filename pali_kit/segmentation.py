@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
-from pali_kit.assets import asset_dir
-from pali_kit.detection import Detection, parse_detections
-from pali_kit.errors import ArgumentError, ArgumentTypeError, _short
+from .assets import asset_dir
+from .detection import Detection, parse_detections
+from .errors import ArgumentError, ArgumentTypeError, short_repr
 
 MASK_SIZE = 64
 _HIGHEST = jax.lax.Precision.HIGHEST  # float32 convs even on TPU/GPU (no bf16/tf32 passes)
@@ -71,9 +71,6 @@ class MaskVAE:
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-data_dir = asset_dir  # the former name; ``pk.asset_dir`` is the one to use
 
 
 def load_vae(source: str | os.PathLike | Mapping[str, np.ndarray] = "demo") -> MaskVAE:
@@ -280,7 +277,7 @@ def reconstruct_masks(vae: MaskVAE, indices) -> np.ndarray:
     where = "reconstruct_masks"
     if not isinstance(vae, MaskVAE):
         raise ArgumentTypeError(
-            f"{where}: vae={_short(vae)} must be a MaskVAE from pk.load_vae('demo') or "
+            f"{where}: vae={short_repr(vae)} must be a MaskVAE from pk.load_vae('demo') or "
             "pk.load_vae('vae-oid.npz'); the call is reconstruct_masks(vae, codes)"
         )
     if indices is None:
@@ -296,7 +293,7 @@ def reconstruct_masks(vae: MaskVAE, indices) -> np.ndarray:
             indices = indices.astype(np.int32)
         else:
             raise ArgumentTypeError(
-                f"{where}: indices={_short(indices)} must be integer codes (int [16] or "
+                f"{where}: indices={short_repr(indices)} must be integer codes (int [16] or "
                 f"[B, 16]), got dtype {indices.dtype}"
             )
     single = indices.ndim == 1

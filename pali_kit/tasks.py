@@ -35,11 +35,9 @@ import numpy as np
 from . import constrain, decode, metrics
 from . import tokenizer as ptok
 from .detection import Detection, parse_detections
-from .images import _is_array as is_array
-from .images import _read_pixels as read_pixels
-from .images import normalize, resize
+from .images import is_array, normalize, read_pixels, resize
 from .model import PaliGemma
-from .tokenizer import NUM_LOC
+from .vocab import NUM_LOC
 
 WINDOW = 32  # <loc> bins on each side that count as "the same coordinate" (3 % of a side)
 DUPLICATE_IOU = 0.7

@@ -56,9 +56,7 @@ import numpy as np
 import sentencepiece as spm
 
 from .assets import asset_dir
-
-NUM_LOC = 1024  # <loc0000>..<loc1023>: coordinates in 1/1024 steps
-NUM_SEG = 128  # <seg000>..<seg127>: codebook entries of the mask VQ-VAE
+from .vocab import NUM_LOC, NUM_SEG, from_bin, loc_text, pieces, to_bin
 
 # The 35 caption languages of big_vision's COCO-35L / CC3M-35L configs: English
 # and the 34 it was translated into (the "34 languages" of Google's docs).
@@ -69,9 +67,6 @@ LANGUAGES = (
 )  # fmt: skip
 
 Batch = dict[str, np.ndarray]
-
-
-data_dir = asset_dir  # the former name; ``pk.asset_dir`` is the one to use
 
 
 # ----------------------------------------------------------------------------
@@ -145,17 +140,8 @@ def segment(*objects: str) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Boxes <-> <loc> tokens.
-#
-# Convention: a normalised coordinate v in [0, 1] becomes the bin
-# b = clip(round(v * 1024), 0, 1023) (Python's round, half to even like
-# big_vision's tf.round), and a bin decodes to v = b / 1024, as Google's demo
-# parser does; pali_kit.detection uses the same for pixel boxes. Encoding picks
-# the nearest value the decoder can produce, so a round trip moves a coordinate
-# by at most 1/2048 of the side (1/1024 for v > 1023.5/1024): at most 0.11 px
-# at 224 px (0.22 px on the far edge), and integer pixel boxes come back exactly
-# after rounding. (big_vision's RefCOCO pipeline uses round(v * 1023) and
-# b / 1023; the two differ by less than 0.1 % of the side.)
+# Normalised boxes (ymin, xmin, ymax, xmax) <-> <loc> tokens; the bin convention
+# is pali_kit.vocab's (scale 1024), as pali_kit.detection's for pixel boxes.
 
 
 def coord_to_bin(v: float) -> int:
@@ -163,14 +149,14 @@ def coord_to_bin(v: float) -> int:
     v = float(v)
     if not 0.0 <= v <= 1.0:  # also rejects NaN
         raise ValueError(f"coordinate {v} is not in [0, 1]: normalise by the image height/width")
-    return min(round(v * NUM_LOC), NUM_LOC - 1)
+    return to_bin(v)
 
 
 def bin_to_coord(b: int) -> float:
     """Bin in [0, 1023] -> normalised coordinate ``b / 1024``."""
     if not 0 <= b < NUM_LOC:
         raise ValueError(f"location bin {b} is not in [0, {NUM_LOC})")
-    return b / NUM_LOC
+    return from_bin(b)
 
 
 def box_to_loc_tokens(box: Sequence[float]) -> str:
@@ -181,7 +167,7 @@ def box_to_loc_tokens(box: Sequence[float]) -> str:
     """
     if len(box) != 4:
         raise ValueError(f"a box has 4 numbers (ymin, xmin, ymax, xmax), got {len(box)}")
-    return "".join(f"<loc{coord_to_bin(v):04d}>" for v in box)
+    return loc_text(coord_to_bin(v) for v in box)
 
 
 _LOC4 = re.compile(r"\s*" + r"<loc(\d{4})>" * 4 + r"\s*")
@@ -314,8 +300,7 @@ class Tokenizer:
                 f"{name}: {self.vocab_size} pieces, too few to end with the 1152 <loc>/<seg> "
                 f"pieces; {hint}"
             )
-        want = [f"<loc{i:04d}>" for i in range(NUM_LOC)] + [f"<seg{j:03d}>" for j in range(NUM_SEG)]
-        for i, piece in enumerate(want):
+        for i, piece in enumerate(pieces()):
             got = sp.id_to_piece(self.loc_offset + i)
             if got != piece:
                 raise ValueError(

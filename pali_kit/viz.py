@@ -27,7 +27,7 @@ import PIL.Image
 import PIL.ImageDraw
 import PIL.ImageFont
 
-from .errors import ArgumentError, ArgumentTypeError, ImageError, _short
+from .errors import ArgumentError, ArgumentTypeError, ImageError, short_repr
 from .images import float_range, is_float
 
 # A qualitative palette (Tableau 10 followed by its light variants): 20 colours.
@@ -158,13 +158,13 @@ def draw_detections(
 def _check_detections(detections) -> None:
     if isinstance(detections, str) or not isinstance(detections, Sequence):
         raise ArgumentTypeError(
-            f"draw_detections: detections={_short(detections)} must be a list of objects with "
+            f"draw_detections: detections={short_repr(detections)} must be a list of objects with "
             ".label and .box: parse the model's text first, pk.parse_detections(text, *image.size)"
         )
     for i, det in enumerate(detections):
         if not (hasattr(det, "label") and hasattr(det, "box")):
             raise ArgumentTypeError(
-                f"draw_detections: detections[{i}]={_short(det)} has no .label and .box: "
+                f"draw_detections: detections[{i}]={short_repr(det)} has no .label and .box: "
                 "pass the Detection objects of pk.parse_detections(text, *image.size)"
             )
 
@@ -222,7 +222,7 @@ def draw_caption(
     """
     if not isinstance(text, str):
         raise ArgumentTypeError(
-            f"draw_caption: text={_short(text)} must be a string (e.g. generation.text)"
+            f"draw_caption: text={short_repr(text)} must be a string (e.g. generation.text)"
         )
     if position not in ("below", "above"):
         raise ArgumentError(f'draw_caption: position={position!r}: use "below" or "above"')

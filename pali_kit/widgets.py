@@ -8,10 +8,16 @@
     panel                                               # a cell ending in the panel shows it
 
 Pick or upload an image, pick a task (caption, detect, ...), fill in the
-question or object names, choose a sampler, press Run. The answer streams in as
+question or object names, choose a sampler and the weights (float32,
+bfloat16, float16, int8, int4: those the device runs), press Run. The answer streams in as
 it is produced. The panel shows the exact prompt string the model reads, and the
 call that reproduces the run (``model.generate``, or ``model.detect`` /
 ``model.segment``), so what you learn here carries over to code.
+
+The weights selector makes the chosen weights from the loaded model, in
+memory (``model.astype(dtype)`` or ``model.quantize(scheme)``, as the code
+line then says; nothing is read from disk), and shows their size. The loaded
+model is kept, so the panel holds it and at most one other copy.
 
 Detect and segment run as ``model.detect`` / ``model.segment`` do, streamed:
 with "constrained" ticked (the default) the decoder can only write answers that
@@ -73,6 +79,8 @@ from .images import load_image
 __all__ = [
     "TASKS",
     "SAMPLERS",
+    "WEIGHTS",
+    "weight_choices",
     "build_prompt",
     "split_objects",
     "render_answer",
@@ -110,6 +118,50 @@ TASKS: dict[str, _Task] = {
 
 SAMPLERS = ("greedy", "temperature(0.7)", "nucleus(0.9)", "top_k(40)", "beam(3)")
 DETECTION_TASKS = ("detect", "segment")
+WEIGHTS = ("float32", "bfloat16", "float16", "int8", "int4")  # the selector's order
+SCHEMES = ("int8", "int4")  # made with model.quantize; the float dtypes with model.astype
+
+
+def weight_choices(device=None) -> tuple[str, ...]:
+    """The weights the panel offers on ``device`` (default: JAX's first device).
+
+    float32, the half-precision dtypes the device computes in (``pk.device_dtype``'s
+    rule: a CPU bfloat16, a GPU without bfloat16 units float16, others both), int8, int4.
+    """
+    from .devices import device_dtype
+
+    if device is None:
+        import jax
+
+        device = jax.devices()[0]
+    if device.platform == "cpu":
+        halves = ("bfloat16",)
+    elif device_dtype(device) == "float16":
+        halves = ("float16",)
+    else:
+        halves = ("bfloat16", "float16")
+    return ("float32", *halves, *SCHEMES)
+
+
+def _weights_of(model) -> str | None:
+    """ "float32", "bfloat16", ..., "int8", "int4": the model's weights; None for a stand-in
+    without ``astype`` / ``quantize``."""
+    if not (hasattr(model, "astype") and hasattr(model, "quantize")):
+        return None
+    return model.quantization or np.dtype(model.dtype).name
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the model's weights (QArrays: integers + scales)."""
+    if model.quantization:
+        from .quant import tree_nbytes
+
+        return tree_nbytes(model.params)
+    return model.num_params() * np.dtype(model.dtype).itemsize
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def split_objects(text: str) -> list[str]:
@@ -296,10 +348,11 @@ class PromptPanel:
       max_new_tokens: the slider's starting value.
 
     The widgets are attributes (``task``, ``text``, ``language``, ``prompt``,
-    ``sampler``, ``seed``, ``constrained``, ``max_new_tokens``, ``run_button``,
-    ``answer``, ``objects``, ``status``, ``code``, ``footer``, ...), so code can
-    set them; ``run()`` does what the Run button does; ``last_result`` holds the
-    latest ``PanelResult``.
+    ``sampler``, ``seed``, ``constrained``, ``max_new_tokens``, ``weights``,
+    ``run_button``, ``answer``, ``objects``, ``status``, ``code``, ``footer``, ...),
+    so code can set them; ``run()`` does what the Run button does; ``last_result``
+    holds the latest ``PanelResult``. ``model`` is the model that runs (the
+    weights chosen), ``loaded_model`` the one given.
     Each widget carries a CSS class ``pk-<name>`` (``pk-task``, ``pk-answer``,
     ...) for styling and for browser tests.
     """
@@ -309,7 +362,8 @@ class PromptPanel:
             raise ValueError(
                 "the prompt panel needs a model with a tokenizer: pk.load(..., tokenizer=path)"
             )
-        self.model, self.vae = model, vae
+        self.model, self.loaded_model, self.vae = model, model, vae
+        self._loaded_weights = _weights_of(model)  # None: a stand-in, no selector
         self._given_vae = vae is not None  # the code line then names it: vae=vae
         self._demo_tokenizer = _uses_demo_tokenizer(model)  # the demo model: finds its VAE
         self.image: np.ndarray | None = None  # uint8 [H, W, 3], the current image
@@ -350,6 +404,14 @@ class PromptPanel:
         self.max_new_tokens = W.IntSlider(
             value=max_new_tokens, min=1, max=256, description="max tokens"
         )
+        self.weights = W.Dropdown(options=self._weight_options(), value=self._loaded_weights,
+                                  description="weights")  # fmt: skip
+        self.weights.disabled = len(self.weights.options) < 2
+        self.weights_info = W.HTML()
+        if self._loaded_weights is None:
+            self.weights.layout.display = "none"
+        else:
+            self._show_weight_bytes()
         self.run_button = W.Button(description="Run", button_style="primary", icon="play")
         self.status = W.HTML()
         self.code = W.HTML()
@@ -362,8 +424,9 @@ class PromptPanel:
         self._result_box = W.HBox([self.result_image, self.objects])
         self._result_box.layout.display = "none"
         for name in ("image_picker", "upload", "thumbnail", "task", "text", "language", "prompt",
-                     "sampler", "seed", "constrained", "max_new_tokens", "run_button", "status",
-                     "code", "answer", "result_image", "objects", "footer"):  # fmt: skip
+                     "sampler", "seed", "constrained", "max_new_tokens", "weights", "weights_info",
+                     "run_button", "status", "code", "answer", "result_image", "objects",
+                     "footer"):  # fmt: skip
             getattr(self, name).add_class("pk-" + name.replace("_", "-"))
         self._result_box.add_class("pk-result")
 
@@ -373,6 +436,7 @@ class PromptPanel:
         for widget in (self.task, self.text, self.language, self.sampler, self.seed,
                        self.constrained, self.max_new_tokens):  # fmt: skip
             widget.observe(self._on_setting, "value")
+        self.weights.observe(self._on_weights, "value")
         self.run_button.on_click(self._on_run_click)
 
     @property
@@ -390,6 +454,7 @@ class PromptPanel:
         decoding = W.HBox([self.sampler, self.seed, self.constrained], layout=wrap())
         prompt_column = W.VBox(
             [self.task, self.text, self.language, self.prompt, decoding, self.max_new_tokens,
+             W.HBox([self.weights, self.weights_info], layout=wrap()),
              W.HBox([self.run_button, self.status]), self.code],
             layout=W.Layout(flex="1 1 360px", min_width="0"),
         )  # fmt: skip
@@ -457,6 +522,70 @@ class PromptPanel:
         self.image, self._current = pixels, name
         self.thumbnail.value = _png(pixels, 256)
 
+    # --- weights ---------------------------------------------------------------------
+
+    def _weight_options(self) -> list[str]:
+        loaded = self._loaded_weights
+        if loaded is None:
+            return []
+        if loaded in SCHEMES:  # integers cannot be made float again without the file
+            return [loaded]
+        offered = set(weight_choices()) | {loaded}
+        return [w for w in WEIGHTS if w in offered]
+
+    def _on_weights(self, change) -> None:
+        if self._quiet or change["new"] is None:
+            return
+        try:
+            self.set_weights(change["new"])
+        except Exception as error:  # e.g. out of memory: shown; set_weights fell back
+            self._set_status(
+                f"could not make {change['new']} weights: {error}; running the loaded "
+                f"{self._loaded_weights} weights",
+                "error",
+            )
+
+    def set_weights(self, choice: str) -> None:
+        """Run with ``choice`` weights (an entry of ``weights.options``), made from the
+        loaded model in memory: ``loaded_model.astype(choice)`` for a float dtype,
+        ``loaded_model.quantize(choice)`` for int8 / int4; the loaded ones for its own.
+        If making them fails (out of memory), the loaded weights run and the error is raised."""
+        if choice not in self.weights.options:
+            raise ValueError(
+                f"weights {choice!r}: this panel offers {', '.join(self.weights.options)}"
+            )
+        if choice != _weights_of(self.model):
+            self._set_status(f"making {choice} weights from the loaded model...", "busy")
+            base = self.model = self.loaded_model  # drop the previous copy before the next
+            try:
+                if choice in SCHEMES:
+                    self.model = base.quantize(choice)
+                elif choice != self._loaded_weights:
+                    self.model = base.astype(choice)
+            except Exception:
+                self._select_weights(self._loaded_weights)
+                raise
+            self._set_status(f"weights: {choice}", "info")
+        self._select_weights(choice)
+
+    def _select_weights(self, choice: str) -> None:
+        """Show ``choice`` in the selector (without acting on it), its size and code line."""
+        self._quiet = True
+        try:
+            self.weights.value = choice
+        finally:
+            self._quiet = False
+        self._show_weight_bytes()
+        self._update_prompt()
+
+    def _show_weight_bytes(self) -> None:
+        """The chosen weights' size, and its ratio to the loaded weights'."""
+        size, loaded = _weight_bytes(self.model), _weight_bytes(self.loaded_model)
+        ratio = "" if self.model is self.loaded_model else (
+            f" · {size / loaded:.2f}x the loaded {self._loaded_weights}"
+        )  # fmt: skip
+        self.weights_info.value = _small(f"{_megabytes(size)} of weights{ratio}")
+
     # --- settings --------------------------------------------------------------------
 
     def _on_setting(self, change) -> None:
@@ -497,14 +626,22 @@ class PromptPanel:
         objects the panel shows)."""
         prompt = self.prompt.value if prompt is None else prompt
         kw = ", ".join(f"{k}={v!r}" for k, v in self.generate_kwargs().items())
-        task = self.task.value
+        task, model = self.task.value, self._model_expression()
         if task not in DETECTION_TASKS:
-            return f"model.generate(image, {prompt!r}, {kw})[0].text"
+            return f"{model}.generate(image, {prompt!r}, {kw})[0].text"
         if not self.constrained.value:
             kw += ", constrained=False"
         if task == "segment" and (self._given_vae or not self._demo_tokenizer):
             kw = "vae=vae, " + kw  # the demo model's segment finds the demo VAE itself
-        return f"model.{task}(image, {split_objects(self.text.value)!r}, {kw})[0]"
+        return f"{model}.{task}(image, {split_objects(self.text.value)!r}, {kw})[0]"
+
+    def _model_expression(self) -> str:
+        """``model`` (the loaded model, as given to the panel), or the weights made from it:
+        ``model.quantize('int8')``, ``model.astype('bfloat16')``."""
+        choice = self.weights.value
+        if choice is None or choice == self._loaded_weights:
+            return "model"
+        return f"model.{'quantize' if choice in SCHEMES else 'astype'}({choice!r})"
 
     # --- running ---------------------------------------------------------------------
 
@@ -671,7 +808,7 @@ class PromptPanel:
 
     def _announce(self, kw: dict) -> None:
         """Say what is about to happen: the first run (of new settings) compiles."""
-        key = (kw["sampler"], kw["max_new_tokens"])
+        key = (kw["sampler"], kw["max_new_tokens"], self.weights.value)
         if not self._settings_seen:
             self._set_status("compiling... (the first run takes several seconds on CPU)", "busy")
         elif key not in self._settings_seen:

@@ -1,5 +1,11 @@
 """Measure detect/segment with the demo model: scores, parse rates, decode speed.
 
+Builds: no file in ``data/``; prints the tables of docs/detection_scores.md.
+Takes minutes: 7.5 min of wall time (66 s of CPU) with the defaults on a shared
+2-core machine. Deterministic: the scenes (make_scene seed 12345) and the
+samplers' seeds are fixed, so the score and parse-rate tables come out the same
+on every run; only the decode times vary with the machine.
+
     PYTHONPATH=. python scripts/detection_scores.py [--scenes 200] [--seeds 4]
 
 Prints the numbers quoted in docs/detection_scores.md:

@@ -1,5 +1,8 @@
 """Print pip constraints that pin every dependency to the lowest version pyproject.toml allows.
 
+Builds: no file in ``data/`` (prints to stdout). Takes under 1 s. Deterministic:
+reads only pyproject.toml.
+
     python scripts/lowest_versions.py [--extra parity] > constraints.txt
     pip install -c constraints.txt -e .
 

@@ -1,5 +1,10 @@
 """Write a mask VQ-VAE .npz with random weights in the exact key layout of vae-oid.npz.
 
+Builds: no file in ``data/`` by itself (the path is an argument); tests call
+``random_vae_arrays`` and ``train_demo_vae.py`` starts ``data/vae.npz`` from it.
+Takes about 1 s. Deterministic: ``--seed`` (default 0) drives every array; the
+same seed gives the same bytes.
+
     python scripts/make_random_vae.py data/vae.npz --codebook-dim 512 --seed 0
 
 Tests and the docs use it where the real ``vae-oid.npz`` (spec 7.3/7.4) is not
@@ -18,6 +23,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+
+from pali_kit.atomic import atomic_write
 
 HIDDEN = 128
 UP_CHANNELS = (128, 128, 64, 32, 16)  # decoder ConvTranspose in/out chain
@@ -77,8 +84,11 @@ def make_random_vae(
 ) -> Path:
     """Write the random VAE to ``path`` (an .npz) and return the path."""
     path = Path(path)
+    if path.suffix != ".npz":  # as np.savez names it
+        path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **random_vae_arrays(codebook_dim, seed, encoder_kernel))
+    with atomic_write(path) as f:
+        np.savez(f, **random_vae_arrays(codebook_dim, seed, encoder_kernel))
     return path
 
 

@@ -1,5 +1,9 @@
 """Write the sample jsonl dataset in data/sample_dataset/, deterministically.
 
+Builds: ``data/sample_dataset/`` (``train.jsonl``, ``val.jsonl``, 24 PNG images,
+``README.md``). Takes about 1 s. Deterministic: fixed scene seed, no clock;
+rerunning rewrites the same bytes (``git status data/`` stays clean).
+
     python scripts/make_sample_dataset.py [--out data/sample_dataset]
 
 24 synthetic shapes images (64, 80 or 96 px PNG) drawn by
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pali_kit.atomic import atomic_write, write_text
 from pali_kit.data import make_scene, shape_task
 
 OUT = Path(__file__).resolve().parents[1] / "data" / "sample_dataset"
@@ -64,14 +69,16 @@ def write(out: Path) -> None:
     for index in range(NUM_IMAGES):
         image, rows = lines_for(index, SIZES[index % len(SIZES)])
         # An adaptive palette keeps the exact colours (a scene has at most 4) in tiny files.
-        image.quantize(colors=8, method=Image.Quantize.MAXCOVERAGE).save(
-            out / "images" / f"shapes_{index:02d}.png", optimize=True
-        )
+        with atomic_write(out / "images" / f"shapes_{index:02d}.png") as f:
+            image.quantize(colors=8, method=Image.Quantize.MAXCOVERAGE).save(
+                f, format="PNG", optimize=True
+            )
         splits["train" if index < NUM_TRAIN else "val"].extend(rows)
     for name, rows in splits.items():
         text = "".join(json.dumps(row) + "\n" for row in rows)
-        (out / f"{name}.jsonl").write_text(text, encoding="utf-8")
-    (out / "README.md").write_text(
+        write_text(out / f"{name}.jsonl", text)
+    write_text(
+        out / "README.md",
         README.format(
             n=NUM_IMAGES,
             seed=SEED,
@@ -81,7 +88,6 @@ def write(out: Path) -> None:
             tasks=", ".join(TASKS),
             example=json.dumps(splits["train"][0]),
         ),
-        encoding="utf-8",
     )
 
 

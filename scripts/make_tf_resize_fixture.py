@@ -1,5 +1,10 @@
 """Write tests/fixtures/tf_resize.npz: TensorFlow's antialiased bilinear resize, once.
 
+Builds: no file in ``data/``; ``tests/fixtures/tf_resize.npz``. How long it takes
+is not measured here: it needs TensorFlow, which the kit's environments do not
+install. Deterministic: fixed inputs (``default_rng(0)``
+and fixed arrays); the output depends on the TensorFlow version it records.
+
 The reference PaliGemma colab resizes with
 ``tf.image.resize(image, (size, size), method="bilinear", antialias=True)`` and keeps
 the result as float. pali_kit reimplements that resize in numpy; this script records

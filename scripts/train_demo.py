@@ -1,5 +1,12 @@
 """Train the embedded demo model: a tiny PaliGemma 2 on synthetic shapes, from scratch.
 
+Builds: ``data/demo_model.npz``. Takes hours: the stored model is 7,500 steps at
+0.8-1.5 steps/s on a shared 2-core CPU (about 1.4-2.6 h; data/README.md).
+Deterministic inputs: data seed 0, init seed 0, evaluation seed 12345, and a
+resumed run continues the same data stream (``start_step``). The stored file came
+from a run resumed once with a new learning-rate schedule (data/README.md), so
+the default command gives a model of the same kind, not the same bytes.
+
     python scripts/train_demo.py --steps 40000            # resumes from out/demo/state.npz
     python scripts/train_demo.py --steps 60000 --segment  # add `segment` once data/vae.npz exists
 

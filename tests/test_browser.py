@@ -429,5 +429,21 @@ def test_an_empty_question_shows_an_error_and_clears_the_old_answer(page):
     shot(page, "4_empty_question")
 
 
+def test_the_weights_selector_makes_int8_weights_and_runs_them(page):
+    info, code = page.locator(".pk-weights-info"), page.locator(".pk-code-line")
+    expect(page.locator(".pk-weights select")).to_have_value("float32")
+    expect(info).to_contain_text("MB of weights")
+    page.locator(".pk-weights select").select_option(label="int8")
+    expect(info).to_contain_text("x the loaded float32")  # made in the kernel, from memory
+    choose(page, "answer: answer a question", "how many shapes")
+    expect(code).to_contain_text("model.quantize('int8').generate(image, 'answer en how many")
+    status = run_and_wait(page)
+    assert "⚠" not in status
+    assert page.locator(".pk-answer textarea").input_value().strip().isdigit()
+    shot(page, "5_int8_weights")
+    page.locator(".pk-weights select").select_option(label="float32")  # back, for what follows
+    expect(code).to_contain_text("model.generate(image, ")
+
+
 def test_no_uncaught_errors_in_the_page(page):
     assert page.errors == []

@@ -15,7 +15,6 @@ import pali_kit as pk
 from pali_kit import data as pdata
 from pali_kit.segmentation import (
     crop_and_resize,
-    data_dir,
     encode_masks,
     paste_binary_mask,
     reconstruct_masks,
@@ -42,7 +41,7 @@ def _vae_shapes(codebook_dim: int) -> dict:
 
 @pytest.fixture(scope="module")
 def arrays():
-    with np.load(data_dir() / "vae.npz", allow_pickle=False) as npz:
+    with np.load(pk.asset_dir() / "vae.npz", allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
 
 

@@ -24,13 +24,13 @@ from hypothesis import strategies as st
 import pali_kit as pk
 from pali_kit import cli, decode, errors
 from pali_kit.api import Generation
+from pali_kit.assets import asset_dir
 from pali_kit.detection import parse_detections
 from pali_kit.segmentation import load_vae, reconstruct_masks
-from pali_kit.tokenizer import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "errors.md"
-IMAGE = str(data_dir() / "images" / "shapes_0.png")
+IMAGE = str(asset_dir() / "images" / "shapes_0.png")
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ CASES = [
     ('pk.load("paligemma2-3b-pt-244")', lambda m, t: pk.load("paligemma2-3b-pt-244"),
      pk.UnknownNameError, ["paligemma2-3b-pt-244", "did you mean 'paligemma2-3b-pt-224'"]),
     ('pk.load("data/demo_model.npz", tokenizer="nothere.model")',
-     lambda m, t: pk.load(str(data_dir() / "demo_model.npz"), tokenizer="nothere.model"),
+     lambda m, t: pk.load(str(asset_dir() / "demo_model.npz"), tokenizer="nothere.model"),
      pk.MissingFileError, ["tokenizer='nothere.model'"]),
     ("pk.Model(params, config).generate(IMAGE, 'x')  (no tokenizer)",
      lambda m, t: pk.Model(m.params, m.config).generate(IMAGE, "x"), pk.NoTokenizerError,
@@ -245,6 +245,10 @@ CASES = [
     ("pali-kit generate nothere.png x", lambda m, t: _cli("generate", "nothere.png", "x"), 2,
      ["nothere.png"]),
     ("pali-kit generate  (no arguments)", lambda m, t: _cli("generate"), 2, ["required"]),
+    ("pali-kit generate IMAGE x --quantize int3",
+     lambda m, t: _cli("generate", IMAGE, "x", "--quantize", "int3"), 2, ["'int3'", "int4"]),
+    ("pali-kit generate IMAGE x --dtype int8",
+     lambda m, t: _cli("generate", IMAGE, "x", "--dtype", "int8"), 2, ["--quantize int8"]),
     ("pali-kit export-hf demo FOLDER  (non-empty, not an export)",
      lambda m, t: _cli("export-hf", "demo", _folder_with_notes(t)), 2, ["--force", "notes.txt"]),
     ("pali-kit export-hf demo FILE", lambda m, t: _cli("export-hf", "demo", _a_file(t)), 2,
@@ -272,7 +276,7 @@ def run_case(case, model, tmp: Path) -> tuple[str, str]:
 
 
 def _clean(text: str, tmp: Path) -> str:
-    text = text.replace(str(tmp), "<tmp>").replace(str(data_dir()), "<data>")
+    text = text.replace(str(tmp), "<tmp>").replace(str(asset_dir()), "<data>")
     text = text.replace(os.getcwd(), "<cwd>").replace(str(ROOT), ".")
     return text.replace("|", "\\|")
 

@@ -151,7 +151,7 @@ def test_failed_export_leaves_no_partial_files(tmp_path, monkeypatch):
     def broken(a, c):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(hf, "embed_to_hf", broken)  # after the vision tensors are written
+    monkeypatch.setattr(hf.mapping, "embed_to_hf", broken)  # after the vision tensors are written
     with pytest.raises(RuntimeError, match="disk full"):
         hf.export_hf(random_params(PG1), tmp_path / "broken", PG1)
     assert list((tmp_path / "broken").iterdir()) == []
@@ -253,7 +253,7 @@ def test_known_architectures_get_their_big_vision_name():
     custom = dataclasses.replace(
         GEMMA_VARIANTS["gemma2_27b"], variant="custom", final_logits_softcap=30.0
     )
-    assert hf._named_variant(custom).variant == "gemma2_27b"
+    assert hf.named_variant(custom).variant == "gemma2_27b"
 
 
 # ------------------------------------------------------------------ layouts
@@ -399,18 +399,33 @@ def test_loading_needs_no_torch(exported, monkeypatch):
     hf.load_hf(folder)
 
 
-def test_raw_reader_matches_safetensors_for_every_dtype(tmp_path):
+def test_reader_and_writer_agree_with_safetensors_for_every_dtype(tmp_path):
     arrays = {
         "f32": np.arange(12, dtype=np.float32).reshape(3, 4),
         "f16": np.arange(6, dtype=np.float16),
         "bf16": (np.arange(10, dtype=np.float32) / 7).astype(ml_dtypes.bfloat16).reshape(2, 5),
     }
-    save_file(arrays, str(tmp_path / "x.safetensors"))
+    save_file(arrays, str(tmp_path / "x.safetensors"))  # the library writes, the kit reads
     header = hf.read_header(tmp_path / "x.safetensors")
+    pending = []
     for name, array in arrays.items():
-        raw = hf.read_raw(tmp_path / "x.safetensors", header[name])
-        assert raw.dtype == array.dtype
-        np.testing.assert_array_equal(raw, array)
+        assert header[name]["shape"] == list(array.shape)
+        assert hf.SAFETENSORS_DTYPES[header[name]["dtype"]] == array.dtype
+        pending.append(hf.files.Pending(name, array.shape, array.dtype, lambda a=array: a))
+    hf.files.write_safetensors(tmp_path / "y.safetensors", pending)  # the kit writes
+    with safe_open(str(tmp_path / "y.safetensors"), framework="numpy") as f:  # the library reads
+        for name, array in arrays.items():
+            back = f.get_tensor(name)
+            assert back.dtype == array.dtype
+            np.testing.assert_array_equal(back, array)
+
+
+def test_a_truncated_safetensors_file_says_download_again(tmp_path):
+    save_file({"a": np.ones((4, 4), np.float32)}, str(tmp_path / "x.safetensors"))
+    data = (tmp_path / "x.safetensors").read_bytes()
+    (tmp_path / "x.safetensors").write_bytes(data[:-4])
+    with pytest.raises(CheckpointError, match="download it again"):
+        hf.read_header(tmp_path / "x.safetensors")
 
 
 # ------------------------------------------------------------------ the math of each rule

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pali_kit.tokenizer import data_dir
+from pali_kit.assets import asset_dir
 
-SAMPLE = data_dir() / "sample_dataset"
+SAMPLE = asset_dir() / "sample_dataset"
 RUN = ["--model", "demo", "--steps", "4", "--batch-size", "8", "--trainable", "llm/layers/attn/.*",
        "--text-len", "24", "--lr", "0.01", "--seed", "0", "--no-progress"]  # fmt: skip
 TIMEOUT = 240  # seconds for one run; a healthy one takes 10-40 s on 2 busy cores
@@ -140,7 +140,7 @@ def runs(tmp_path_factory):
     t0 = time.perf_counter()
     tokenizer = tmp / "tok" / "my_tokenizer.model"  # a tokenizer given by path is kept in --out
     tokenizer.parent.mkdir()
-    shutil.copy(data_dir() / "tokenizer.model", tokenizer)
+    shutil.copy(asset_dir() / "tokenizer.model", tokenizer)
     first = _run(["finetune", train, "--out", a, *RUN, "--until", "2", "--tokenizer", tokenizer])
     seconds["A steps 1-2, 1 process"] = time.perf_counter() - t0
     assert first.returncode == 0, first.stderr[-3000:]
@@ -195,7 +195,7 @@ def test_only_process_0_writes(runs):
     (code0, out0, _), (code1, out1, _) = runs["outputs"]
     assert "wrote" in out0 and "wrote" not in out1
     kept = runs["a"] / "paligemma_tokenizer.model"  # A was given --tokenizer PATH
-    assert kept.read_bytes() == (data_dir() / "tokenizer.model").read_bytes()
+    assert kept.read_bytes() == (asset_dir() / "tokenizer.model").read_bytes()
     assert runs["b_files"] == ["history.jsonl", "model.npz", "run.json"]
     assert [r["step"] for r in runs["b_history"]] == [1, 2]  # one line per step: one writer
 
@@ -286,7 +286,7 @@ def test_bad_arguments_end_to_end(tmp_path):
         (["--until", "9"], "--until: 9 is after the last step (--steps 4)"),
         (["--eval-every", "2"], "--eval-every needs --val"),
         (["--metric", "f1"], "--metric: 'f1' is not one of auto, cider"),
-        (["--frozen-dtype", "int8"], "argument --frozen-dtype: invalid choice: 'int8'"),
+        (["--frozen-dtype", "int8"], "--frozen-dtype: 'int8' is a quantization scheme"),
         (["--trainable", "attention/.*"], "--trainable: trainable='attention/.*' matches no"),
         (["--resume"], "model.npz does not exist (start the run without --resume)"),
     ],

@@ -254,3 +254,16 @@ def test_each_section_runs_after_the_setup_alone(chapter):
         times[heading] = time.perf_counter() - start
     listed = ", ".join(f"{h!r} {s:.0f} s" for h, s in times.items())
     print(f"{chapter}: {len(times)} sections in {sum(times.values()):.0f} s ({listed})")
+
+
+def test_chapter_1_quotes_the_3b_numbers_as_the_quantization_note_states_them():
+    """The 3B figures chapter 1 quotes (decimal numbers of the paragraph naming
+    bench/generate.py) are the ones docs/quantization.md gives: a rerun that changes
+    the note must change the chapter too."""
+    quote = next(c.source for c in read("01_inference").cells
+                 if c.cell_type == "markdown" and "bench/generate.py" in c.source)  # fmt: skip
+    note = (ROOT / "docs" / "quantization.md").read_text()
+    numbers = re.findall(r"\d+\.\d+", quote)
+    assert len(numbers) >= 9, numbers  # decode, prefill, peak RSS, in-memory sizes
+    missing = [n for n in numbers if not re.search(rf"(?<![\d.]){re.escape(n)}(?![\d])", note)]
+    assert not missing, f"chapter 1 quotes {missing}, which docs/quantization.md does not give"

@@ -299,7 +299,7 @@ def _swap(fn):
 
 
 CORRUPTIONS = {
-    # family: (model, function in pali_kit.hf, wrong replacement built from the right one)
+    # family: (model, function in pali_kit.hf.mapping, wrong replacement built from the right one)
     "q heads not transposed": ("pg2", "q_to_kit", lambda f: lambda w, c: w.reshape(c.llm.num_heads, w.shape[1], -1)),
     "k and v swapped": ("pg2", "kv_to_kit", _swap),
     "gate and up swapped": ("pg1", "gating_to_kit", _swap),
@@ -341,7 +341,7 @@ def test_a_wrong_tensor_rule_fails_parity(references, monkeypatch, family):
     name, function, corrupt = CORRUPTIONS[family]
     folder, ref = references[name]
     assert _parity_error(folder, ref) < TOLERANCE  # right rules: parity holds
-    monkeypatch.setattr(hf, function, corrupt(getattr(hf, function)))
+    monkeypatch.setattr(hf.mapping, function, corrupt(getattr(hf.mapping, function)))
     err = _parity_error(folder, ref)  # every corruption keeps the shapes: only parity sees it
     assert err > 100 * TOLERANCE, f"{family}: parity still holds ({err:.1e})"
 

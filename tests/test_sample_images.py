@@ -11,11 +11,10 @@ import pytest
 
 import pali_kit as pk
 from pali_kit import data
-from pali_kit import tokenizer as ptok
 from pali_kit.cli import _demo_prompts
 from pali_kit.detection import detections_to_text
 
-IMAGES = ptok.data_dir() / "images"
+IMAGES = pk.asset_dir() / "images"
 
 
 @pytest.fixture(scope="module")

@@ -335,7 +335,7 @@ def test_evaluator_scores_predictions_and_makes_previews(config, params0, demo_t
 def test_detection_metric_compares_boxes_in_model_pixels(config, demo_tokenizer):
     examples = [pdata.Example(np.zeros((28, 28, 3), np.uint8), "detect red",
                               "<loc0000><loc0000><loc0512><loc0512> red")]  # fmt: skip
-    fns = pt._metric_fns()
+    fns = pt.metric_functions()
     same = fns["detection"](["<loc0000><loc0000><loc0512><loc0512> red"], examples, 28)
     # float64 box arithmetic: approx's rel = 1e-6 only absorbs roundings
     assert same["mean_iou"] == pytest.approx(1.0) and same["map"] == pytest.approx(1.0)
@@ -401,11 +401,11 @@ def test_auto_metric_scores_each_task_with_its_metric():
         pdata.Example(image, "detect red", box),
     ]
     predictions = ["a red square", "2", "4", "a", box]
-    scores = pt._metric_fns()["auto"](predictions, examples, 28)
+    scores = pt.metric_functions()["auto"](predictions, examples, 28)
     assert list(scores) == ["caption/cider", "count/exact_match", "answer/vqa_accuracy",
                             "detect/map", "detect/mean_iou"]  # fmt: skip
     assert scores["count/exact_match"] == 0.5  # one of two
     assert scores["answer/vqa_accuracy"] == 1.0  # 3 humans said "a"
     assert scores["detect/mean_iou"] == pytest.approx(1.0)
-    only_counts = pt._metric_fns()["auto"](predictions[1:3], examples[1:3], 28)
+    only_counts = pt.metric_functions()["auto"](predictions[1:3], examples[1:3], 28)
     assert only_counts == {"exact_match": 0.5}  # one task: plain names

@@ -10,13 +10,14 @@ import pytest
 
 from pali_kit import data
 from pali_kit import tokenizer as ptok
+from pali_kit.assets import asset_dir
 from pali_kit.images import load_image
 
-FOLDER = ptok.data_dir() / "where_dataset"
+FOLDER = asset_dir() / "where_dataset"
 
 
 def load_script():
-    path = ptok.data_dir().parent / "scripts" / "make_where_dataset.py"
+    path = asset_dir().parent / "scripts" / "make_where_dataset.py"
     spec = importlib.util.spec_from_file_location("make_where_dataset", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -551,3 +551,92 @@ def test_scores_are_written_so_that_small_ones_do_not_read_as_zero():
     assert widgets._score_text(1.0) == "1.00" and widgets._score_text(0.0) == "0.00"
     assert widgets._score_text(0.01) == "0.01"
     assert widgets._score_text(3.2e-5) == "3e-05"
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def fake_device(platform: str, kind: str = ""):
+    import types
+
+    return types.SimpleNamespace(platform=platform, device_kind=kind)
+
+
+@pytest.mark.parametrize(
+    "device, halves",
+    [
+        (fake_device("cpu", "cpu"), ["bfloat16"]),
+        (fake_device("gpu", "Tesla T4"), ["float16"]),  # no bfloat16 units
+        (fake_device("gpu", "NVIDIA A100-SXM4-40GB"), ["bfloat16", "float16"]),
+        (fake_device("tpu", "TPU v4"), ["bfloat16", "float16"]),
+    ],
+)
+def test_the_weights_offered_are_those_the_device_runs(device, halves):
+    assert widgets.weight_choices(device) == ("float32", *halves, "int8", "int4")
+
+
+def test_a_stand_in_model_has_no_weights_selector(panel):
+    assert panel.weights.layout.display == "none" and panel.weights.options == ()
+    assert panel.code_line().startswith("model.generate(")
+    with pytest.raises(ValueError, match="weights 'int8': this panel offers"):
+        panel.set_weights("int8")
+
+
+@pytest.mark.parametrize("choice", ["bfloat16", "int8", "int4"])
+def test_the_weights_chosen_run_and_the_code_line_makes_them(demo, choice):
+    image, _ = scene(2)
+    panel = PromptPanel(demo, images={"scene": image})
+    assert panel.weights.options == widgets.weight_choices()
+    loaded = f"{demo.num_params() * 4 / 1e6:.2f} MB of weights"  # float32: 4 bytes each
+    assert panel.weights.value == "float32" and panel.weights_info.value.endswith(
+        f"{loaded}</small>"
+    )
+    panel.task.value, panel.text.value = "answer", "how many shapes"
+    panel.weights.value = choice  # made from the loaded model, in memory
+    assert panel.loaded_model is demo and panel.model is not demo
+    assert widgets._weights_of(panel.model) == choice
+    size = widgets._weight_bytes(panel.model)
+    assert size < widgets._weight_bytes(demo)
+    shown = f"{size / 1e6:.2f} MB of weights · {size / widgets._weight_bytes(demo):.2f}x"
+    assert shown in panel.weights_info.value
+    method = "quantize" if choice in widgets.SCHEMES else "astype"
+    assert panel.code_line().startswith(f"model.{method}({choice!r}).generate(image, ")
+    assert html.escape(panel.code_line()) in panel.code.value  # the shown line follows
+    result = panel.run()
+    assert result.error is None and result.text
+    # the line, run on the loaded model: the same answer as the panel's
+    assert eval(panel.code_line(), {"model": demo, "image": panel.image}) == result.text
+    panel.weights.value = "float32"  # back: the loaded model itself, no copy
+    assert panel.model is demo and panel.code_line().startswith("model.generate(")
+    assert panel.weights_info.value.count("x the loaded") == 0
+
+
+def test_int8_detections_are_what_the_code_line_returns(demo):
+    image, labels = scene(1)
+    panel = detect_panel(demo, image, labels, weights="int8")
+    result = panel.run()
+    assert result.error is None and result.detections
+    assert panel.code_line().startswith(f"model.quantize('int8').detect(image, {labels!r}, ")
+    assert eval(panel.code_line(), {"model": demo, "image": panel.image}) == result.detections
+
+
+def test_a_quantized_model_offers_only_its_own_weights():
+    import pali_kit as pk
+
+    model = pk.load("demo", quantize="int4", verbose=False)
+    panel = PromptPanel(model, images=[solid((255, 0, 0))])
+    assert panel.weights.options == ("int4",) and panel.weights.disabled
+    assert panel.code_line().startswith("model.generate(")
+    assert f"{widgets._weight_bytes(model) / 1e6:.2f} MB" in panel.weights_info.value
+
+
+def test_weights_that_cannot_be_made_are_an_error_in_the_panel(demo, monkeypatch):
+    def out_of_memory(scheme):
+        raise MemoryError("no room for the copy")
+
+    panel = PromptPanel(demo, images=[solid((255, 0, 0))])
+    monkeypatch.setattr(demo, "quantize", out_of_memory)
+    panel.weights.value = "int8"
+    assert "could not make int8 weights: no room for the copy" in panel.status.value
+    assert panel.weights.value == "float32" and panel.model is demo  # the loaded ones kept
+    assert panel.code_line().startswith("model.generate(")

@@ -16,8 +16,10 @@ Each module holds one piece, usable on its own in a notebook:
 - ``params.py``: which weights train (``trainable_mask``), split/merge, dtypes.
 - ``step.py``: the loss, the schedule, the optimizer and the jitted train step.
 - ``sharding.py``: the device mesh, FSDP shardings, multi-host, ``load_for_training``.
-- ``trainer.py``: ``Trainer``, ``History``, ``save_checkpoint`` / ``read_training_state``.
-- ``evaluation.py``: ``evaluate`` / ``Evaluator``, metrics, ``plot_history``, ``draw_previews``.
+- ``trainer.py``: ``Trainer``, ``History`` and ``plot_history``, ``save_checkpoint`` /
+  ``read_training_state``.
+- ``evaluation.py``: ``evaluate`` / ``Evaluator``, metrics (``metric_functions``),
+  ``draw_previews``, and the shapes world's grading: ``score_shapes``, ``grade_answer``.
 - ``memory.py``: ``plan`` / ``t4_advice``, the device memory a configuration needs.
 - ``distributed.py``: several processes (``initialize_distributed``, each
   process's rows of the global batch: ``process_rows`` / ``ProcessBatches``).
@@ -36,6 +38,7 @@ from .distributed import (
     is_main_process,
     process_rows,
 )
+from .distributed import to_host as to_host
 from .evaluation import (
     METRICS,
     TASK_METRICS,
@@ -44,9 +47,10 @@ from .evaluation import (
     Preview,
     draw_previews,
     evaluate,
-    plot_history,
 )
-from .evaluation import _metric_fns as _metric_fns
+from .evaluation import grade_answer as grade_answer
+from .evaluation import metric_functions as metric_functions
+from .evaluation import score_shapes as score_shapes
 from .memory import DEVICES, Plan, plan, t4_advice
 from .memory import GB as GB
 from .memory import HEADROOM as HEADROOM
@@ -60,6 +64,8 @@ from .params import (
     trainable_mask,
 )
 from .params import Params as Params
+from .params import leaf_key as leaf_key
+from .params import training_dtype as training_dtype
 from .sharding import MIN_SHARD_BYTES as MIN_SHARD_BYTES
 from .sharding import fsdp_spec, load_for_training, make_mesh, shard_batch, shardings_for
 from .step import (
@@ -73,7 +79,7 @@ from .step import (
     make_train_step,
     next_token_loss,
 )
-from .trainer import History, Trainer, read_training_state, save_checkpoint
+from .trainer import History, Trainer, plot_history, read_training_state, save_checkpoint
 
 __all__ = [
     "TRAINABLE", "trainable_mask", "split_params", "merge_params", "default_frozen_dtype",

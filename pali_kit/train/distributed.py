@@ -23,10 +23,12 @@ several CPU processes on one machine). Every process runs the same program:
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 from collections.abc import Iterator
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -154,23 +156,27 @@ class ProcessBatches:
     def iterate(self, start_step: int = 0) -> pdata.Prefetch:
         end = self.batcher.num_steps
         steps: Iterator[int] = (
-            iter(range(start_step, end)) if end is not None else _count(start_step)
+            iter(range(start_step, end)) if end is not None else itertools.count(start_step)
         )
         return pdata.Prefetch((self.batch(s) for s in steps), self.batcher.prefetch,
                               position=start_step)  # fmt: skip
 
 
-def _count(start: int) -> Iterator[int]:
-    while True:
-        yield start
-        start += 1
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array -> a full numpy array on this host.
+
+    A collective when ``x`` spans several processes: every process calls it.
+    """
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def gather_to_host(tree):
     """Every leaf as a full numpy array on this host (a collective: every process calls it)."""
-    from .trainer import _to_host
-
-    return jax.tree.map(_to_host, tree)
+    return jax.tree.map(to_host, tree)
 
 
 def is_main_process() -> bool:
@@ -180,5 +186,5 @@ def is_main_process() -> bool:
 
 __all__ = [
     "initialize_distributed", "devices_are_cpus", "process_rows", "ProcessBatches",
-    "gather_to_host", "is_main_process",
+    "gather_to_host", "to_host", "is_main_process",
 ]  # fmt: skip

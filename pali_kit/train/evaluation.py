@@ -5,9 +5,11 @@
   calls): greedy decoding of a validation split, the task metric (CIDEr,
   BLEU, VQA accuracy, ANLS, exact match, detection IoU/mAP or your function)
   and previews (image, prompt, prediction, reference) in an ``EvalResult``.
-- ``plot_history``: the loss curve and the evaluation scores of a ``History``;
-  ``draw_previews``: images with their predictions. Both return matplotlib
-  Figures (headless).
+- ``metric_functions()``: the scoring function behind each name of ``METRICS``.
+- ``score_shapes``: a model's held-out scores in the synthetic shapes world;
+  ``grade_answer``: is one answer about a sample image right (``pali-kit demo``).
+- ``draw_previews``: images with their predictions (a matplotlib Figure,
+  headless). The loss curve, ``plot_history``, is with ``History`` in ``trainer.py``.
 """
 
 from __future__ import annotations
@@ -15,18 +17,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from .. import decode
+from .. import decode, metrics
+from .. import tokenizer as ptok
 from ..configs import PaliGemmaConfig
+from ..data.batching import eval_batches
+from ..data.examples import Example, get_example
+from ..data.shapes import ShapesDataset
+from ..detection import parse_detections
 from ..model import inference_params
 from .params import Params
-
-if TYPE_CHECKING:
-    from .trainer import History
-
 
 # ============================================================================ evaluation
 
@@ -79,9 +82,6 @@ def _mean(values) -> float:
 
 def _detection_scores(predictions, examples, size: int) -> dict[str, float]:
     """mAP (pycocotools) and mean best IoU per ground-truth box (same label)."""
-    from .. import metrics
-    from ..detection import parse_detections
-
     preds = [parse_detections(p, size, size) for p in predictions]
     gts = [parse_detections(e.suffix, size, size) for e in examples]
     ious = []
@@ -92,9 +92,14 @@ def _detection_scores(predictions, examples, size: int) -> dict[str, float]:
     return {"map": metrics.detection_map(preds, gts)["map"], "mean_iou": _mean(ious)}
 
 
-def _metric_fns() -> dict[str, Callable]:
-    from .. import metrics
+def metric_functions() -> dict[str, Callable]:
+    """The scoring function of each name in ``METRICS``.
 
+    Each is ``f(predictions, examples, image_size) -> {score name: value}``:
+    predictions are decoded strings, examples the ``Example`` they answer
+    (references from ``meta["answers"]``/``"references"``, else ``suffix``),
+    image_size the model resolution (detection boxes are in model pixels).
+    """
     refs = lambda examples: [_references(e) for e in examples]
     return {
         "cider": lambda p, e, s: {"cider": metrics.cider(p, refs(e))},
@@ -141,7 +146,7 @@ def _metric_of(example) -> str:
 
 def _auto_scores(predictions, examples, size: int) -> dict[str, float]:
     """Each task scored with its metric; names ``task/metric`` when there are several tasks."""
-    fns = _metric_fns()
+    fns = metric_functions()
     groups: dict[tuple[str, str], list[int]] = {}
     for i, ex in enumerate(examples):
         groups.setdefault((_task_of(ex), _metric_of(ex)), []).append(i)
@@ -175,14 +180,12 @@ def evaluate(
     References: ``example.meta["answers"]`` (or ``"references"``) when present,
     else ``example.suffix``. Detection boxes are compared in model pixels.
     """
-    from .. import data
-
     if max_examples is not None:
-        dataset = [data.get_example(dataset, i) for i in range(min(max_examples, len(dataset)))]
+        dataset = [get_example(dataset, i) for i in range(min(max_examples, len(dataset)))]
     size = config.resolution
     run_params = inference_params(params)  # on CPU: per-layer views, no copies
     predictions, examples, previews = [], [], []
-    batches = data.eval_batches(
+    batches = eval_batches(
         dataset, tokenizer, batch_size=batch_size, image_size=size, text_len=text_len
     )
     for batch, exs in batches:
@@ -200,7 +203,7 @@ def evaluate(
         scores = metric(predictions, examples)
         scores = dict(scores) if isinstance(scores, Mapping) else {"score": float(scores)}
     else:
-        fns = _metric_fns()
+        fns = metric_functions()
         if metric not in fns:
             raise ValueError(f"metric={metric!r}: use one of {METRICS} or a function")
         scores = fns[metric](predictions, examples, size)
@@ -232,45 +235,10 @@ class Evaluator:
 # ============================================================================ pictures
 
 
-def _figure(figsize):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def plot_history(history: History, *, smooth: int = 10, figsize=(9, 3.2)):
-    """Loss per step (raw and a running mean) and the evaluation scores; a Figure (headless)."""
-    fig = _figure(figsize)
-    ax = fig.add_subplot(1, 2 if history.evals else 1, 1)
-    steps, loss = np.asarray(history.step), np.asarray(history.loss, np.float64)
-    ax.plot(steps, loss, color="0.75", lw=1, label="loss")
-    if len(loss) >= smooth > 1:
-        kernel = np.ones(smooth) / smooth
-        ax.plot(steps[smooth - 1 :], np.convolve(loss, kernel, "valid"), lw=2,
-                label=f"mean of {smooth}")  # fmt: skip
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
-    ax.legend(loc="upper right")
-    if history.evals:
-        ax2 = fig.add_subplot(1, 2, 2)
-        for name in history.evals[0][1]:
-            points = [(s, d[name]) for s, d in history.evals if name in d]
-            ax2.plot(*zip(*points), marker="o", label=name)
-        ax2.set_xlabel("step")
-        ax2.set_ylabel("validation")
-        ax2.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
 def draw_previews(previews: Sequence[Preview], *, cols: int = 4, size: float = 3.0,
                   boxes: bool | None = None):  # fmt: skip
     """Each image with its prompt, prediction and reference (boxes drawn for detections)."""
     from .. import viz
-    from ..detection import parse_detections
 
     pictures = []
     for p in previews:
@@ -281,3 +249,94 @@ def draw_previews(previews: Sequence[Preview], *, cols: int = 4, size: float = 3
         caption = f"{p.prompt}\n> {p.prediction}\nref: {p.reference}"
         pictures.append(viz.draw_caption(image, caption))
     return viz.show(pictures, cols=cols, size=size)
+
+
+# ============================================================================ the shapes world
+
+
+def score_shapes(
+    model,
+    n: int = 100,
+    *,
+    seed: int = 12345,
+    tasks: Sequence[str] = ("caption", "count", "color", "detect"),
+    vae=None,
+    max_new_tokens: int = 32,
+    batch_size: int = 32,
+) -> dict[str, float]:
+    """How well a model knows the shapes world: greedy answers on ``n`` scenes per task.
+
+    Scenes come from ``ShapesDataset(seed=seed)`` at the model's resolution
+    (the demo model trained on seed 0; 12345 is held out). Scores per task:
+    caption / count / color: exact match; detect: the first box has the right
+    label and IoU >= 0.5 with the object asked about; segment (needs ``vae``):
+    the decoded mask's IoU >= 0.5 with the drawn shape.
+    Returns ``{task: fraction}``.
+    """
+    size = model.resolution
+    scores = {}
+    for task in tasks:
+        ds = ShapesDataset(n, size=size, seed=seed, tasks=[task], vae=vae)
+        hits = []
+        for start in range(0, n, batch_size):
+            chunk = [ds[i] for i in range(start, min(start + batch_size, n))]
+            outs = model.generate([e.image for e in chunk], [e.prefix for e in chunk],
+                                  max_new_tokens=max_new_tokens)  # fmt: skip
+            for ex, out in zip(chunk, outs):
+                hits.append(_shape_hit(task, out.text, ex, size, vae))
+        scores[task] = float(np.mean(hits))
+    return scores
+
+
+def _shape_hit(task: str, text: str, ex: Example, size: int, vae) -> bool:
+    """Is one answer right? (the rules of ``score_shapes``)"""
+    if task not in ("detect", "segment"):
+        return text.strip() == ex.suffix
+    want = ex.meta["objects"][0]
+    got = parse_detections(text, size, size)
+    if not got or got[0].label != want.label:
+        return False
+    if task == "detect":
+        return float(metrics.box_iou(np.array(got[0].box), np.array(want.box))) >= 0.5
+    from ..segmentation import with_masks
+
+    [det] = with_masks(got[:1], vae, size, size)
+    return (
+        det.binary_mask is not None and float(metrics.mask_iou(det.binary_mask, want.mask)) >= 0.5
+    )
+
+
+def grade_answer(prompt: str, text: str, truth: Mapping) -> bool | None:
+    """Is ``text`` the right answer to ``prompt`` about an image with ground truth ``truth``?
+
+    Prompts: ``caption en`` (exact caption), ``answer en how many shapes``
+    (exact count), ``answer en what color is the <label>`` (exact colour),
+    ``detect <label> [; <label> ...]`` (every asked label that is in the image
+    has its first box of that label at IoU >= 0.5 with the true box, the rule
+    of ``score_shapes``). Returns None when the truth cannot say (another
+    prompt, or no caption known).
+    """
+    answer = text.strip()
+    objects = {o["label"]: o for o in truth["objects"]}
+    if prompt == ptok.caption("en"):
+        return None if truth.get("caption") is None else answer == truth["caption"]
+    if prompt == ptok.answer("how many shapes"):
+        return answer == str(truth["count"])
+    colour_question = ptok.answer("what color is the x")[:-1]  # the prompt up to the label
+    if prompt.startswith(colour_question):
+        label = prompt[len(colour_question) :]
+        return answer == objects[label]["colour"] if label in objects else None
+    if prompt.startswith("detect "):
+        width, height = truth["size"]
+        found = parse_detections(answer, width, height)
+        asked = [label.strip() for label in prompt[len("detect ") :].split(";")]
+        present = [label for label in asked if label in objects]
+        if not present:
+            return None
+        for label in present:
+            boxes = [d.box for d in found if d.label == label]
+            true_box = np.array(objects[label]["box"], np.float64)
+            if not boxes or float(metrics.box_iou(np.array(boxes[0]), true_box)) < 0.5:
+                return False
+        return True
+    return None

@@ -4,7 +4,14 @@
 step's temporaries from XLA's own analysis of the compiled step (nothing is
 allocated); ``Plan.table()`` prints the breakdown with a verdict per device
 in ``DEVICES``. ``t4_advice(...)``: the largest trainable subset, and its
-largest batch, that fit a T4.
+largest batch, that fit a T4 (or any entry of ``DEVICES``).
+
+Devices with several chips (Kaggle's 2x T4, 8-core TPU hosts) hold one FSDP
+shard of every weight and optimizer-state array (``sharding.fsdp_spec``, the
+rule ``Trainer`` uses), and the batch is split over them: ``Plan.sharded``
+gives one device's share (``Sharded``), with XLA's temporaries compiled at the
+per-device batch and the gradients reduce-scattered (each device keeps its
+shard only, as the sharded step does).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import numpy as np
 from .. import checkpoints, quant
 from ..configs import resolve_config
 from ..model import count_params, param_shapes
-from .params import _training_dtype, merge_params, split_params, trainable_mask
+from .params import merge_params, split_params, trainable_mask, training_dtype
+from .sharding import MIN_SHARD_BYTES, fsdp_spec
 from .step import init_state, make_optimizer, make_train_step
 
 # ============================================================================ memory plan
@@ -32,6 +40,7 @@ GB = 1e9
 # name -> (usable memory per device in bytes, devices the weights are sharded over)
 DEVICES = {
     "T4 16 GB": (15.0 * 2**30, 1),  # Colab/Kaggle report 15 GiB usable
+    "2x T4 16 GB (Kaggle)": (15.0 * 2**30, 2),  # Kaggle's free "GPU T4 x2": FSDP over both
     "L4 24 GB": (22.0 * 2**30, 1),
     "A100 40 GB": (39.4 * 2**30, 1),
     "TPU v2-8 (8 GB/core)": (8 * 2**30, 8),
@@ -41,12 +50,40 @@ HEADROOM = 0.9  # "fits" below 90 % of the device: allocator, workspace, fragmen
 
 
 @dataclasses.dataclass(frozen=True)
+class Sharded:
+    """One device's memory (bytes) when a step runs FSDP-sharded over ``devices`` devices.
+
+    ``state``: this device's shards of the frozen and trainable weights and the
+    optimizer state (``fsdp_spec``: arrays over ``MIN_SHARD_BYTES`` split along
+    one axis, smaller ones replicated). ``temp``: XLA's temporaries compiled at
+    the per-device batch, less the gradient shards other devices keep (the
+    step reduce-scatters them). ``gathered``: one layer's weights, all-gathered
+    while that layer runs. ``exact_temp`` is False when the per-device batch
+    was not compiled (``plan(..., tpu=False)``): ``temp`` is then the full
+    batch's, an over-estimate.
+    """
+
+    devices: int
+    batch_size: int  # per device
+    state: int
+    batch_bytes: int
+    temp: int
+    gathered: int
+    exact_temp: bool
+
+    @property
+    def total(self) -> int:
+        return self.state + self.batch_bytes + self.temp + self.gathered
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Device memory one training step needs (bytes), from XLA's compiled-memory analysis.
 
     ``temp`` is XLA's scratch for the step (activations kept for the backward
-    pass, gradients, logits); ``temp_per_core`` the same at the per-core batch
-    of an 8-core TPU host, where weights and optimizer state are split 8 ways.
+    pass, gradients, logits) on one device; ``sharded`` one ``Sharded`` per
+    multi-device entry of ``DEVICES`` (2 GPUs, 8 TPU cores): one device's share
+    when weights and optimizer state are split over all of them.
     """
 
     name: str
@@ -64,7 +101,7 @@ class Plan:
     optimizer_bytes: int
     batch_bytes: int
     temp: int
-    temp_per_core: int | None
+    sharded: tuple[Sharded, ...]
     largest_layer_bytes: int
     compile_seconds: float
     measured_on: str = ""
@@ -76,14 +113,21 @@ class Plan:
                 + self.batch_bytes + self.temp)  # fmt: skip
 
     def per_core(self, cores: int = 8) -> int:
-        """Per core when weights and optimizer state are FSDP-sharded over ``cores``.
+        """Bytes per device when weights and optimizer state are FSDP-sharded over ``cores``.
 
-        Adds one layer's gathered weights (what FSDP materialises at a time)
-        to the per-core temporaries.
+        ``cores`` must be the device count of an entry of ``DEVICES`` when the
+        plan was made (``Plan.sharded``); 1 is the single-device ``total``.
         """
-        temp = self.temp_per_core if self.temp_per_core is not None else self.temp
-        state = self.frozen_bytes + self.trainable_bytes + self.optimizer_bytes
-        return state // cores + self.batch_bytes // cores + temp + self.largest_layer_bytes
+        if cores == 1:
+            return self.total
+        for share in self.sharded:
+            if share.devices == cores:
+                return share.total
+        planned = sorted({1} | {share.devices for share in self.sharded})
+        raise ValueError(
+            f"per_core(cores={cores}): this plan covers {planned} devices; add an entry with "
+            f"{cores} devices to pali_kit.train.DEVICES before calling plan()"
+        )
 
     def need(self, device: str) -> int:
         capacity, cores = DEVICES[device]
@@ -116,6 +160,16 @@ class Plan:
             f"  step temporaries (XLA)       {self.temp / GB:7.2f} GB"
             f"   (gradients {self.gradient_bytes / GB:.2f} GB, activations, logits)",
             f"  total on one device          {self.total / GB:7.2f} GB",
+        ]
+        for share in self.sharded:
+            lines.append(
+                f"  FSDP over {share.devices} devices, batch {share.batch_size} each: weights and "
+                f"optimizer {share.state / GB:.2f} + batch {share.batch_bytes / GB:.2f} + "
+                f"temporaries {share.temp / GB:.2f}{'' if share.exact_temp else ' (full batch)'}"
+                f" + one layer gathered {share.gathered / GB:.2f} = {share.total / GB:.2f} GB "
+                "per device"
+            )
+        lines += [
             "",
             f"  {'device':24} {'needs':>8} {'has':>8}  verdict",
         ]
@@ -137,7 +191,7 @@ def _abstract_state(config, trainable, frozen_dtype, optimizer, scheme=None):
     shapes = param_shapes(config)
     mask, _ = trainable_mask(shapes, trainable)
     typed = jax.tree.map(
-        lambda s, t: jax.ShapeDtypeStruct(s.shape, _training_dtype(t, frozen_dtype, s.dtype)),
+        lambda s, t: jax.ShapeDtypeStruct(s.shape, training_dtype(t, frozen_dtype, s.dtype)),
         shapes, mask,
     )  # fmt: skip
     train_shapes, frozen_shapes = split_params(typed, mask)
@@ -193,6 +247,7 @@ def plan(
     remat: bool = True,
     accum_steps: int = 1,
     tpu: bool = True,
+    min_shard_bytes: int = MIN_SHARD_BYTES,
 ) -> Plan:
     """Device memory to fine-tune a model, with a verdict per common device.
 
@@ -204,7 +259,10 @@ def plan(
     float32 copies of float16/bfloat16 weights that GPUs and TPUs do not make;
     it then approximates an accelerator's numbers (same program, other fusion
     and layouts). On a GPU or TPU the real dtypes are compiled. ``tpu=True``
-    also compiles at the per-core batch of an 8-core TPU host. Results are
+    also compiles at the per-device batch of every multi-device entry of
+    ``DEVICES`` (2x T4, 8-core TPU hosts), whose weights and optimizer state
+    are FSDP-sharded as ``Trainer`` shards them (``min_shard_bytes``: its
+    threshold); ``Plan.sharded`` holds one device's share. Results are
     cached; PaliGemma-3B compiles in about 10 s (scan + remat: one layer).
     ``frozen_dtype="int8"`` / ``"int4"``: the frozen large matrices are
     weight-only quantized (``pali_kit.quant``; load with ``pk.load(...,
@@ -227,18 +285,21 @@ def plan(
         remat=remat, accum_steps=accum_steps, scheme=scheme,
     )  # fmt: skip
     temp, seconds = compile_at(batch_size=batch_size)
-    per_core = None
-    if tpu:
-        per_core, more = compile_at(batch_size=max(1, -(-batch_size // 8)))
-        # under FSDP each core keeps 1/8 of the gradients (reduce-scattered)
-        per_core -= _nbytes(state.params) * 7 // 8
-        seconds += more
-    depth = config.llm.depth
-    layer_bytes = sum(
-        math.prod(x.shape[1:]) * np.dtype(x.dtype).itemsize
-        for x in jax.tree.leaves(merge_params(state.params, frozen))
-        if x.shape and x.shape[0] == depth
-    )
+    layer_bytes = _largest_layer_bytes(merge_params(state.params, frozen), config)
+    sharded = []
+    for n in sorted({cores for _, cores in DEVICES.values() if cores > 1}):
+        per_device = -(-batch_size // n)
+        temp_n = temp
+        if tpu:
+            temp_n, more = compile_at(batch_size=per_device)
+            seconds += more
+        # each device keeps its shard of the gradients (reduce-scattered), not all of them
+        others_grads = _nbytes(state.params) - _shard_bytes(state.params, n, min_shard_bytes)
+        sharded.append(Sharded(
+            devices=n, batch_size=per_device, state=_shard_bytes((state, frozen), n, min_shard_bytes),
+            batch_bytes=_nbytes(_abstract_batch(config, per_device, text_len)),
+            temp=temp_n - others_grads, gathered=layer_bytes, exact_temp=tpu,
+        ))  # fmt: skip
     return Plan(
         name=name, trainable=trainable if isinstance(trainable, str) else subset.__name__,
         batch_size=batch_size, text_len=text_len,
@@ -249,9 +310,36 @@ def plan(
         trainable_bytes=_nbytes(state.params), gradient_bytes=_nbytes(state.params),
         optimizer_bytes=_nbytes(state.opt_state),
         batch_bytes=_nbytes(_abstract_batch(config, batch_size, text_len)),
-        temp=temp, temp_per_core=per_core, largest_layer_bytes=layer_bytes,
+        temp=temp, sharded=tuple(sharded), largest_layer_bytes=layer_bytes,
         compile_seconds=seconds, measured_on=jax.devices()[0].device_kind,
     )  # fmt: skip
+
+
+def _shard_bytes(tree, n: int, min_bytes: int) -> int:
+    """One device's bytes of ``tree`` FSDP-sharded over ``n`` devices (``fsdp_spec``)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        nbytes = math.prod(x.shape) * np.dtype(x.dtype).itemsize
+        split = any(axis is not None for axis in fsdp_spec(tuple(x.shape), nbytes, n, min_bytes))
+        total += nbytes // n if split else nbytes
+    return total
+
+
+def _largest_layer_bytes(params, config) -> int:
+    """Bytes of one layer of the larger tower's stack (what FSDP gathers at a time)."""
+    stacks = {"llm/layers/": config.llm.depth, "img/Transformer/encoderblock/": config.vision.depth}
+    flat = checkpoints.flatten(params)
+    sizes = []
+    for prefix, depth in stacks.items():
+        leaves = [
+            x for key, value in flat.items() if key.startswith(prefix)
+            for x in jax.tree.leaves(value)
+        ]  # fmt: skip
+        sizes.append(sum(
+            math.prod(x.shape[1:]) * np.dtype(x.dtype).itemsize
+            for x in leaves if x.shape and x.shape[0] == depth
+        ))  # fmt: skip
+    return max(sizes)
 
 
 class _Keys(tuple):
@@ -278,44 +366,71 @@ def t4_advice(
     text_len: int = 128,
     frozen_dtype="float16",
     optimizer="sgd",
-    subsets: Sequence[str] = ("all", "llm", "img", "attention"),
+    subsets: Sequence = ("all", "llm", "img", "attention"),
     batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
     device: str = "T4 16 GB",
+    min_batch: int = 1,
 ) -> str:
-    """The largest trainable subset that fits a T4 (at batch 1), and its largest batch.
+    """The largest trainable subset that fits ``device`` at batch ``min_batch``, and its largest batch.
 
-    Subsets whose weights, gradients and optimizer state alone exceed the
-    device are ruled out without compiling. The batch is found from two
-    compiles (batch 1 and 8; temporaries grow linearly with the batch) and
-    checked with a third. Every compile is cached.
+    ``subsets``: presets or regexes (``"llm/layers/attn/q_einsum/w"``), tried
+    largest first; ``frozen_dtype`` may be ``"int8"`` / ``"int4"``. Subsets
+    whose weights, gradients, optimizer state and frozen weights alone exceed
+    the device (per device when it has several) are ruled out without
+    compiling. On a device with several chips the batch is split over them,
+    so only batches divisible by their number count. The batch is found from
+    two compiles (temporaries grow linearly with the batch) and checked with
+    a third. Every compile is cached.
     """
     config = resolve_config(config_or_name)
     shapes = param_shapes(config)
-    capacity = HEADROOM * DEVICES[device][0]
-    frozen_size = np.dtype(checkpoints.as_dtype(frozen_dtype)).itemsize
-    state_factor = 2 + (0 if optimizer == "sgd" else 2)  # weights + gradients (+ Adam's 2)
-    kw = dict(text_len=text_len, frozen_dtype=frozen_dtype, optimizer=optimizer, tpu=False)
+    capacity, cores = DEVICES[device][0] * HEADROOM, DEVICES[device][1]
+    sizes = sorted(b for b in set(batch_sizes) | {min_batch} if b >= min_batch and b % cores == 0)
+    if not sizes:
+        raise ValueError(
+            f"t4_advice: {device!r} splits the batch over {cores} devices: give batch_sizes "
+            f"with multiples of {cores} at or above min_batch={min_batch}"
+        )
+    kw = dict(text_len=text_len, frozen_dtype=frozen_dtype, optimizer=optimizer, tpu=cores > 1)
+
+    def need(subset, batch: int) -> int:
+        return plan(config, trainable=subset, batch_size=batch, **kw).need(device)
+
+    first = sizes[0]
     best = None
     for subset in sorted(subsets, key=lambda s: -_count_trainable(shapes, s)):
-        n = _count_trainable(shapes, subset)
-        if n * 4 * state_factor + (count_params(shapes) - n) * frozen_size > capacity:
+        if _state_bound(config, subset, frozen_dtype, optimizer, cores) > capacity:
             continue
-        if plan(config, trainable=subset, batch_size=1, **kw).fits(device):
+        if need(subset, first) <= capacity:
             best = subset
             break
+    frozen = frozen_dtype if frozen_dtype in quant.SCHEMES else checkpoints.as_dtype(frozen_dtype)
+    frozen = np.dtype(frozen).name if not isinstance(frozen, str) else frozen
     if best is None:
-        return f"{device}: nothing fits at batch 1 with text_len={text_len}"
-    one, eight = (plan(config, trainable=best, batch_size=b, **kw) for b in (1, 8))
-    per_example = max((eight.total - one.total) / 7, 1.0)
-    fitting = [b for b in batch_sizes if one.total + (b - 1) * per_example <= capacity] or [1]
-    largest = max(fitting)
-    while largest > 1 and not plan(config, trainable=best, batch_size=largest, **kw).fits(device):
-        largest = max([b for b in batch_sizes if b < largest] or [1])
+        return f"{device}: nothing fits at batch {first} with text_len={text_len} (frozen {frozen})"
+    second = next((b for b in sizes if b >= 8 * cores and b > first), sizes[-1])
+    largest = first
+    if second > first:
+        low, high = need(best, first), need(best, second)
+        per_example = max((high - low) / (second - first), 1.0)
+        largest = max(b for b in sizes if low + (b - first) * per_example <= capacity)
+        while largest > first and need(best, largest) > capacity:
+            largest = max(b for b in sizes if b < largest)
     return (
-        f"{device}: the largest trainable subset that fits is {best!r} "
+        f"{device}: the largest trainable subset that fits at batch {first} is {best!r} "
         f"({_count_trainable(shapes, best):,} params); with it the largest batch is {largest} "
-        f"(text_len={text_len}, {optimizer}, frozen {np.dtype(checkpoints.as_dtype(frozen_dtype)).name})"
+        f"(text_len={text_len}, {optimizer}, frozen {frozen})"
     )
+
+
+def _state_bound(config, subset, frozen_dtype, optimizer, devices: int) -> int:
+    """One device's weights, gradients and optimizer state: a floor under any batch's need."""
+    scheme = frozen_dtype if frozen_dtype in quant.SCHEMES else None
+    dtype = checkpoints.as_dtype("float16" if scheme else frozen_dtype)
+    subset = _hashable_subset(config, subset)
+    state, frozen, _, _ = _abstract_state(config, subset, dtype, optimizer, scheme)
+    shard = functools.partial(_shard_bytes, n=devices, min_bytes=MIN_SHARD_BYTES)
+    return shard((state, frozen)) + shard(state.params)  # the gradients: one more trainable copy
 
 
 def _count_trainable(shapes, subset) -> int:

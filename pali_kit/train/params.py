@@ -42,8 +42,9 @@ TRAINABLE = {
 }
 
 
-def _leaf_key(path) -> str:
-    """A tree path -> the ``/``-joined checkpoint key (``llm/layers/attn/q_einsum/w``)."""
+def leaf_key(path) -> str:
+    """A tree path (``jax.tree_util`` keys) -> the ``/``-joined checkpoint key
+    (``llm/layers/attn/q_einsum/w``): how ``trainable`` patterns and checkpoint names see a leaf."""
     parts = []
     for p in path:
         for attr in ("key", "name", "idx"):
@@ -70,7 +71,7 @@ def trainable_mask(params: Params, trainable="attention") -> tuple[Params, str]:
     else:
         predicate, what = _predicate(trainable)
         mask = jax.tree_util.tree_map_with_path(
-            lambda path, x: bool(predicate(_leaf_key(path), tuple(x.shape))), params,
+            lambda path, x: bool(predicate(leaf_key(path), tuple(x.shape))), params,
             is_leaf=quant.is_quantized,  # a QArray is one weight
         )  # fmt: skip
     flags = jax.tree.leaves(mask)
@@ -144,7 +145,9 @@ def default_frozen_dtype(device=None, *, cpu="float32") -> np.dtype:
     return checkpoints.as_dtype(device_dtype(device))  # the kit's one rule per accelerator
 
 
-def _training_dtype(trainable: bool, frozen_dtype, current) -> np.dtype:
+def training_dtype(trainable: bool, frozen_dtype, current) -> np.dtype:
+    """The dtype a leaf of dtype ``current`` trains in: float32 when trainable, else
+    ``frozen_dtype``; integer leaves keep ``current``. The rule of ``cast_params``."""
     if not jnp.issubdtype(current, jnp.floating):
         return np.dtype(current)
     return np.dtype(np.float32) if trainable else np.dtype(frozen_dtype)
@@ -161,6 +164,6 @@ def cast_params(params: Params, mask: Params, frozen_dtype=None) -> Params:
     def cast(x, t):
         if isinstance(x, quant.QArray):
             return quant.dequantize(x, jnp.float32) if t else x
-        return x.astype(_training_dtype(t, frozen_dtype, x.dtype))
+        return x.astype(training_dtype(t, frozen_dtype, x.dtype))
 
     return jax.tree.map(cast, params, mask, is_leaf=quant.is_quantized)

@@ -35,8 +35,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from .. import checkpoints
-from .params import Params, _training_dtype, default_frozen_dtype, trainable_mask
+from .. import checkpoints, quant
+from .params import Params, default_frozen_dtype, trainable_mask, training_dtype
 
 # ============================================================================ devices and sharding
 
@@ -100,7 +100,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
     return out
 
 
-def _place(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+def host_to_global(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A host array (the same on every host) -> a global array with ``sharding``."""
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
@@ -113,6 +113,7 @@ def load_for_training(
     mesh: Mesh | None = None,
     min_shard_bytes: int = MIN_SHARD_BYTES,
     progress: bool | None = None,
+    quantize: str | None = None,
 ) -> tuple[Params, Params, str]:
     """Load a .npz straight into training dtypes and shardings: ``(params, mask, summary)``.
 
@@ -120,9 +121,14 @@ def load_for_training(
     frozen ``frozen_dtype``, default ``default_frozen_dtype()``) and put on
     its devices with its FSDP sharding as soon as it is read, so host memory
     peaks near one leaf. Training checkpoints (``params/``, ``opt/``) load too.
+    quantize ("int8" | "int4"): the frozen large matrices (``pali_kit.quant.RULES``)
+    become ``QArray``s standing for ``frozen_dtype`` (values and scales each
+    FSDP-sharded); trainable ones stay float32 at full precision, never rounded
+    to the quantization grid (what ``pk.load(..., quantize=...)`` would do to them).
     """
     mesh = mesh or make_mesh()
     frozen_dtype = checkpoints.as_dtype(frozen_dtype) or default_frozen_dtype()
+    quant.check_scheme(quantize)
     keys = checkpoints.checkpoint_keys(path)
     shapes = {
         k: jax.ShapeDtypeStruct(s, d)
@@ -132,11 +138,19 @@ def load_for_training(
     mask, summary = trainable_mask(checkpoints.unflatten(shapes), trainable)
     flags = checkpoints.flatten(mask)
 
+    def put(array):
+        target = jax.ShapeDtypeStruct(array.shape, array.dtype)
+        return host_to_global(array, shardings_for(target, mesh, min_shard_bytes))
+
     def place(key, array):
-        dtype = _training_dtype(flags[key], frozen_dtype, array.dtype)
+        axes = quant.contraction_axes(key) if quantize and not flags[key] else None
+        if axes is not None:  # frozen large matrix: quantized one slice of rows at a time
+            q = quant.quantize_leaf(array, quantize, axes, place=put)
+            return quant.QArray(q.values, q.scales, quantize, q.in_axes, q.in_shape, frozen_dtype)
+        dtype = training_dtype(flags[key], frozen_dtype, array.dtype)
         array = array.astype(dtype, copy=False)
         target = jax.ShapeDtypeStruct(array.shape, dtype)
-        return _place(array, shardings_for(target, mesh, min_shard_bytes))
+        return host_to_global(array, shardings_for(target, mesh, min_shard_bytes))
 
     params = checkpoints.load_params(path, place=place, progress=progress)
     return params, mask, summary

@@ -1,4 +1,5 @@
-"""The ``Trainer`` (state, frozen weights, jitted step, ``fit``), its ``History``, checkpoints.
+"""The ``Trainer`` (state, frozen weights, jitted step, ``fit``), its ``History`` and
+``plot_history`` (the loss curve), checkpoints.
 
 ``Trainer(params, config, trainable="attention", num_steps=64)`` (or
 ``Trainer.load(path, ...)``) splits the weights (``params.py``), places them
@@ -29,22 +30,22 @@ import numpy as np
 from jax.sharding import Mesh
 
 from .. import checkpoints, quant
-from .. import data as pdata
 from ..configs import PaliGemmaConfig
-from .distributed import ProcessBatches, gather_to_host
-from .evaluation import EvalResult, plot_history
+from ..data import Batcher
+from .distributed import ProcessBatches, gather_to_host, to_host
+from .evaluation import EvalResult
 from .params import (
     Params,
-    _leaf_key,
-    _training_dtype,
     default_frozen_dtype,
+    leaf_key,
     merge_params,
     split_params,
     trainable_mask,
+    training_dtype,
 )
 from .sharding import (
     MIN_SHARD_BYTES,
-    _place,
+    host_to_global,
     load_for_training,
     make_mesh,
     shard_batch,
@@ -75,6 +76,40 @@ class History:
 
     def plot(self, **kw):
         return plot_history(self, **kw)
+
+
+def _figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_history(history: History, *, smooth: int = 10, figsize=(9, 3.2)):
+    """Loss per step (raw and a running mean) and the evaluation scores; a Figure (headless)."""
+    fig = _figure(figsize)
+    ax = fig.add_subplot(1, 2 if history.evals else 1, 1)
+    steps, loss = np.asarray(history.step), np.asarray(history.loss, np.float64)
+    ax.plot(steps, loss, color="0.75", lw=1, label="loss")
+    if len(loss) >= smooth > 1:
+        kernel = np.ones(smooth) / smooth
+        ax.plot(steps[smooth - 1 :], np.convolve(loss, kernel, "valid"), lw=2,
+                label=f"mean of {smooth}")  # fmt: skip
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.legend(loc="upper right")
+    if history.evals:
+        ax2 = fig.add_subplot(1, 2, 2)
+        for name in history.evals[0][1]:
+            points = [(s, d[name]) for s, d in history.evals if name in d]
+            ax2.plot(*zip(*points), marker="o", label=name)
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("validation")
+        ax2.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
 
 
 class Trainer:
@@ -182,7 +217,7 @@ class Trainer:
             if isinstance(x, quant.QArray):  # frozen quantized: integers and float32 scales
                 place = lambda a: jax.device_put(a, self._shardings(a))  # noqa: E731
                 return jax.tree.map(place, x)
-            target = jax.ShapeDtypeStruct(x.shape, _training_dtype(False, dtype, x.dtype))
+            target = jax.ShapeDtypeStruct(x.shape, training_dtype(False, dtype, x.dtype))
             sharding = shardings_for(target, self.mesh, self.min_shard_bytes)
             return jax.device_put(
                 x.astype(target.dtype), sharding, may_alias=False if copy else None
@@ -246,7 +281,7 @@ class Trainer:
         """
         end = self.num_steps if num_steps is None else num_steps
         start = self.step_count
-        if jax.process_count() > 1 and isinstance(batches, pdata.Batcher):
+        if jax.process_count() > 1 and isinstance(batches, Batcher):
             batches = ProcessBatches(batches, self.mesh)
         if hasattr(batches, "iterate"):
             batches = batches.iterate(start_step=start)
@@ -323,7 +358,7 @@ class Trainer:
             def place(key, array):
                 if key not in flat_d:
                     raise checkpoints.CheckpointError(f"{path}: unexpected parameter {key}")
-                return _place(array.astype(flat_d[key], copy=False), flat_s[key])
+                return host_to_global(array.astype(flat_d[key], copy=False), flat_s[key])
 
             loaded = checkpoints.load_params(path, place=place)
             trainable, self.frozen = split_params(loaded, self.mask)
@@ -369,16 +404,12 @@ def _progress_bar(start: int, end: int, enabled: bool):
 
 
 def _path_name(path) -> str:
-    return _leaf_key(path) or "_"
+    return leaf_key(path) or "_"
 
 
-def _to_host(x) -> np.ndarray:
-    """A (possibly multi-host sharded) array -> a full numpy array on this host."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
+def _float(x):
+    """A frozen quantized weight is written as the float array it stands for (official layout)."""
+    return quant.dequantize(x) if isinstance(x, quant.QArray) else x
 
 
 def save_checkpoint(
@@ -396,7 +427,7 @@ def save_checkpoint(
     items = [(f"params/{k}", v) for k, v in params.items()]
     items += [(f"opt/{_path_name(p)}", v) for p, v in opt]
     items += [("train/step", state.step)] + list((extra or {}).items())
-    arrays = ((key, _to_host(value)) for key, value in items)
+    arrays = ((key, to_host(_float(value))) for key, value in items)
     if jax.process_index() != 0:
         for _ in arrays:  # take part in the gathers, write nothing
             pass
