@@ -375,15 +375,14 @@ for w, size, s, answers in rows:
 # whose weights are read from memory at every token; the size column carries
 # over, and the time column varies from run to run (and with other work on the
 # machine). For the full-size PaliGemma 2 3B on a CPU, `bench/generate.py` measured
-# (random weights, `--dtypes bfloat16,int8,int4 --new-tokens 8`, one run on a
-# 2-core shared VM while other jobs loaded it: its bandwidth probe read 8-10
-# GB/s), as `docs/quantization.md` reports: decode
-# 0.457 s/token in bfloat16, 1.100 in int8 and 4.619 in int4; prefill to the first
-# token 15.9 / 34.0 / 37.6 s; peak memory (RSS) 12.1 / 9.3 / 7.4 GB. The 3B
+# (random weights, `--dtypes bfloat16,int8,int4`, one run on a 2-core shared VM
+# with AVX-512 and avx512_bf16), as `docs/quantization.md` reports: decode
+# 0.212 s/token in bfloat16, 0.093 in int8 and 0.127 in int4; prefill to the
+# first token 6.42 / 4.49 / 5.67 s; peak memory (RSS) 7.9 / 5.3 / 3.8 GB. The 3B
 # weights take 6.06 GB in bfloat16, 3.04 GB in int8 and 1.71 GB in int4
-# (`bench/quantize.py --3b`). On that CPU the quantized decode is slower than
-# bfloat16 so far: int8 and int4 save memory there, not time (see "Open" in
-# `docs/quantization.md`).
+# (`bench/quantize.py --3b`). On that CPU int8 decodes in less than half the
+# bfloat16 time; int4 saves more memory but its unpacking costs arithmetic
+# (see "Open" in `docs/quantization.md`).
 
 # %% [markdown]
 # ## Compiled once
