@@ -281,9 +281,8 @@ def _transpose_into(part: np.ndarray, out: np.ndarray) -> None:
     """``out[...] = part.T`` for a 2-D ``part``, in stripes of ``STRIPE`` rows.
 
     numpy's plain strided transpose of a large matrix misses the cache on every
-    element (about 15 ns each: ~30 s for the 2 G values of a 3B LLM); a stripe
-    reads ``STRIPE`` contiguous input rows and writes ``STRIPE`` contiguous
-    values into each output row, about 4x faster. Values are moved as unsigned
+    element; a stripe reads ``STRIPE`` contiguous input rows and writes
+    ``STRIPE`` contiguous values into each output row, several times faster. Values are moved as unsigned
     integers of the same width (numpy copies its own integer types faster than
     extension dtypes such as bfloat16): the bits are unchanged.
     """
