@@ -27,8 +27,10 @@ applies it only when the arrays live on one CPU.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -282,14 +284,33 @@ def _transpose_into(part: np.ndarray, out: np.ndarray) -> None:
 
     numpy's plain strided transpose of a large matrix misses the cache on every
     element; a stripe reads ``STRIPE`` contiguous input rows and writes
-    ``STRIPE`` contiguous values into each output row, several times faster. Values are moved as unsigned
-    integers of the same width (numpy copies its own integer types faster than
-    extension dtypes such as bfloat16): the bits are unchanged.
+    ``STRIPE`` contiguous values into each output row, several times faster.
+    Values are moved as unsigned integers of the same width (numpy copies its
+    own integer types faster than extension dtypes such as bfloat16): the bits
+    are unchanged. numpy releases the GIL while it copies, so the stripes are
+    shared among a few threads (disjoint columns of ``out``).
     """
     as_bits = np.dtype(f"u{part.dtype.itemsize}")
     src, dst = part.view(as_bits), out.view(as_bits)
-    for i in range(0, src.shape[0], STRIPE):
-        dst[:, i : i + STRIPE] = src[i : i + STRIPE].T
+    rows = src.shape[0]
+
+    def stripes(lo, hi):
+        for i in range(lo, hi, STRIPE):
+            dst[:, i : min(i + STRIPE, hi)] = src[i : min(i + STRIPE, hi)].T
+
+    pool = _pool()
+    step = -(-rows // (pool._max_workers * STRIPE)) * STRIPE  # a multiple of STRIPE
+    list(pool.map(lambda lo: stripes(lo, min(lo + step, rows)), range(0, rows, step)))
+
+
+_POOL = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1))
+    return _POOL
 
 
 def _writable(w):
