@@ -632,6 +632,7 @@ def _length_with_eos(tokens) -> int:
 # --- loading -------------------------------------------------------------------------------
 
 _CACHE_ENABLED = False
+CACHE_MIN_COMPILE_S = 0.1  # compiles at least this long are kept in the persistent cache
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
@@ -644,7 +645,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pali_kit" / "jax"
         )
         jax.config.update("jax_compilation_cache_dir", str(path or default))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default
+        # Generation also compiles a sampler (~0.7 s at a 257k vocabulary) and small
+        # helpers; below JAX's default of 1 s they would be compiled again in every process.
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
     _CACHE_ENABLED = True
 
 

@@ -183,3 +183,43 @@ def test_taking_the_params_before_inference_keeps_them_intact(tmp_path):
     assert model.run_params is not None and not model._run_replaced  # the layout copied
     for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("shape", [(1, 5), (37, 3), (100, 2304), (16, 16)])
+def test_striped_transpose_moves_every_value(dtype, shape):
+    from pali_kit.model.cpu import _transpose_into
+
+    rng = np.random.default_rng(0)
+    part = np.asarray(jnp.asarray(rng.standard_normal(shape), dtype))
+    out = np.empty(shape[::-1], part.dtype)
+    _transpose_into(part, out)
+    bits = f"u{part.dtype.itemsize}"
+    np.testing.assert_array_equal(out.view(bits), np.ascontiguousarray(part.T).view(bits))
+
+
+def test_misaligned_small_leaves_keep_the_layers_as_views():
+    # A bfloat16 (depth, 1000) bias puts layer i at 2000 * i bytes: not 64-byte
+    # aligned, so it cannot be viewed. It is copied per layer (kilobytes) so that
+    # the big matrices of the same layers stay views; the compiled encoder then
+    # slices no layer out of the stacks (it used to hold copies of all of them).
+    config = tiny_config(img_width=64, img_mlp_dim=1000, img_depth=4)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
+    run = inference_params(params)
+    block = run["img"]["Transformer"]["encoderblock"]
+    stacked = params["img"]["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    kernels = block["MlpBlock_0"]["Dense_0"]["kernel"]
+    assert len(kernels) == config.vision.depth
+    view = kernels[1].groups[0][0]  # layer 1 shares the stacked memory
+    assert view.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + stacked[0].nbytes
+    assert len(block["MlpBlock_0"]["Dense_0"]["bias"]) == config.vision.depth
+    embed = jax.jit(lambda p, x: PaliGemma(config).apply({"params": p}, x, method="embed_image"))
+    image = jnp.zeros((1, 28, 28, 3), jnp.float32)
+    layer_bytes = sum(a.nbytes for a in jax.tree.leaves(params["img"]["Transformer"]))
+    temp = embed.lower(run, image).compile().memory_analysis().temp_size_in_bytes
+    # 4 image tokens: the activations are a few KB; copies of the layers' weights would be
+    # about layer_bytes (all of them live at once)
+    assert temp < layer_bytes / 4, (temp, layer_bytes)
+    np.testing.assert_allclose(
+        np.asarray(embed(run, image)), np.asarray(embed(params, image)), rtol=0, atol=1e-5
+    )

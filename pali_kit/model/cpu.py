@@ -27,8 +27,10 @@ applies it only when the arrays live on one CPU.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -255,6 +257,7 @@ def _out_in_matrix(w, n_group: int, in_place: bool = False):
     gshape = host.shape[:n_group]
     flat = host.reshape(math.prod(gshape), -1, host.shape[-1])  # (groups, in, out)
     target = _writable(w) if in_place else None
+    scratch = np.empty_like(flat[0]) if target is not None else None
     groups, offset = [], 0
     for m in flat:
         n = -(-m.shape[0] // BLOCK)
@@ -262,14 +265,52 @@ def _out_in_matrix(w, n_group: int, in_place: bool = False):
             blocks = [to_device(np.ascontiguousarray(p.T)) for p in np.array_split(m, n)]
         else:
             blocks = []
-            for part in np.array_split(m.copy(), n):  # m.copy(): one group, e.g. 64 MB
+            np.copyto(scratch, m)  # one group, e.g. 64 MB: its memory is written over next
+            for part in np.array_split(scratch, n):
                 size = part.size
-                target[offset : offset + size] = part.T.ravel()
+                _transpose_into(part, target[offset : offset + size].reshape(part.shape[::-1]))
                 view = host.reshape(-1)[offset : offset + size].reshape(part.shape[::-1])
                 blocks.append(_alias(view))
                 offset += size
         groups.append(blocks)
     return Matrix(groups, gshape, True, host.shape[-1:], host.shape)
+
+
+STRIPE = 16  # input rows transposed at a time: 16 x 2 bytes = one 32-byte write per out row
+
+
+def _transpose_into(part: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = part.T`` for a 2-D ``part``, in stripes of ``STRIPE`` rows.
+
+    numpy's plain strided transpose of a large matrix misses the cache on every
+    element; a stripe reads ``STRIPE`` contiguous input rows and writes
+    ``STRIPE`` contiguous values into each output row, several times faster.
+    Values are moved as unsigned integers of the same width (numpy copies its
+    own integer types faster than extension dtypes such as bfloat16): the bits
+    are unchanged. numpy releases the GIL while it copies, so the stripes are
+    shared among a few threads (disjoint columns of ``out``).
+    """
+    as_bits = np.dtype(f"u{part.dtype.itemsize}")
+    src, dst = part.view(as_bits), out.view(as_bits)
+    rows = src.shape[0]
+
+    def stripes(lo, hi):
+        for i in range(lo, hi, STRIPE):
+            dst[:, i : min(i + STRIPE, hi)] = src[i : min(i + STRIPE, hi)].T
+
+    pool = _pool()
+    step = -(-rows // (pool._max_workers * STRIPE)) * STRIPE  # a multiple of STRIPE
+    list(pool.map(lambda lo: stripes(lo, min(lo + step, rows)), range(0, rows, step)))
+
+
+_POOL = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1))
+    return _POOL
 
 
 def _writable(w):
@@ -331,10 +372,28 @@ def _map_kernels(tree, fn):
 def _split_layers(stacked):
     """Per-layer trees of views of a stacked tree, or None where views are impossible."""
     leaves, treedef = jax.tree.flatten(stacked)
-    parts = [split_leading(a) for a in leaves]
+    parts = [split_leading(a) or _small_pieces(a) for a in leaves]
     if not leaves or any(p is None for p in parts):
         return None
     return [jax.tree.unflatten(treedef, layer) for layer in zip(*parts)]
+
+
+SMALL = 1 << 22  # bytes: a stacked leaf this small may be copied per layer when it can't be viewed
+
+
+def _small_pieces(a) -> tuple[jax.Array, ...] | None:
+    """Copies ``a[0], a[1], ...`` of a small stacked CPU array that cannot be viewed.
+
+    A layer's slice of e.g. a bfloat16 ``(27, 4304)`` bias starts 8608 bytes
+    apart: not 64-byte aligned, so JAX won't adopt it as a view. Copying such
+    small leaves (kilobytes) keeps the big matrices of the same layers viewable;
+    otherwise the compiled code would slice every layer's weights out of the
+    stacks, holding copies of all of them at once (0.8 GB for SigLIP So400m in bfloat16).
+    """
+    if not _on_one_cpu(a) or a.ndim < 1 or a.nbytes > SMALL:
+        return None
+    host = np.asarray(a)
+    return tuple(to_device(np.array(host[i])) for i in range(a.shape[0]))
 
 
 def _stack_of(layers):

@@ -1,0 +1,100 @@
+"""Where a cold process spends its time before the first token, phase by phase.
+
+    python bench/cold_start.py [--name paligemma-3b-pt-224] [--dtype bfloat16]
+
+Two fresh processes share one new persistent compilation cache: the first
+starts with it empty, the second finds it warm. Each prints the wall time at
+the end of every phase (import, load, CPU layout, first token, three more
+tokens), the peak RSS so far, and JAX's own compile timers summed over the
+process (tracing, lowering to MLIR, XLA compilation or cache retrieval).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import random_checkpoint, table  # noqa: E402
+
+CHILD = r"""
+import collections, json, sys, time
+T0 = time.perf_counter()
+sys.path.insert(0, {here!r})
+import numpy as np
+import jax
+from jax import monitoring
+from common import peak_rss_gb
+
+SECONDS = collections.defaultdict(float)
+monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: SECONDS.__setitem__(event, SECONDS[event] + duration))
+phases = {{}}
+def mark(name):
+    phases[name] = (time.perf_counter() - T0, peak_rss_gb())
+
+import pali_kit as pk
+from pali_kit import decode
+mark("import")
+model = pk.load({path!r}, dtype={dtype!r}, verbose=False)
+mark("load")
+run = model.run_params
+mark("layout")
+tok = pk.Tokenizer.demo()
+image = np.random.default_rng(0).integers(0, 255, (model.resolution,) * 2 + (3,), dtype=np.uint8)
+enc = tok.encode_prompts(["answer en what is in the picture"], bucket=None)
+tokens = decode.iter_tokens(model.config, run, model.preprocess(image), enc["text"],
+                            enc["mask_input"], max_new_tokens=4)
+next(tokens)
+mark("first token")
+for _ in tokens:
+    pass
+mark("3 more tokens")
+timers = {{k.rsplit("/", 1)[-1]: v for k, v in SECONDS.items()}}
+print("RESULT " + json.dumps(dict(phases=phases, timers=timers)))
+"""
+
+TIMERS = {
+    "jaxpr_trace_duration": "trace s",
+    "jaxpr_to_mlir_module_duration": "lower s",
+    "backend_compile_duration": "compile or fetch s",
+    "cache_retrieval_time_sec": "of which cache fetch s",
+}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--name", default="paligemma-3b-pt-224")
+    ap.add_argument("--dtype", default="bfloat16")
+    args = ap.parse_args()
+    path = random_checkpoint(args.name, "bfloat16")
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="pk_cache_"))
+    code = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype)
+    rows = []
+    for cache in ("empty", "warm"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if not line:
+            raise RuntimeError(f"child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        res = json.loads(line[0][len("RESULT ") :])
+        row, before = {"cache": cache}, 0.0
+        for name, (at, _rss) in res["phases"].items():
+            row[f"{name} s"] = f"{at - before:.1f}"
+            before = at
+        row["total s"] = f"{before:.1f}"
+        row["peak RSS GB"] = f"{max(r for _, r in res['phases'].values()):.2f}"
+        for key, label in TIMERS.items():
+            row[label] = f"{res['timers'].get(key, 0.0):.1f}"
+        rows.append(row)
+        print(json.dumps({"cache": cache, **res}), flush=True)
+    table(rows, f"{args.name}, {args.dtype}: seconds per phase of a cold process")
+
+
+if __name__ == "__main__":
+    main()
