@@ -30,7 +30,13 @@ import numpy as np
 
 from . import checkpoints, decode, quant
 from .assets import asset_dir
-from .configs import CHECKPOINTS, PaliGemmaConfig, checkpoint_info, paligemma_config
+from .configs import (
+    CHECKPOINTS,
+    PaliGemmaConfig,
+    checkpoint_info,
+    paligemma_config,
+    registry_semantics,
+)
 from .errors import (
     ArgumentError,
     ArgumentTypeError,
@@ -38,16 +44,16 @@ from .errors import (
     MissingFileError,
     NoTokenizerError,
     PromptTooLongError,
-    _short,
     check_bool,
     check_float_dtype,
     check_int,
     check_keywords,
+    short_repr,
 )
 from .images import preprocess
 from .model import PaliGemma, count_params, inference_params, init_params, param_shapes
 from .model.cpu import IN_PLACE_LEAVES, official_params
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, find_tokenizer
 
 
 @dataclass
@@ -354,7 +360,7 @@ class Model:
             )
         if not isinstance(prompt, str):
             raise ArgumentTypeError(
-                f"{where}: prompt={_short(prompt)} must be one string; for several prompts "
+                f"{where}: prompt={short_repr(prompt)} must be one string; for several prompts "
                 "use model.generate(image, [prompt, ...])"
             )
         pixels, _, enc = self._encode(image, [prompt], text_len, where)
@@ -442,13 +448,13 @@ def _check_prompts(prompts, where: str) -> list[str]:
         for i, p in enumerate(prompts):
             if not isinstance(p, str):
                 raise ArgumentTypeError(
-                    f"{where}: prompts[{i}]={_short(p)} is a {type(p).__name__}, not a string"
+                    f"{where}: prompts[{i}]={short_repr(p)} is a {type(p).__name__}, not a string"
                 )
         return list(prompts)
     if isinstance(prompts, (list, tuple)):
         raise ArgumentError(f"{where}: prompts=[] is empty: pass a string or a list of strings")
     raise ArgumentTypeError(
-        f"{where}: prompts={_short(prompts)} must be a string or a list of strings, "
+        f"{where}: prompts={short_repr(prompts)} must be a string or a list of strings, "
         f"not a {type(prompts).__name__}"
     )
 
@@ -475,7 +481,7 @@ def _check_tokens(text, name: str, vocab: int, where: str) -> np.ndarray:
         ids = np.asarray(None, object)
     if ids.dtype == np.bool_ or not np.issubdtype(ids.dtype, np.integer):
         raise ArgumentTypeError(
-            f"{where}: {name}={_short(text)} must be an int array [B, T] of token ids "
+            f"{where}: {name}={short_repr(text)} must be an int array [B, T] of token ids "
             "(e.g. model.tokenizer.encode_prompts(prompts)['text'])"
         )
     if ids.ndim != 2 or 0 in ids.shape:
@@ -501,7 +507,7 @@ def _check_mask(mask, name: str, shape, where: str, need_one: bool = False) -> n
         m.dtype == np.bool_ or (np.issubdtype(m.dtype, np.integer) and np.isin(m, (0, 1)).all())
     ):
         raise ArgumentTypeError(
-            f"{where}: {name}={_short(mask)} must be a bool (or 0/1 int) array of shape {shape}"
+            f"{where}: {name}={short_repr(mask)} must be a bool (or 0/1 int) array of shape {shape}"
         )
     if m.shape != tuple(shape):
         raise ArgumentError(
@@ -527,7 +533,7 @@ def _check_load_args(source, dtype, verbose, where: str = "pk.load"):
     """-> dtype as checkpoints.as_dtype gives it."""
     if not isinstance(source, (str, os.PathLike)):
         raise ArgumentTypeError(
-            f"{where}: source={_short(source)} must be 'demo', a checkpoint name (see "
+            f"{where}: source={short_repr(source)} must be 'demo', a checkpoint name (see "
             "pk.CHECKPOINTS), a .npz path or a transformers folder, not a "
             f"{type(source).__name__}"
         )
@@ -572,7 +578,7 @@ def _with_overrides(config: PaliGemmaConfig, overrides: dict, where: str) -> Pal
             if bad or (isinstance(value, (int, float)) and not isinstance(value, bool)
                        and not np.isfinite(value)):  # fmt: skip
                 raise ArgumentTypeError(
-                    f"{where}: override {f.name}={_short(value)} must be a finite "
+                    f"{where}: override {f.name}={short_repr(value)} must be a finite "
                     f"{type(old).__name__}, like the current value {old!r}"
                 )
     return new
@@ -655,14 +661,30 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> None:
 DEMO_FILE = "demo_model.npz"
 
 
-def _find_tokenizer(folder: Path, vocab: int) -> Tokenizer | None:
-    for name in ("paligemma_tokenizer.model", "tokenizer.model"):
-        if (folder / name).exists():
-            return Tokenizer(folder / name)
-    demo = asset_dir() / "tokenizer.model"
-    if demo.exists() and vocab == Tokenizer(demo).vocab_size:
-        return Tokenizer(demo)
-    return None
+def resolve_checkpoint(source, where: str | None = None):
+    """A checkpoint name or a path -> ``(path, CheckpointInfo or None)``.
+
+    A name from ``pk.CHECKPOINTS`` (or any ``paligemma-``/``paligemma2-`` name that
+    is not a file here) is downloaded through ``pali_kit.hub`` and comes with its
+    registry entry; anything else must be an existing file or folder.
+    ``where`` prefixes the error (e.g. ``"--model"``).
+    """
+    if (
+        isinstance(source, str)
+        and not Path(source).exists()
+        and (source in CHECKPOINTS or source.startswith(("paligemma-", "paligemma2-")))
+    ):
+        from . import hub
+
+        info = checkpoint_info(source)
+        return Path(hub.download(info)), info
+    path = Path(source)
+    if not path.exists():
+        raise MissingFileError(
+            f"{where + ' ' if where else ''}{source}: no such file or folder, and not a checkpoint "
+            "name (see pk.CHECKPOINTS for names such as 'paligemma2-3b-pt-224')"
+        )
+    return path, None
 
 
 def _demo(dtype, overrides, quantize=None):
@@ -713,24 +735,9 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     if source == "demo":
         model = _demo(dtype, overrides, quantize)
     else:
-        name = None
-        if (
-            isinstance(source, str)
-            and not Path(source).exists()
-            and (source in CHECKPOINTS or source.startswith(("paligemma-", "paligemma2-")))
-        ):
-            info = checkpoint_info(source)
-            from . import hub
-
-            name, text_len = info.name, info.text_len
-            path = Path(hub.download(info))
-        else:
-            path = Path(source)
-            if not path.exists():
-                raise MissingFileError(
-                    f"{source}: no such file or folder, and not a checkpoint name "
-                    "(see pk.CHECKPOINTS for names such as 'paligemma2-3b-pt-224')"
-                )
+        path, info = resolve_checkpoint(source)
+        name = info.name if info is not None else None
+        text_len = info.text_len if info is not None else text_len
         if path.is_dir():
             from . import hf
 
@@ -743,12 +750,12 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
             params = checkpoints.load_params(path, dtype, quantize=quantize)
             config = checkpoints.infer_config(params, str(path))
             if name is not None:
-                config = _registry_semantics(config, checkpoint_info(name).config)
+                config = registry_semantics(config, checkpoint_info(name).config)
             config = _with_overrides(config, overrides, "pk.load")
             _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
                                  str(path))  # fmt: skip
             checkpoints.check_params(params, config, str(path))
-        tok = _as_tokenizer(tokenizer) or _find_tokenizer(path.parent if path.is_file() else path,
+        tok = _as_tokenizer(tokenizer) or find_tokenizer(path.parent if path.is_file() else path,
                                                           config.llm.vocab_size)  # fmt: skip
         model = _owning(Model(params, config, tok, name=name or path.name, text_len=text_len))
     if verbose:  # a status line: on stderr, so that printed answers can be redirected cleanly
@@ -756,23 +763,12 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     return model
 
 
-def _registry_semantics(inferred: PaliGemmaConfig, registered: PaliGemmaConfig):
-    """Shapes say the architecture; the registry adds what shapes can't (query scale, softcaps)."""
-    llm = inferred.llm
-    return inferred.replace(
-        query_pre_attn_norm=registered.llm.query_pre_attn_norm,
-        attn_logits_softcap=registered.llm.attn_logits_softcap,
-        final_logits_softcap=registered.llm.final_logits_softcap,
-        llm_variant=registered.llm.variant if llm.variant == "custom" else llm.variant,
-    )
-
-
 def _as_tokenizer(tokenizer):
     if tokenizer is None or isinstance(tokenizer, Tokenizer):
         return tokenizer
     if not isinstance(tokenizer, (str, os.PathLike)):
         raise ArgumentTypeError(
-            f"pk.load: tokenizer={_short(tokenizer)} must be a path to a SentencePiece "
+            f"pk.load: tokenizer={short_repr(tokenizer)} must be a path to a SentencePiece "
             "tokenizer.model or a pk.Tokenizer"
         )
     if not Path(tokenizer).is_file():

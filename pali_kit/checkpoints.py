@@ -36,7 +36,7 @@ from .configs import (
     VisionConfig,
 )
 from .errors import CheckpointError  # noqa: F401  (defined with the kit's other errors)
-from .model.common import to_device
+from .model.common import aligned_empty, to_device
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
 QUANT_CHUNK_BYTES = 1 << 22  # 4 MiB slices when quantizing while reading
@@ -123,21 +123,6 @@ def _read_header(f, path, key):
     return shape, fortran, descr
 
 
-def _aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialised C-order array whose data starts on a 2 MiB boundary.
-
-    JAX can adopt page-aligned memory as it is (``device_put(..., may_alias=True)``)
-    instead of copying it, so loading touches every byte of the weights once;
-    2 MiB alignment lets the kernel back it with huge pages (faster first touch).
-    """
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    align = 1 << 21 if nbytes >= 1 << 22 else 64
-    raw = np.empty(nbytes + align, np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
 class _Crc:
     """CRC-32 of a member's bytes, computed on a helper thread while reading goes on."""
 
@@ -187,6 +172,27 @@ def _corrupt(path, key, error: Exception) -> CheckpointError:
     )
 
 
+def _start_member(f, raw_member: bool, path, key, dtype: np.dtype | None):
+    """Read a member's .npy header -> (shape, fortran, stored, out_dtype, raw_dtype, crc).
+
+    ``stored``: the array's dtype (bfloat16 for big_vision's 2-byte void);
+    ``out_dtype``: ``dtype`` for float members when given, else ``stored``;
+    ``raw_dtype``: how the bytes are read; ``crc``: for a stored member, the zip
+    CRC-32 started over the header bytes (None when zipfile checks it).
+    """
+    start = f.tell() if raw_member else 0
+    shape, fortran, descr = _read_header(f, path, key)
+    stored = _stored_dtype(descr, path, key)
+    crc = None
+    if raw_member:  # the zip's CRC-32 covers the .npy header too
+        header_len = f.tell() - start
+        f.seek(start)
+        crc = _Crc(f.read(header_len))
+    out_dtype = dtype if dtype is not None and _is_float(stored) else stored
+    raw_dtype = np.dtype(np.uint16) if descr.kind == "V" else np.dtype(descr.str)
+    return shape, fortran, stored, out_dtype, raw_dtype, crc
+
+
 def _read_member(zf, info, path, key, dtype: np.dtype | None) -> np.ndarray:
     """Read one .npy member straight into a new page-aligned array, casting if asked.
 
@@ -195,18 +201,11 @@ def _read_member(zf, info, path, key, dtype: np.dtype | None) -> np.ndarray:
     """
     f, raw_member = _open_member(zf, info, path)
     try:
-        start = f.tell() if raw_member else 0
-        shape, fortran, descr = _read_header(f, path, key)
-        stored = _stored_dtype(descr, path, key)
-        crc = None
-        if raw_member:
-            header_len = f.tell() - start
-            f.seek(start)
-            crc = _Crc(f.read(header_len))
-        out_dtype = dtype if dtype is not None and _is_float(stored) else stored
-        out = _aligned_empty(shape[::-1] if fortran else shape, out_dtype)
+        shape, fortran, stored, out_dtype, raw_dtype, crc = _start_member(
+            f, raw_member, path, key, dtype
+        )
+        out = aligned_empty(shape[::-1] if fortran else shape, out_dtype)
         flat = out.reshape(-1)
-        raw_dtype = np.dtype(np.uint16) if descr.kind == "V" else np.dtype(descr.str)
         per_chunk = max(1, CHUNK_BYTES // raw_dtype.itemsize)
         cast = out_dtype != stored or raw_dtype.byteorder not in "=|"
         scratch = np.empty(min(per_chunk, max(flat.size, 1)), raw_dtype) if cast else None
@@ -242,22 +241,15 @@ def _iter_member_rows(zf, info, path, key, dtype: np.dtype | None, rows_bytes: i
     """
     f, raw_member = _open_member(zf, info, path)
     try:
-        start = f.tell() if raw_member else 0
-        shape, fortran, descr = _read_header(f, path, key)
-        stored = _stored_dtype(descr, path, key)
+        shape, fortran, stored, out_dtype, raw_dtype, crc = _start_member(
+            f, raw_member, path, key, dtype
+        )
         if fortran or len(shape) == 0:
             f.close()
             whole = _read_member(zf, info, path, key, dtype)
             yield 0, whole.reshape(-1, *whole.shape[lead:])
             return
         shape = (int(np.prod(shape[:lead], dtype=np.int64)), *shape[lead:])
-        crc = None
-        if raw_member:
-            header_len = f.tell() - start
-            f.seek(start)
-            crc = _Crc(f.read(header_len))
-        out_dtype = dtype if dtype is not None and _is_float(stored) else stored
-        raw_dtype = np.dtype(np.uint16) if descr.kind == "V" else np.dtype(descr.str)
         row = int(np.prod(shape[1:], dtype=np.int64))
         n_rows = max(1, rows_bytes // max(1, row * raw_dtype.itemsize))
         for first in range(0, shape[0], n_rows):

@@ -219,24 +219,14 @@ def _resolve(model: str, tokenizer_path: str | None):
     """(checkpoint path, config, tokenizer, text_len) of a ``--model`` value."""
     from . import api, checkpoints
     from .assets import asset_dir
-    from .configs import CHECKPOINTS, checkpoint_info
-    from .tokenizer import Tokenizer
+    from .configs import registry_semantics
+    from .tokenizer import Tokenizer, find_tokenizer
 
     registered = None
     if model == "demo":
         path = asset_dir() / api.DEMO_FILE
-    elif not Path(model).exists() and (model in CHECKPOINTS or model.startswith("paligemma")):
-        from . import hub
-
-        registered = checkpoint_info(model)
-        path = Path(hub.download(registered))
     else:
-        path = Path(model)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"--model {model}: no such file, and not 'demo' or a checkpoint name "
-                "(see pk.CHECKPOINTS for names such as 'paligemma2-3b-pt-224')"
-            )
+        path, registered = api.resolve_checkpoint(model, where="--model")
         if path.is_dir():
             raise ValueError(
                 f"--model {model} is a folder: finetune reads a big_vision .npz; write one with "
@@ -246,13 +236,13 @@ def _resolve(model: str, tokenizer_path: str | None):
               if k.startswith(("img/", "llm/"))}  # fmt: skip
     config = checkpoints.infer_config(shapes, str(path))
     if registered is not None:
-        config = api._registry_semantics(config, registered.config)
+        config = registry_semantics(config, registered.config)
     if tokenizer_path is not None:
         tokenizer = Tokenizer(tokenizer_path)
     elif model == "demo":
         tokenizer = Tokenizer.demo()
     else:
-        tokenizer = api._find_tokenizer(path.parent, config.llm.vocab_size)
+        tokenizer = find_tokenizer(path.parent, config.llm.vocab_size)
         if tokenizer is None:
             raise FileNotFoundError(
                 f"no tokenizer beside {path} (paligemma_tokenizer.model): pass --tokenizer PATH"

@@ -330,3 +330,14 @@ def resolve_config(name_or_config) -> PaliGemmaConfig:
     if isinstance(name_or_config, str):
         return checkpoint_info(name_or_config).config
     raise TypeError(f"expected a checkpoint name or PaliGemmaConfig, got {type(name_or_config)}")
+
+
+def registry_semantics(inferred: PaliGemmaConfig, registered: PaliGemmaConfig):
+    """Shapes say the architecture; the registry adds what shapes can't (query scale, softcaps)."""
+    llm = inferred.llm
+    return inferred.replace(
+        query_pre_attn_norm=registered.llm.query_pre_attn_norm,
+        attn_logits_softcap=registered.llm.attn_logits_softcap,
+        final_logits_softcap=registered.llm.final_logits_softcap,
+        llm_variant=registered.llm.variant if llm.variant == "custom" else llm.variant,
+    )

@@ -261,8 +261,8 @@ def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str):
         )
 
     return (
-        _count_traces(jax.jit(prefill), "prefill"),
-        _count_traces(jax.jit(step, donate_argnums=(2,)), "step"),
+        count_traces(jax.jit(prefill), "prefill"),
+        count_traces(jax.jit(step, donate_argnums=(2,)), "step"),
     )
 
 
@@ -274,7 +274,7 @@ def _sampler_fn(sampler: Sampler):
         tok, logp = _choose(logits, jax.random.fold_in(rng, t), sampler, logit_mask)
         return _finish(tok, logp, done)
 
-    return _count_traces(jax.jit(choose), "sample")
+    return count_traces(jax.jit(choose), "sample")
 
 
 @functools.lru_cache(maxsize=64)
@@ -288,7 +288,7 @@ def _constrained_fn(sampler: Sampler):
         tok, logp, done = _finish(tok, logp, done)
         return tok, logp, done, constrain.advance(tables, state, tok)
 
-    return _count_traces(jax.jit(choose), "sample")
+    return count_traces(jax.jit(choose), "sample")
 
 
 def _finish(tok, logp, done):
@@ -301,7 +301,7 @@ def _finish(tok, logp, done):
 COMPILES = {"prefill": 0, "step": 0, "sample": 0, "beam": 0}
 
 
-def _count_traces(fn, name):
+def count_traces(fn, name):
     """Wrap a jitted function so tracing it (i.e. compiling a new shape) is counted."""
 
     def wrapper(*args):
@@ -321,7 +321,7 @@ def compile_count() -> int:
 # --- the loop ----------------------------------------------------------------------------
 
 
-def _pad_rows(x, b):
+def pad_rows(x, b):
     """Pad axis 0 to ``b`` rows by repeating the last row."""
     x = np.asarray(x)
     if x.shape[0] == b:
@@ -377,9 +377,9 @@ def iter_tokens(
     prefill, step = _jitted(config, cache_size, cache_dtype)
     choose = _sampler_fn(sampler)
 
-    text = np.pad(_pad_rows(text, bb), ((0, 0), (0, tt - t)))
-    mask_input = np.pad(_pad_rows(mask_input, bb), ((0, 0), (0, tt - t)))
-    images = _pad_rows(images, bb)
+    text = np.pad(pad_rows(text, bb), ((0, 0), (0, tt - t)))
+    mask_input = np.pad(pad_rows(mask_input, bb), ((0, 0), (0, tt - t)))
+    images = pad_rows(images, bb)
     done = np.arange(bb) >= b  # dummy rows count as finished
     rng = jax.random.key(seed)
     mask = None if logit_mask is None else jnp.asarray(logit_mask, bool)
@@ -517,8 +517,8 @@ def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, wid
         return top(logits, mask, t, tables, cstate), cache, valid, pos + 1, cstate
 
     return (
-        _count_traces(jax.jit(prefill), "beam"),
-        _count_traces(jax.jit(step, donate_argnums=(2,)), "beam"),
+        count_traces(jax.jit(prefill), "beam"),
+        count_traces(jax.jit(step, donate_argnums=(2,)), "beam"),
     )
 
 

@@ -123,7 +123,7 @@ def check_keywords(where: str, kw: dict, allowed: Iterable[str]) -> None:
     allowed = sorted(allowed)
     for name in kw:
         raise ArgumentTypeError(
-            f"{where}() got an unexpected keyword {name}={_short(kw[name])}{did_you_mean(name, allowed)}; "
+            f"{where}() got an unexpected keyword {name}={short_repr(kw[name])}{did_you_mean(name, allowed)}; "
             f"it takes: {', '.join(allowed)}"
         )
 
@@ -134,7 +134,7 @@ def check_int(value, name: str, where: str, *, low: int | None = None,
     allowed = _int_range(low, high)
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise ArgumentTypeError(
-            f"{where}: {name}={_short(value)} ({type(value).__name__}) must be an int"
+            f"{where}: {name}={short_repr(value)} ({type(value).__name__}) must be an int"
             + (f" {allowed}" if allowed else "")
             + (f"; {fix}" if fix else "")
         )
@@ -158,7 +158,7 @@ def positive_int(value, name: str) -> int:
 def check_bool(value, name: str, where: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ArgumentTypeError(
-            f"{where}: {name}={_short(value)} must be True or False, not a {type(value).__name__}"
+            f"{where}: {name}={short_repr(value)} must be True or False, not a {type(value).__name__}"
         )
     return bool(value)
 
@@ -174,11 +174,11 @@ def check_float_dtype(value, name: str, where: str, *, allow_none: bool = True):
         dtype = jnp.dtype(value)
     except Exception:
         raise ArgumentError(
-            f"{where}: {name}={_short(value)} is not a dtype; use {allowed}"
+            f"{where}: {name}={short_repr(value)} is not a dtype; use {allowed}"
         ) from None
     if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
         raise ArgumentError(
-            f"{where}: {name}={_short(value)} ({dtype.name}) is not a float dtype: "
+            f"{where}: {name}={short_repr(value)} ({dtype.name}) is not a float dtype: "
             f"values would be rounded to integers; use {allowed}"
         )
     return dtype
@@ -200,6 +200,3 @@ def short_repr(value, limit: int = 60) -> str:
         return f"<{type(value).__name__} shape {tuple(value.shape)} {value.dtype}>"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-_short = short_repr  # the former name, still used in this module and by api.py

@@ -341,9 +341,9 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
     in place (``_reduce_matvec``; no float copy of the weight). Otherwise the
     weight is dequantized to the dtype it stands for (a chunk of rows at a time
     for the output layer) and multiplied under the numerics policy
-    (``pali_kit.model.cpu.matmul``).
+    (``pali_kit.model.common.policy_matmul``).
     """
-    from .model.cpu import matmul as policy_matmul
+    from .model.common import policy_matmul
 
     if x.shape[-1] != q.in_size:
         raise ValueError(
@@ -579,7 +579,7 @@ def quantize_rows_of(rows: Iterable, shape, dtype, scheme: str, in_axes) -> QArr
     Axis 0 must not be contracted unless there is a single slice. Returns a
     QArray of numpy arrays (page-aligned, so JAX can adopt them without a copy).
     """
-    from .checkpoints import _aligned_empty
+    from .model.common import aligned_empty
 
     values = scales = in_shape = None
     for start, part in rows:
@@ -589,8 +589,8 @@ def quantize_rows_of(rows: Iterable, shape, dtype, scheme: str, in_axes) -> QArr
             values, scales = q.values, q.scales
             break
         if values is None:
-            values = _aligned_empty((shape[0], *q.values.shape[1:]), np.int8)
-            scales = _aligned_empty((shape[0], *q.scales.shape[1:]), np.float32)
+            values = aligned_empty((shape[0], *q.values.shape[1:]), np.int8)
+            scales = aligned_empty((shape[0], *q.scales.shape[1:]), np.float32)
         values[start : start + len(part)] = q.values
         scales[start : start + len(part)] = q.scales
         del q, part
@@ -628,7 +628,7 @@ def for_cpu(q: QArray) -> CpuQArray:
     """
     if isinstance(q, CpuQArray):
         return q
-    from .model.cpu import BLOCK
+    from .model.common import BLOCK
 
     groups = q.scales.shape[-1]
     kernel = (_host_view(q.values, (-1, q.values.shape[-1])), _host_view(q.scales, (-1, groups)))

@@ -120,7 +120,7 @@ def _score_fn(config, loc_offset: int, window: int):
         is_loc = (b >= 0) & (b < NUM_LOC)
         return tok_lp, jnp.where(is_loc, near_lp, tok_lp)
 
-    return decode._count_traces(jax.jit(fn), "score")
+    return decode.count_traces(jax.jit(fn), "score")
 
 
 def token_logprobs(model, pixels, head_ids, answers, *, window: int = WINDOW, chunk: int = 8):
@@ -149,7 +149,7 @@ def token_logprobs(model, pixels, head_ids, answers, *, window: int = WINDOW, ch
             text[r, : len(seq)], mask_input[r, : len(seq)] = seq, True
             mask_ar[r, : len(head_ids[i])] = 0
         mask_input[len(rows) :, 0] = True  # padding rows: one real token
-        px = decode._pad_rows(pixels[s : s + len(rows)], bb)
+        px = decode.pad_rows(pixels[s : s + len(rows)], bb)
         tok_lp, near_lp = (np.asarray(a) for a in fn(model.run_params, px, text, mask_ar,
                                                      mask_input))  # fmt: skip
         for r, i in enumerate(rows):

@@ -578,3 +578,15 @@ class Tokenizer:
                 stacklevel=2,
             )
         return _stack(list(rows))
+
+
+def find_tokenizer(folder: Path, vocab: int) -> Tokenizer | None:
+    """The tokenizer beside a checkpoint (``paligemma_tokenizer.model`` or ``tokenizer.model``
+    in ``folder``), else the demo tokenizer when its vocabulary has ``vocab`` ids, else None."""
+    for name in ("paligemma_tokenizer.model", "tokenizer.model"):
+        if (folder / name).exists():
+            return Tokenizer(folder / name)
+    demo = asset_dir() / "tokenizer.model"
+    if demo.exists() and vocab == Tokenizer(demo).vocab_size:
+        return Tokenizer(demo)
+    return None

@@ -28,20 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "pali_kit"
 
 # Left to the modules' owners; remove an entry once it is gone (the tests warn then).
-KNOWN_CYCLES: set[frozenset[str]] = {
-    # quant imports model.cpu / checkpoints inside functions; both import quant
-    frozenset({"pali_kit.checkpoints", "pali_kit.model", "pali_kit.model.cpu", "pali_kit.quant"}),
-}
-KNOWN_PRIVATE: set[tuple[str, str]] = {
-    ("pali_kit.api", "pali_kit.errors._short"),
-    ("pali_kit.cli_train", "pali_kit.api._registry_semantics"),
-    ("pali_kit.cli_train", "pali_kit.api._find_tokenizer"),
-    ("pali_kit.tasks", "pali_kit.decode._count_traces"),
-    ("pali_kit.tasks", "pali_kit.decode._pad_rows"),
-    ("pali_kit.model.cpu", "pali_kit.model.common._expand_ellipsis"),
-    ("pali_kit.model.cpu", "pali_kit.model.common._labels"),
-    ("pali_kit.quant", "pali_kit.checkpoints._aligned_empty"),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()
+KNOWN_PRIVATE: set[tuple[str, str]] = set()
 # subpackages whose modules import the kit relatively (``from ..x import y``)
 RELATIVE_ONLY = ("pali_kit.data", "pali_kit.train")
 

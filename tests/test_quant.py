@@ -93,10 +93,10 @@ def test_quantized_product_equals_dequantized_product(
     # the odd ones): float32 re-association bounds the difference by
     # ~K * eps * sum_k |x_k| |w_k|. "blocks": the CPU path with column blocks of
     # at most 96 bytes (for_cpu copies them; int4 splits at group boundaries).
-    from pali_kit.model import cpu
+    from pali_kit.model import common
 
     if cpu_reduce == "blocks":
-        monkeypatch.setattr(cpu, "BLOCK", 96)
+        monkeypatch.setattr(common, "BLOCK", 96)  # read by quant.for_cpu
     rng = np.random.default_rng(2)
     x = rng.standard_normal(xs).astype(np.float32)
     if cpu_reduce:

@@ -97,7 +97,7 @@ def policy_einsum(eq: str, x, w, compute_dtype: str | None = None):
         return jnp.einsum(eq, x, w.astype(jnp.float32))
     if compute_dtype is not None:  # explicit opt-in: no scaling
         return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
-    return _half_einsum(_expand_ellipsis(eq, x.ndim), x, w)
+    return _half_einsum(expand_ellipsis(eq, x.ndim), x, w)
 
 
 def scale_rows(x, axes: tuple[int, ...]):
@@ -121,7 +121,7 @@ def half_product(eq: str, x, w):
     eq: an einsum without ellipsis. For narrow-range dtypes (float16) x is
     scaled per row (over the axes the product sums over) by ``scale_rows``.
     """
-    xl, wl, ol = _labels(eq)
+    xl, wl, ol = einsum_labels(eq)
     if not narrow_range(w.dtype):
         return jnp.einsum(eq, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
     summed = tuple(i for i, label in enumerate(xl) if label not in ol)
@@ -147,7 +147,7 @@ def _half_einsum_fwd(eq, x, w):
 def _half_einsum_bwd(eq, residuals, g):
     # d/dx: the same range-safe product of the float32 cotangent with w; d/dw in float32.
     x, w = residuals
-    xl, wl, ol = _labels(eq)
+    xl, wl, ol = einsum_labels(eq)
     gx = half_product(f"{ol},{wl}->{xl}", g.astype(jnp.float32), w)
     gw = jnp.einsum(f"{xl},{ol}->{wl}", x, g.astype(jnp.float32))
     return gx.astype(x.dtype), gw.astype(w.dtype)
@@ -156,17 +156,17 @@ def _half_einsum_bwd(eq, residuals, g):
 _half_einsum.defvjp(_half_einsum_fwd, _half_einsum_bwd)
 
 
-def _labels(eq: str) -> tuple[str, str, str]:
+def einsum_labels(eq: str) -> tuple[str, str, str]:
     inputs, out = eq.replace(" ", "").split("->")
     xl, wl = inputs.split(",")
     return xl, wl, out
 
 
-def _expand_ellipsis(eq: str, x_ndim: int) -> str:
+def expand_ellipsis(eq: str, x_ndim: int) -> str:
     """'...d,dv->...v' -> 'ABd,dv->ABv' for a 3-D x (only x and the output may use '...')."""
     if "..." not in eq:
         return eq
-    xl, wl, ol = _labels(eq)
+    xl, wl, ol = einsum_labels(eq)
     n = x_ndim - (len(xl) - 3)
     fill = "".join(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq)[:n]
     return f"{xl.replace('...', fill)},{wl}->{ol.replace('...', fill)}"
@@ -262,3 +262,40 @@ def run_stack(
         step = jax.checkpoint(step) if remat else step
         carry = step(layer_slice(stacked, i), carry)
     return carry
+
+
+# The widest (out, in) block XLA:CPU's fast one-row kernel takes: the CPU inference
+# layout (model/cpu.py) and quantized weights on the CPU (quant.for_cpu) cut wider
+# matrices into blocks of at most this many columns.
+BLOCK = 2304
+
+
+def policy_matmul(x, w, compute_dtype=None, contract_rhs: int = 0):
+    """2-D ``x @ w`` (``x @ w.T`` with contract_rhs=1) -> float32, under the numerics policy."""
+    dims = (((1,), (contract_rhs,)), ((), ()))
+    x = x.astype(jnp.float32)
+    dtype = operand_dtype(w.dtype, compute_dtype)
+    if dtype == jnp.float32:
+        return jax.lax.dot_general(x, w.astype(jnp.float32), dims)
+    if compute_dtype is None and narrow_range(dtype):
+        xs, scale = scale_rows(x, (1,))
+        y = jax.lax.dot_general(xs.astype(dtype), w, dims, preferred_element_type=jnp.float32)
+        return y * scale
+    return jax.lax.dot_general(
+        x.astype(dtype), w.astype(dtype), dims, preferred_element_type=jnp.float32
+    )
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised C-order array whose data starts on a 2 MiB boundary.
+
+    JAX can adopt page-aligned memory as it is (``device_put(..., may_alias=True)``)
+    instead of copying it, so loading touches every byte of the weights once;
+    2 MiB alignment lets the kernel back it with huge pages (faster first touch).
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    align = 1 << 21 if nbytes >= 1 << 22 else 64
+    raw = np.empty(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start : start + nbytes].view(dtype).reshape(shape)

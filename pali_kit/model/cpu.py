@@ -38,15 +38,14 @@ import numpy as np
 
 from .. import quant
 from .common import (
-    _expand_ellipsis,
-    _labels,
+    BLOCK,
+    einsum_labels,
+    expand_ellipsis,
     narrow_range,
-    operand_dtype,
     scale_rows,
     to_device,
 )
-
-BLOCK = 2304  # the widest (out, in) block XLA:CPU's fast one-row kernel takes
+from .common import policy_matmul as matmul
 
 
 @jax.tree_util.register_pytree_node_class
@@ -91,7 +90,7 @@ class Matrix:
         W's axes in ``eq``: the group axes first, then the contracted axes (which
         must be x's trailing axes, in the same order) and the output axes in any order.
         """
-        xl, wl, ol = _labels(_expand_ellipsis(eq, x.ndim))
+        xl, wl, ol = einsum_labels(expand_ellipsis(eq, x.ndim))
         g_labels, rest = wl[: len(self.gshape)], wl[len(self.gshape) :]
         c_labels = "".join(c for c in rest if c in xl)
         f_labels = "".join(c for c in rest if c not in xl)
@@ -137,22 +136,6 @@ class Matrix:
         # Summing behind a barrier keeps each product a separate matmul kernel
         # (an add fused into it would make XLA:CPU convert the block first).
         return sum(jax.lax.optimization_barrier(tuple(parts)))
-
-
-def matmul(x, w, compute_dtype=None, contract_rhs: int = 0):
-    """2-D ``x @ w`` (``x @ w.T`` with contract_rhs=1) -> float32, under the numerics policy."""
-    dims = (((1,), (contract_rhs,)), ((), ()))
-    x = x.astype(jnp.float32)
-    dtype = operand_dtype(w.dtype, compute_dtype)
-    if dtype == jnp.float32:
-        return jax.lax.dot_general(x, w.astype(jnp.float32), dims)
-    if compute_dtype is None and narrow_range(dtype):
-        xs, scale = scale_rows(x, (1,))
-        y = jax.lax.dot_general(xs.astype(dtype), w, dims, preferred_element_type=jnp.float32)
-        return y * scale
-    return jax.lax.dot_general(
-        x.astype(dtype), w.astype(dtype), dims, preferred_element_type=jnp.float32
-    )
 
 
 # --- building the layout ---------------------------------------------------------------
