@@ -1,10 +1,10 @@
 """load_hf: a transformers PaliGemma folder -> (params, config) in the big_vision tree.
 
 The stacked ``[L, ...]`` arrays are filled layer by layer straight from the
-files (numpy never holds a second stacked copy); each finished array is then
-copied into JAX, so host memory peaks near the weights plus twice the largest
-stacked array, plus the file pages the safetensors library maps (clean pages
-the OS can drop). Reading needs no torch.
+files into page-aligned memory that JAX adopts without a copy, so host memory
+peaks near one copy of the weights (bench/load_hf.py),
+plus the file pages the safetensors library maps (clean pages the OS can drop).
+Reading needs no torch.
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ..checkpoints import CheckpointError, as_dtype, check_params, infer_config, unflatten
 from ..configs import PaliGemmaConfig
+from ..model.common import aligned_empty, to_device
 from .config import config_from_hf, summary
 from .files import SafetensorsFolder
 from .mapping import Rule, depth, hf_shapes, layered, rules
@@ -76,22 +76,27 @@ def load_hf(folder, dtype=None, progress: bool | None = None) -> tuple[dict, Pal
 
 
 def _load_rule(tensors: SafetensorsFolder, rule: Rule, config, dtype) -> jax.Array:
-    """Build one big_vision array; a stacked one is filled layer by layer."""
+    """Build one big_vision array; a stacked one is filled layer by layer.
+
+    The array is written into page-aligned memory that JAX adopts without a
+    copy (as the .npz reader does), so memory peaks near one copy of the weights
+    plus one layer, not two copies of the largest stack.
+    """
     if not layered(rule):
         parts = [tensors.read(name) for name in rule.hf]
-        out = np.asarray(rule.to_kit(*parts, config), dtype or parts[0].dtype)
-        return jnp.asarray(out)
+        value = rule.to_kit(*parts, config)
+        out = aligned_empty(np.shape(value), dtype or parts[0].dtype)
+        out[...] = value
+        return to_device(out)
     out = None
     for i in range(depth(rule, config)):
         parts = [tensors.read(name.format(i=i)) for name in rule.hf]
         layer = rule.to_kit(*parts, config)
         if out is None:
-            out = np.empty((depth(rule, config), *layer.shape), dtype or parts[0].dtype)
+            out = aligned_empty((depth(rule, config), *layer.shape), dtype or parts[0].dtype)
         out[i] = layer
         del parts, layer
-    array = jnp.asarray(out)
-    del out
-    return array
+    return to_device(out)
 
 
 def _check_head(tensors: SafetensorsFolder, config: PaliGemmaConfig) -> None:
