@@ -731,13 +731,11 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     dtype = _check_load_args(source, dtype, verbose)
     quant.check_scheme(quantize)
     enable_compilation_cache()
-    text_len = None
     if source == "demo":
         model = _demo(dtype, overrides, quantize)
     else:
         path, info = resolve_checkpoint(source)
-        name = info.name if info is not None else None
-        text_len = info.text_len if info is not None else text_len
+        name, text_len = (info.name, info.text_len) if info is not None else (None, None)
         if path.is_dir():
             from . import hf
 

@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from .atomic import atomic_write
 from .cli_args import add_weight_args
 
 
@@ -55,7 +56,8 @@ def _demo(args) -> int:
                 for d in pk.parse_detections(r.text, w, h)[:1]]  # fmt: skip
         drawn = viz.draw_caption(viz.draw_detections(picture, dets), results[0].text)
         target = out / f"{Path(name).stem}_demo.png"
-        drawn.save(target)
+        with atomic_write(target) as f:
+            drawn.save(f, format="PNG")
         print(f"  {len(dets)} boxes drawn -> {target}")
     print(f"\nin-domain images: {right} of {graded} answers right; "
           f"{len(truths)} images in {time.perf_counter() - t0:.1f} s")  # fmt: skip
@@ -89,7 +91,8 @@ def _demo_world(model, out: Path, n: int = 50) -> None:
     dets = [d for r in results for d in parse_segments(r.text, vae, big, big)[:1]]
     picture = viz.draw_detections(scene.image.repeat(4, 0).repeat(4, 1), dets)
     target = out / "scene_segmentation.png"
-    picture.save(target)
+    with atomic_write(target) as f:
+        picture.save(f, format="PNG")
     print(f"\na synthetic scene ({scene.caption()}): {len(dets)} masks drawn -> {target}")
 
     t0 = time.perf_counter()
