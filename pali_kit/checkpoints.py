@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import struct
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,6 +36,11 @@ from .configs import (
 )
 from .errors import CheckpointError  # noqa: F401  (defined with the kit's other errors)
 from .model.common import aligned_empty, to_device
+
+try:  # ISA-L's CRC-32 (the zip one) runs ~7x faster than zlib's; same values
+    from isal.isal_zlib import crc32
+except ImportError:  # a platform without an isal wheel: zlib's, slower
+    from zlib import crc32
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
 QUANT_CHUNK_BYTES = 1 << 22  # 4 MiB slices when quantizing while reading
@@ -127,12 +131,12 @@ class _Crc:
     """CRC-32 of a member's bytes, computed on a helper thread while reading goes on."""
 
     def __init__(self, initial: bytes):
-        self.value = zlib.crc32(initial)
+        self.value = crc32(initial)
         self._pool = ThreadPoolExecutor(max_workers=1)
         self._last = None
 
     def _update(self, view):
-        self.value = zlib.crc32(view, self.value)  # zlib releases the GIL on big buffers
+        self.value = crc32(view, self.value)  # both release the GIL on big buffers
 
     def add(self, view, wait: bool = False):
         self._last = self._pool.submit(self._update, view)
