@@ -59,6 +59,17 @@ def random_checkpoint(name: str, dtype: str = "float32", folder: Path = BENCH_DI
     return save_arrays(items, path)
 
 
+def warm_page_cache(path: Path) -> None:
+    """Read a file (or every file in a folder) once, so that the next process reads it
+    from the page cache rather than the disk (when memory allows)."""
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file()) if path.is_dir() else [path]
+    buf = bytearray(1 << 24)
+    for name in files:
+        with open(name, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process so far, in GB (10^9 bytes).
 

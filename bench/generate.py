@@ -4,7 +4,8 @@
     python bench/generate.py --dtypes bfloat16 --skip-hf
     python bench/generate.py --llm-depth 2         # a quick check of the script itself
 
-Every measurement runs in a fresh process (cold start, own peak RSS):
+Every measurement runs in a fresh process (cold start, own peak RSS), its weights
+read just before from the page cache:
   kit:  pk.load -> model.generate/stream path (prefill + cached decode), timed per token
   hf:   transformers PaliGemmaForConditionalGeneration on the same weights
         (exported with pk.export_hf), default sdpa attention, token_type_ids given
@@ -26,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import BENCH_DIR, random_checkpoint, table  # noqa: E402
+from common import BENCH_DIR, random_checkpoint, table, warm_page_cache  # noqa: E402
 
 PROMPT = "answer en what is in the picture"
 NEW_TOKENS = 24
@@ -222,7 +223,10 @@ def main():
         # A fresh persistent compilation cache: the first process starts with it
         # empty, a second one (cold process, warm cache) only measures its first token.
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="pk_cache_"))
+        # every cold process reads its weights from the page cache, not the disk
+        warm_page_cache(source)
         kit = child(KIT_CHILD.format(here=str(HERE), args=json.dumps(spec)), env)
+        warm_page_cache(source)
         warm = child(
             KIT_CHILD.format(here=str(HERE), args=json.dumps({**spec, "only_cold": 1})), env
         )
@@ -231,6 +235,7 @@ def main():
         if hf_folder is not None and dtype not in ("int8", "int4"):  # no CPU int8 in transformers
             hspec = dict(folder=str(hf_folder), dtype=dtype, prompt_ids=prompt_ids,
                          new_tokens=args.new_tokens)  # fmt: skip
+            warm_page_cache(hf_folder)
             hf = child(HF_CHILD.format(here=str(HERE), args=json.dumps(hspec)))
         rows.append(_row(dtype, kit, hf))
         print(json.dumps({"dtype": dtype, "kit": kit, "hf": hf}), flush=True)
