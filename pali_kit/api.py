@@ -52,7 +52,7 @@ from .errors import (
 )
 from .images import preprocess
 from .model import PaliGemma, count_params, inference_params, init_params, param_shapes
-from .model.cpu import IN_PLACE_LEAVES, LayoutWhileLoading, official_params, restore_official
+from .model.cpu import IN_PLACE_LEAVES, official_params
 from .tokenizer import Tokenizer, find_tokenizer
 
 
@@ -103,10 +103,6 @@ class Model:
         as needed, e.g. for saving or training). Taking this tree before the
         first inference keeps the arrays as they are (the layout then copies).
         """
-        if self._loaded_layout is not None:  # made while loading, unused: undo it in place
-            restore_official(self._run, self._loaded_layout)
-            self._params, self._run, self._run_replaced = self._loaded_layout, None, False
-            self._loaded_layout = None
         if self._run is not None and self._run_replaced:
             return official_params(self._run, self._params)
         self._owns_params = False  # the caller now holds these arrays: never write over them
@@ -118,7 +114,6 @@ class Model:
         self._run = None
         self._run_replaced = False
         self._owns_params = False  # a caller's tree: never written over
-        self._loaded_layout = None  # see _adopt_layout
 
     @property
     def run_params(self):
@@ -127,23 +122,11 @@ class Model:
         half-precision weights (out, in) blocks, written over the official arrays'
         memory when the model owns them), elsewhere the official tree."""
         if self._run is None:
-            self._set_run(inference_params(self._params, in_place=self._owns_params))
-        self._loaded_layout = None  # inference holds the layout now: params rebuilds from it
+            self._run = inference_params(self._params, in_place=self._owns_params)
+            skeleton = _without_replaced(self._params, self._run) if self._owns_params else None
+            if skeleton is not None:  # the official arrays' memory now holds the blocks
+                self._params, self._run_replaced = skeleton, True
         return self._run
-
-    def _set_run(self, run):
-        self._run = run
-        skeleton = _without_replaced(self._params, run) if self._owns_params else None
-        if skeleton is not None:  # the official arrays' memory now holds the blocks
-            self._params, self._run_replaced = skeleton, True
-
-    def _adopt_layout(self, made) -> None:
-        """Take the (out, in) blocks ``cpu.LayoutWhileLoading`` wrote over this model's
-        own arrays while they were read. Until the first inference, ``params`` can
-        still undo that in place (``cpu.restore_official``), as if nothing was made."""
-        official = self._params
-        self._set_run(inference_params(official, in_place=True, made=made))
-        self._loaded_layout = official if self._run_replaced else None
 
     # --- facts -------------------------------------------------------------------------
     @property
@@ -753,7 +736,6 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     else:
         path, info = resolve_checkpoint(source)
         name, text_len = (info.name, info.text_len) if info is not None else (None, None)
-        made = None  # (out, in) blocks made while reading (a .npz on CPU)
         if path.is_dir():
             from . import hf
 
@@ -763,11 +745,7 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
                                  str(path))  # fmt: skip
             params = quant.quantize_params(params, quantize) if quantize else params
         else:
-            with LayoutWhileLoading() as layout:  # CPU, half precision: transposes overlap reading
-                params = checkpoints.load_params(
-                    path, dtype, quantize=quantize, place=None if quantize else layout.place
-                )
-                made = layout.result()
+            params = checkpoints.load_params(path, dtype, quantize=quantize)
             config = checkpoints.infer_config(params, str(path))
             if name is not None:
                 config = registry_semantics(config, checkpoint_info(name).config)
@@ -778,8 +756,6 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
         tok = _as_tokenizer(tokenizer) or find_tokenizer(path.parent if path.is_file() else path,
                                                           config.llm.vocab_size)  # fmt: skip
         model = _owning(Model(params, config, tok, name=name or path.name, text_len=text_len))
-        if made:
-            model._adopt_layout(made)
     if verbose:  # a status line: on stderr, so that printed answers can be redirected cleanly
         print(f"pali_kit: {model.summary()}", file=sys.stderr)
     return model

@@ -152,8 +152,7 @@ def test_loaded_bf16_model_keeps_one_copy_and_still_gives_the_official_tree(tmp_
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
     path = pk.save(pk.Model(params, config), tmp_path / "m.npz")
     model = pk.load(path, verbose=False)
-    # the official array as read (model.params: see below); pk.load wrote blocks over it
-    stacked = model._loaded_layout["llm"]["layers"]["mlp"]["linear"]
+    stacked = model._params["llm"]["layers"]["mlp"]["linear"]  # (model.params: see below)
     start, end = stacked.unsafe_buffer_pointer(), stacked.unsafe_buffer_pointer() + stacked.nbytes
     run = model.run_params
     # the (out, in) blocks live in the official array's memory: nothing was added
@@ -180,47 +179,10 @@ def test_taking_the_params_before_inference_keeps_them_intact(tmp_path):
     config = tiny_config()
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
     model = pk.load(pk.save(pk.Model(params, config), tmp_path / "m.npz"), verbose=False)
-    made = model._loaded_layout["llm"]["layers"]["mlp"]["linear"]  # blocks, made at load
     held = model.params  # e.g. handed to a Trainer before a first generate
-    # the official values were written back into the same memory (no copy is kept)
-    assert held["llm"]["layers"]["mlp"]["linear"] is made
     assert model.run_params is not None and not model._run_replaced  # the layout copied
     for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
-
-
-def _bits(tree):
-    leaves = jax.tree.leaves(tree)
-    return [np.asarray(a).view(f"u{a.dtype.itemsize}") for a in leaves], jax.tree.structure(tree)
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_layout_made_while_loading_is_the_layout_made_after(tmp_path, dtype):
-    # pk.load writes the (out, in) blocks on a worker thread while the file is read;
-    # the run tree must be the one the layout makes from the loaded official tree
-    config = tiny_config(llm_mlp_dim=BLOCK + 64)  # 2 blocks for the down-projection
-    params = jax.tree.map(lambda a: a.astype(dtype), pk.init_params(config, 0))
-    model = pk.load(pk.save(pk.Model(params, config), tmp_path / "m.npz"), verbose=False)
-    assert model._loaded_layout is not None  # made while loading
-    got, got_tree = _bits(model.run_params)
-    want, want_tree = _bits(inference_params(params))  # after loading, as a copy
-    assert got_tree == want_tree
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_an_error_on_the_layout_thread_is_raised_by_load(tmp_path, monkeypatch):
-    config = tiny_config()
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
-    path = pk.save(pk.Model(params, config), tmp_path / "m.npz")
-
-    def fail(stacked, n_group):
-        raise MemoryError("no room for the scratch copy")
-
-    monkeypatch.setattr(pk.model.cpu, "_out_in_layers", fail)
-    with pytest.raises(MemoryError, match="no room for the scratch copy"):
-        pk.load(path, verbose=False)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])

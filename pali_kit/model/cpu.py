@@ -141,15 +141,15 @@ class Matrix:
 # --- building the layout ---------------------------------------------------------------
 
 
-def inference_params(params, out_in: bool | None = None, in_place: bool = False, made=None):
+def inference_params(params, out_in: bool | None = None, in_place: bool = False):
     """The run tree for compiled inference: ``cpu_layout`` where the arrays live on
     one CPU, otherwise ``params`` unchanged (GPU/TPU run the official tree)."""
     if not all(_on_one_cpu(a) for a in jax.tree.leaves(params)):
         return params
-    return cpu_layout(params, out_in, in_place, made)
+    return cpu_layout(params, out_in, in_place)
 
 
-def cpu_layout(params, out_in: bool | None = None, in_place: bool = False, made=None):
+def cpu_layout(params, out_in: bool | None = None, in_place: bool = False):
     """Official tree -> CPU layout (same nesting; inference only).
 
     Layer stacks become per-layer views (leaves are tuples over layers), every
@@ -157,10 +157,8 @@ def cpu_layout(params, out_in: bool | None = None, in_place: bool = False, made=
     stores the LLM's matrices as (out, in) blocks: a copy of them, or with
     ``in_place`` written over the official arrays' own memory (no memory added;
     those official arrays then hold the blocks and must be dropped: see
-    ``IN_PLACE_LEAVES`` and ``official_params``). ``made``: {path in
-    ``OUT_IN_GROUPS``: per-layer Matrices} already made (``LayoutWhileLoading``);
-    those are used as they are. Arrays that cannot be viewed (not on one CPU)
-    are left as they are.
+    ``IN_PLACE_LEAVES`` and ``official_params``). Arrays that cannot be viewed
+    (not on one CPU) are left as they are.
     """
     img, llm = dict(params["img"]), dict(params["llm"])
     if out_in is None:
@@ -181,88 +179,33 @@ def cpu_layout(params, out_in: bool | None = None, in_place: bool = False, made=
     }
     layers = _split_layers(llm["layers"])
     if layers is not None:
-        made = made or {}
-        llm["layers"] = _stack_of(
-            [
-                _llm_layer(layer, out_in, in_place, {p: m[i] for p, m in made.items()})
-                for i, layer in enumerate(layers)
-            ]
-        )
+        llm["layers"] = _stack_of([_llm_layer(layer, out_in, in_place) for layer in layers])
     return {**params, "img": img, "llm": llm}
 
 
-# The LLM matrices that (out, in) blocks replace, by their path under llm/layers, with
-# the number of leading group axes of one layer's array (per head, key/value, gate/up).
-OUT_IN_GROUPS = {
-    ("attn", "q_einsum", "w"): 1,  # (Nh | W, H)
-    ("attn", "kv_einsum", "w"): 2,  # (2, K | W, H)
-    ("attn", "attn_vec_einsum", "w"): 0,  # (Nh, H, W)
-    ("mlp", "gating_einsum"): 1,  # (2 | W, F)
-    ("mlp", "linear"): 0,  # (F, W)
-}
-IN_PLACE_LEAVES = tuple(OUT_IN_GROUPS)
+# The LLM matrices that (out, in) blocks replace, by their path under llm/layers.
+IN_PLACE_LEAVES = (
+    ("attn", "q_einsum", "w"),
+    ("attn", "kv_einsum", "w"),
+    ("attn", "attn_vec_einsum", "w"),
+    ("mlp", "gating_einsum"),
+    ("mlp", "linear"),
+)
 
 
-def _llm_layer(layer, out_in: bool, in_place: bool = False, made=None):
-    """One LLM layer's matrices as Matrix grids (per head, per key/value, gate/up);
-    ``made``: {path: this layer's Matrix} already made."""
+def _llm_layer(layer, out_in: bool, in_place: bool = False):
+    """One LLM layer's matrices as Matrix grids (per head, per key/value, gate/up)."""
+    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
     if out_in:
         matrix = _own_form(lambda w, n: _out_in_matrix(w, n, in_place))
     else:
         matrix = _own_form(_view_matrix)
-    layer = {**layer, "attn": dict(layer["attn"]), "mlp": dict(layer["mlp"])}
-    for path, n_group in OUT_IN_GROUPS.items():
-        node = layer
-        for key in path[:-2]:
-            node[key] = dict(node[key])
-            node = node[key]
-        node = node[path[-2]]
-        node[path[-1]] = made[path] if made and path in made else matrix(node[path[-1]], n_group)
-    return layer
-
-
-class LayoutWhileLoading:
-    """Makes the LLM's (out, in) blocks on a worker thread while a checkpoint is read.
-
-    ``place(key, array)`` (the ``place`` hook of ``checkpoints.load_params``) puts
-    each array on the device as usual and hands a half-precision LLM matrix on
-    one CPU to a worker, which writes its blocks over its own memory (as
-    ``cpu_layout(in_place=True)`` would) while the reader goes on with the next
-    array: the transposes overlap the reading instead of following it.
-    ``result()`` waits for the worker and returns ``made`` for ``cpu_layout``;
-    an error raised on the worker is raised there. Use it as a context manager
-    (the worker stops at the end). The arrays it was given then hold blocks:
-    only the run tree may use them (or ``restore_official`` undoes it).
-    """
-
-    def __init__(self):
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, "pali_kit_layout")
-        self._jobs = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-    def place(self, key: str, array: np.ndarray) -> jax.Array:
-        a = to_device(array)
-        path = tuple(key.split("/")[2:]) if key.startswith("llm/layers/") else None
-        if path in OUT_IN_GROUPS and a.dtype in (jnp.bfloat16, jnp.float16) and _on_one_cpu(a):
-            self._jobs[path] = self._pool.submit(_out_in_layers, a, OUT_IN_GROUPS[path])
-        return a
-
-    def result(self) -> dict:
-        made = {path: job.result() for path, job in self._jobs.items()}
-        return {path: layers for path, layers in made.items() if layers is not None}
-
-
-def _out_in_layers(stacked, n_group: int):
-    """Per-layer (out, in) Matrices written over a stacked array's memory (None: no views)."""
-    layers = split_leading(stacked)
-    if layers is None:
-        return None
-    return tuple(_out_in_matrix(w, n_group, in_place=True) for w in layers)
+    attn["q_einsum"] = {"w": matrix(attn["q_einsum"]["w"], 1)}  # (Nh | W, H)
+    attn["kv_einsum"] = {"w": matrix(attn["kv_einsum"]["w"], 2)}  # (2, K | W, H)
+    attn["attn_vec_einsum"] = {"w": matrix(attn["attn_vec_einsum"]["w"], 0)}  # (Nh, H, W)
+    mlp["gating_einsum"] = matrix(mlp["gating_einsum"], 1)  # (2 | W, F)
+    mlp["linear"] = matrix(mlp["linear"], 0)  # (F, W)
+    return {**layer, "attn": attn, "mlp": mlp}
 
 
 def _own_form(fn):
@@ -394,39 +337,6 @@ def _unblock(m: Matrix) -> np.ndarray:
     """(out, in) blocks -> the official (groups..., in..., out) array of one layer."""
     groups = [np.concatenate([np.asarray(b).T for b in blocks]) for blocks in m.groups]
     return np.stack(groups).reshape(m.shape)
-
-
-def restore_official(run, official) -> None:
-    """Undo an in-place layout: write the official arrays back over their blocks.
-
-    ``official``: the official tree whose ``IN_PLACE_LEAVES`` hold ``run``'s (out,
-    in) blocks (``cpu_layout(in_place=True)``); afterwards they hold their official
-    values again and ``run`` must not be used. Blocks that were copies are skipped.
-    """
-    for path in IN_PLACE_LEAVES:
-        stacked, matrices = official["llm"]["layers"], run["llm"]["layers"]
-        for key in path:
-            stacked, matrices = stacked[key], matrices[key]
-        target = _writable(stacked)
-        if target is None or not _inside(matrices[0].groups[0][0], stacked):
-            continue
-        flat = target.reshape(len(matrices), -1, matrices[0].shape[-1])  # (layers, in, out)
-        for layer, m in zip(flat, matrices):
-            layer = layer.reshape(len(m.groups), -1, m.shape[-1])  # (groups, in, out)
-            for dest, blocks in zip(layer, m.groups):
-                scratch = np.concatenate([np.asarray(b).reshape(-1) for b in blocks])
-                start = 0
-                for b in blocks:
-                    out, n = b.shape
-                    part = scratch[start * out : (start + n) * out].reshape(out, n)
-                    _transpose_into(part, dest[start : start + n])
-                    start += n
-
-
-def _inside(a, stacked) -> bool:
-    """Whether ``a``'s buffer lies in ``stacked``'s memory."""
-    start = stacked.unsafe_buffer_pointer()
-    return start <= a.unsafe_buffer_pointer() < start + stacked.nbytes
 
 
 def _map_kernels(tree, fn):
