@@ -309,20 +309,24 @@ def test_quantize_argument_is_checked():
     assert quant.check_scheme(None) is None and quant.check_scheme("int4") == "int4"
 
 
-def test_cuda_lowering_feeds_the_integers_to_the_matmul():
+@pytest.mark.parametrize("rows, stored", [(2304, "512x2304"), (9216, "4x512x2304")])
+def test_cuda_lowering_feeds_the_integers_to_the_matmul(rows, stored):
     # What XLA:GPU is given: the int8 weight enters the program as int8 and is
     # converted and scaled right in front of the dot (elementwise producers of
-    # the dot operand, which XLA's GPU fusion merges into the matmul); no
-    # float copy of the weight is a program input or output.
-    q = quant.quantize(jnp.ones((2304, 512)), "int8")
-    x = jax.ShapeDtypeStruct((1, 2304), jnp.bfloat16)
+    # the dot operand, which XLA's GPU fusion merges into the matmul; column
+    # blocks of a wide matrix are joined by a transpose of the integers); no
+    # float copy of the weight is a program input or output, nothing stops fusion.
+    q = quant.quantize(jnp.ones((rows, 512)), "int8")
+    x = jax.ShapeDtypeStruct((1, rows), jnp.bfloat16)
     exported = jax.export.export(
         jax.jit(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16)), platforms=("cuda",)
     )(x, q)
     text = exported.mlir_module()
     main = text[text.index("func.func public @main") :].split("\n")[0]
-    assert "tensor<512x2304xi8>" in main and "tensor<512x2304xbf16>" not in main
+    assert f"tensor<{stored}xi8>" in main
+    assert f"512x{rows}xbf16" not in main and f"{rows}x512xbf16" not in main
     assert "stablehlo.dot_general" in text and "stablehlo.convert" in text
+    assert "optimization_barrier" not in text
 
 
 # --- loading ----------------------------------------------------------------------------
