@@ -227,8 +227,9 @@ class CpuQArray(QArray):
     """A QArray whose products with at most ``REDUCE_ROWS`` rows read the integers in place.
 
     ``kernel``: ``(blocks, scales)`` the way that loop reads them: ``blocks`` a
-    tuple of ``int8[O, bytes]`` covering each output's bytes in order (one view
-    of ``values``, or copies of column blocks of a wide matrix), ``scales``
+    tuple of ``int8[O, bytes]`` covering each output's bytes in order (views of
+    ``values``: the whole rows, or each stored column block; copies only for a
+    wide matrix not stored in blocks), ``scales``
     ``float32[O, groups]`` (a view), made on the host by ``for_cpu``: XLA:CPU
     runs the loop several times slower when the reshape happens inside the
     compiled code. None where no view could be made.
