@@ -251,3 +251,44 @@ def test_device_check_runs_its_small_version_on_the_cpu():
     assert result["plan_total_gb_here"] > 0 and result["step_temp_gb"] >= 0
     if jax.devices()[0].platform == "cpu":  # CPU devices keep no peak count
         assert result["peak_bytes_in_use_gb"] is None
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_finetune_cli_trains_bfloat16_weights_and_records_it(tmp_path, capsys):
+    import json
+
+    import pali_kit as pk
+    from pali_kit import cli
+    from pali_kit.assets import asset_dir
+
+    out = tmp_path / "run"
+    argv = ["finetune", str(asset_dir() / "sample_dataset" / "train.jsonl"), "--model", "demo",
+            "--out", str(out), "--steps", "2", "--batch-size", "4", "--text-len", "24",
+            "--trainable", "llm/layers/attn/.*", "--trainable-dtype", "bfloat16",
+            "--frozen-dtype", "float32", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2] and all(np.isfinite(h["loss"]) for h in history)
+    assert json.loads((out / "run.json").read_text())["trainable_dtype"] == "bfloat16"
+    saved = checkpoints.flatten(checkpoints.load_params(out / "model.npz"))
+    q = np.asarray(saved["llm/layers/attn/q_einsum/w"])
+    before = np.asarray(pk.load("demo").params["llm"]["layers"]["attn"]["q_einsum"]["w"])
+    assert q.dtype == BF16 and not np.array_equal(q, before.astype(BF16))
+    # resuming with another dtype is another run: refused
+    again = [*argv[:-5], "--trainable-dtype", "float32", "--frozen-dtype", "float32",
+             "--no-progress", "--resume"]  # fmt: skip
+    assert cli.main(again) == 2  # a usage error
+    assert "--trainable-dtype bfloat16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["float16", "int8"])
+def test_finetune_cli_rejects_other_trainable_dtypes(bad, tmp_path, capsys):
+    from pali_kit import cli
+
+    argv = ["finetune", "train.jsonl", "--model", "demo", "--out", str(tmp_path),
+            "--trainable-dtype", bad]  # fmt: skip
+    assert cli.main(argv) == 2  # a usage error
+    err = capsys.readouterr().err
+    assert f"--trainable-dtype: '{bad}'" in err and "float32" in err and "bfloat16" in err, err
