@@ -11,7 +11,11 @@ step is compiled abstractly, XLA's memory analysis gives the temporaries):
      device on 2x T4, at ``--batch``;
   3. ``t4_advice``: the largest subset (of those in 2.) that fits at batch
      >= ``--batch``, and its largest batch, on one T4 and on 2x T4;
-  4. how long the compiles took on this host.
+  4. the whole attention on one T4: how far under (+) or over (-) the line;
+  5. how long the compiles took on this host.
+
+Each for the trainable weights in float32 and in bfloat16 (``--trainable-dtype``:
+updated in float32, rounded back stochastically; 2 bytes a weight and a gradient).
 
 ``--check-on-device`` instead runs the plan's configuration for real on the
 first device (``check_on_device``): random weights made on the device (frozen
@@ -193,6 +197,10 @@ def main() -> None:
     parser.add_argument("--model", default="paligemma2-10b-pt-224")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--text-len", type=int, default=128)
+    parser.add_argument("--trainable-dtype", nargs="+", choices=pt.TRAINABLE_DTYPES,
+                        default=list(pt.TRAINABLE_DTYPES),
+                        help="the trainable weights' dtypes to plan (--check-on-device: the "
+                        "last one; default float32 bfloat16)")  # fmt: skip
     parser.add_argument(
         "--check-on-device",
         action="store_true",
@@ -200,7 +208,6 @@ def main() -> None:
     )
     parser.add_argument("--frozen", default="int4", choices=FROZEN,
                         help="frozen weights of --check-on-device")  # fmt: skip
-    parser.add_argument("--trainable-dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument(
         "--plan-on-cpu",
@@ -212,44 +219,81 @@ def main() -> None:
     if args.check_on_device:
         result = check_on_device(args.model, frozen=args.frozen, batch_size=args.batch,
                                  text_len=args.text_len, steps=args.steps,
-                                 trainable_dtype=args.trainable_dtype,
+                                 trainable_dtype=args.trainable_dtype[-1],
                                  plan_on_cpu=args.plan_on_cpu)  # fmt: skip
         print(json.dumps(result))
         return
     kw = dict(batch_size=args.batch, text_len=args.text_len, optimizer="sgd")
+    dtypes = args.trainable_dtype
     start = time.perf_counter()
 
     print(f"### 1. {args.model}, trainable 'attention', batch {args.batch}\n\n```")
-    for frozen in FROZEN:
-        print(pt.plan(args.model, trainable="attention", frozen_dtype=frozen, **kw).table(), "\n")
+    for dtype in dtypes:
+        for frozen in FROZEN:
+            plan = pt.plan(args.model, trainable="attention", frozen_dtype=frozen,
+                           trainable_dtype=dtype, **kw)  # fmt: skip
+            print(plan.table(), "\n")
     print("```\n")
 
-    print(f"### 2. GB needed at batch {args.batch} (text_len {args.text_len}, SGD); "
-          f"usable: {pt.HEADROOM:.0%} of {pt.DEVICES[ONE][0] / pt.GB:.2f} GB\n")  # fmt: skip
-    print("| frozen | trainable | params | one T4 | 2x T4, per device |")
-    print("|---|---|---|---|---|")
-    for frozen in FROZEN[1:]:
-        for subset in SUBSETS:
-            p = pt.plan(args.model, trainable=subset, frozen_dtype=frozen, **kw)
-            cells = [
-                f"{p.need(d) / pt.GB:.2f} ({'fits' if p.fits(d) else 'no'})" for d in (ONE, TWO)
-            ]
-            name = subset.replace("|", "\\|")  # a regex's "|" inside a markdown cell
-            print(f"| {frozen} | `{name}` | {p.num_trainable / 1e6:,.0f} M | {' | '.join(cells)} |")
+    capacity = pt.DEVICES[ONE][0]
+    print(f"### 2. GB needed at batch {args.batch} (text_len {args.text_len}, SGD); a T4 is "
+          f"taken to have {capacity / 2**30:.2f} GiB = {capacity / pt.GB:.2f} GB usable, and "
+          f"'fits' is at most {pt.HEADROOM:.0%} of it: {pt.HEADROOM * capacity / pt.GB:.2f} GB\n")  # fmt: skip
+    print("| frozen | trainable dtype | trainable | params | one T4 | 2x T4, per device |")
+    print("|---|---|---|---|---|---|")
+    for dtype in dtypes:
+        for frozen in FROZEN[1:]:
+            for subset in SUBSETS:
+                p = pt.plan(args.model, trainable=subset, frozen_dtype=frozen,
+                            trainable_dtype=dtype, **kw)  # fmt: skip
+                cells = [f"{p.need(d) / pt.GB:.2f} ({'fits' if p.fits(d) else 'no'})"
+                         for d in (ONE, TWO)]  # fmt: skip
+                name = subset.replace("|", "\\|")  # a regex's "|" inside a markdown cell
+                print(f"| {frozen} | {dtype} | `{name}` | {p.num_trainable / 1e6:,.0f} M | "
+                      f"{' | '.join(cells)} |")  # fmt: skip
 
     print(f"\n### 3. t4_advice (largest subset at batch >= {args.batch}, then its largest batch)")
     print("\n```")
     for device in (ONE, TWO):
-        for frozen in FROZEN[1:]:
-            print(pt.t4_advice(args.model, subsets=SUBSETS, frozen_dtype=frozen, device=device,
-                               text_len=args.text_len, min_batch=args.batch))  # fmt: skip
-
+        for dtype in dtypes:
+            for frozen in FROZEN[1:]:
+                print(pt.t4_advice(args.model, subsets=SUBSETS, frozen_dtype=frozen,
+                                   device=device, text_len=args.text_len, min_batch=args.batch,
+                                   trainable_dtype=dtype))  # fmt: skip
     print("```")
+
+    print(f"\n### 4. The whole attention on one T4 at batch {args.batch}: the margin\n")
+    print(
+        "| frozen | trainable dtype | needs GB | under the 90 % line by | under the "
+        "T4's usable memory by |"
+    )
+    print("|---|---|---|---|---|")
+    for dtype in dtypes:
+        for frozen in FROZEN[1:]:
+            p = pt.plan(args.model, trainable="attention", frozen_dtype=frozen,
+                        trainable_dtype=dtype, **kw)  # fmt: skip
+            need = p.need(ONE)
+            print(
+                f"| {frozen} | {dtype} | {need / pt.GB:.2f} | "
+                f"{(pt.HEADROOM * capacity - need) / pt.GB:+.2f} GB | "
+                f"{(capacity - need) / pt.GB:+.2f} GB ({(capacity - need) / capacity:+.1%}) |"
+            )
+
+    worst = 15.0e9  # were the T4's "15 GB" decimal gigabytes (14.0 GiB), not 15.0 GiB
+    p = pt.plan(args.model, trainable="attention", frozen_dtype="int4",
+                trainable_dtype=dtypes[-1], **kw)  # fmt: skip
+    print(f"\nWere a T4's usable memory {worst / pt.GB:.1f} GB rather than "
+          f"{capacity / pt.GB:.2f} GB, its 90 % line would be {pt.HEADROOM * worst / pt.GB:.2f} "
+          f"GB: int4 frozen, {dtypes[-1]} trainable needs {p.need(ONE) / pt.GB:.2f} GB, "
+          f"{(p.need(ONE) - pt.HEADROOM * worst) / pt.GB:+.2f} GB over that line and "
+          f"{(worst - p.need(ONE)) / pt.GB:.2f} GB under the whole {worst / pt.GB:.1f} GB.")  # fmt: skip
+
     elapsed = time.perf_counter() - start
     one = pt.plan(args.model, trainable="attention", frozen_dtype="int8", **kw)
-    print(f"\n### 4. compile time on this host ({one.measured_on}): one plan of 'attention' int8 "
+    print(f"\n### 5. compile time on this host ({one.measured_on}): one plan of 'attention' int8 "
           f"(3 compiles: the batch, per-device batches of 2 and 8 devices) took "
-          f"{one.compile_seconds:.0f} s; everything above {elapsed:.0f} s")  # fmt: skip
+          f"{one.compile_seconds:.0f} s; everything above {elapsed:.0f} s (a bfloat16 plan reuses "
+          "the float32 plan's compiles on a CPU host)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ class Plan:
             f"frozen {self.frozen_dtype}, remat {self.remat}; XLA temporaries measured on "
             f"{self.measured_on} in {self.compile_seconds:.0f} s",
             f"  frozen weights ({self.frozen_dtype:>8})   {self.frozen_bytes / GB:7.2f} GB",
-            f"  trainable weights ({self.trainable_dtype:>8}) {self.trainable_bytes / GB:7.2f} GB",
+            f"  trainable weights ({self.trainable_dtype:>8}){self.trainable_bytes / GB:7.2f} GB",
             f"  optimizer state              {self.optimizer_bytes / GB:7.2f} GB",
             f"  batch                        {self.batch_bytes / GB:7.2f} GB",
             f"  step temporaries (XLA)       {self.temp / GB:7.2f} GB"
