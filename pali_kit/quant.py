@@ -336,14 +336,18 @@ REDUCE_ROWS = 4  # CPU: products with at most this many rows use the fused reduc
 def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
     """x float[..., in] times the weight -> float32[..., *out] (``in``: the contracted axes flattened).
 
-    A :class:`CpuQArray` with at most ``REDUCE_ROWS`` rows of ``x`` computes
+    At most ``REDUCE_ROWS`` rows of ``x`` (decoding) compute
     ``y[o] = sum_k x[k] * q[o, k] * s[o, g(k)]`` in float32 reading the integers
-    in place (``_reduce_matvec``; no float copy of the weight). Otherwise the
-    weight is dequantized to the dtype it stands for (a chunk of rows at a time
-    for the output layer) and multiplied under the numerics policy
-    (``pali_kit.model.common.policy_matmul``).
+    in place, no float copy of the weight: a :class:`CpuQArray` in XLA:CPU's
+    one-row loops (``_reduce_matvec``), any other QArray as one multiply-and-sum
+    (``_reduce_rows``). More rows of an int8 QArray: the integers, converted
+    exactly to the dtype the weight stands for, enter the product under the
+    numerics policy and the channel scales multiply its result
+    (``_int8_product``). Otherwise the weight is dequantized to the dtype it
+    stands for (a chunk of rows at a time for the output layer) and multiplied
+    under the numerics policy (``pali_kit.model.common.policy_matmul``).
     """
-    from .model.common import policy_matmul
+    from .model.common import policy_einsum, policy_matmul
 
     if x.shape[-1] != q.in_size:
         raise ValueError(
@@ -351,20 +355,72 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
         )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, q.in_size)
+    if isinstance(q, CpuQArray):  # inference only
+        product = lambda x2, w: policy_matmul(x2, w, compute_dtype, contract_rhs=1)  # noqa: E731
+    else:  # policy_einsum's gradient is range-safe too (training with frozen QArrays)
+        product = lambda x2, w: policy_einsum("rk,ok->ro", x2, w, compute_dtype)  # noqa: E731
     if isinstance(q, CpuQArray) and x2.shape[0] <= REDUCE_ROWS:
         y = _reduce_matvec(x2.astype(jnp.float32), q)
+    elif x2.shape[0] <= REDUCE_ROWS:
+        y = _reduce_rows(x2.astype(jnp.float32), q)
+    elif q.scheme == "int8" and not isinstance(q, CpuQArray) and _chunks(q) == 1:
+        y = _int8_product(x2, q, compute_dtype)
     elif _chunks(q) == 1:
         # dequantized once x exists: layer by layer (see _after)
         w = dequantize_out_in(q._replace(q.values, _after(x2, q.scales)))
         w = w.reshape(-1, q.in_size)  # [O, in] in the stood-for dtype
-        y = policy_matmul(x2, w, compute_dtype, contract_rhs=1)
+        y = product(x2, w)
     else:  # the output layer: dequantize one chunk of rows at a time
-        product = jax.checkpoint(
-            lambda c: policy_matmul(x2, dequantize_out_in(c), compute_dtype, contract_rhs=1)
-        )
-        y = jax.lax.map(product, _split(q, _chunks(q)))  # [n, R, O / n]
+        chunk = jax.checkpoint(lambda c: product(x2, dequantize_out_in(c)))
+        y = jax.lax.map(chunk, _split(q, _chunks(q)))  # [n, R, O / n]
         y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)
     return y.reshape(*lead, *q.out_shape)
+
+
+def _reduce_rows(x2, q: QArray):
+    """float32[R, in] x QArray -> float32[R, O] as one multiply-and-sum over the integers.
+
+    What XLA:GPU/TPU emit as a single reduction reading each stored byte once,
+    converting as it reads (a dot whose operand is scaled would first write the
+    float weight out: measured on an H200, ``bench/gpu_check.py``). A decode
+    step is memory-bound, so the bytes read are the time.
+
+    int8: ``y[r, o] = s[o] * sum_k x[r, k] q[o, k]``; int4, per group ``g`` of
+    GROUP_SIZE inputs, the low nibbles holding the even inputs and the high ones
+    the odd inputs: ``y[r, o] = sum_g s[o, g] sum_j (x_even[r, g, j] lo[o, g, j]
+    + x_odd[r, g, j] hi[o, g, j])``. Products of float32 inputs and small
+    integers are exact; the sums are float32.
+    """
+    v = q.values.reshape(-1, q.values.shape[-1])  # int8[O, K] or [O, K_padded / 2]
+    s = q.scales.reshape(v.shape[0], -1)  # float32[O, groups]
+    if q.scheme == "int8":
+        return jnp.sum(x2[:, None, :] * v[None].astype(jnp.float32), axis=-1) * s[:, 0]
+    groups = s.shape[1]
+    x2 = jnp.pad(x2, ((0, 0), (0, 2 * v.shape[1] - x2.shape[1])))
+    half = (x2.shape[0], 1, groups, GROUP_SIZE // 2)
+    x_even, x_odd = x2[:, 0::2].reshape(half), x2[:, 1::2].reshape(half)
+    v = v.reshape(1, v.shape[0], groups, GROUP_SIZE // 2)
+    low = ((v & 15) - 8).astype(jnp.float32)  # the even inputs
+    high = (v >> 4).astype(jnp.float32)  # an arithmetic shift sign-extends: the odd inputs
+    per_group = jnp.sum(x_even * low + x_odd * high, axis=-1)  # [R, O, groups]
+    return jnp.sum(per_group * s[None], axis=-1)
+
+
+def _int8_product(x2, q: QArray, compute_dtype=None):
+    """float32[R, in] x int8 QArray -> float32[R, O]: ``(x @ convert(v).T) * s``.
+
+    The channel scale factors out of the sum, so the matmul's weight operand is
+    a plain conversion of the integers (exact in float16/bfloat16/float32),
+    which XLA:GPU's matmul fusion reads in place; a scaled operand it would
+    write out as a float matrix first. The product follows the numerics policy
+    for the dtype the weight stands for (``policy_einsum``).
+    """
+    from .model.common import operand_dtype, policy_einsum
+
+    v = q.values.reshape(-1, q.in_size)
+    levels = v.astype(operand_dtype(q.dtype, compute_dtype))
+    y = policy_einsum("rk,ok->ro", x2, levels, compute_dtype)
+    return y * q.scales.reshape(1, -1)
 
 
 CHUNK_ROWS = 1 << 16  # matrices with more output rows (the embedding table) dequantize in chunks
@@ -475,29 +531,45 @@ def _materialized(x2):
 def einsum(eq: str, x, w, *, compute_dtype=None):
     """``jnp.einsum(eq, x, w)`` -> float32 where ``w`` may be a QArray, under the numerics policy.
 
-    A QArray is dequantized in front of the product (``policy_einsum``); a
-    CpuQArray goes through :func:`matmul`: the letters it shares with ``x`` and
-    not with the output must then be exactly its contraction axes, in order.
+    Where the letters ``w`` shares with ``x`` and not with the output are exactly
+    its contraction axes, in order (every product of the model), this is
+    :func:`matmul` on ``x`` with those axes flattened; otherwise a QArray is
+    dequantized in front of the product (``policy_einsum``), and a CpuQArray
+    refuses.
     """
     from .model.common import policy_einsum
 
-    if not isinstance(w, CpuQArray):
-        if not isinstance(w, QArray):
-            return policy_einsum(eq, x, w, compute_dtype)
-        n = _chunks(w)
-        if n == 1:
-            return policy_einsum(eq, x, dequantize(w), compute_dtype)
-        # A huge table (the 257152-row output layer): dequantize it chunk by chunk
-        # (lax.map), so at most one chunk of float weights exists at a time.
-        (xs, ws), out = (part.split(",") for part in eq.replace(" ", "").split("->"))
-        out = out[0].replace("...", "." * (x.ndim - len(xs.replace("...", ""))))
-        in_letters = {ws[a % len(ws)] for a in w.in_axes}
-        at = out.index(next(c for c in ws if c not in in_letters))  # the one output axis
-        # (checkpointed: a backward pass recomputes a chunk instead of keeping them all)
-        chunk = jax.checkpoint(lambda c: policy_einsum(eq, x, dequantize(c), compute_dtype))
-        ys = jax.lax.map(chunk, _split(w, n))
-        ys = jnp.moveaxis(ys, 0, at)  # [..., n, V / n, ...]
-        return ys.reshape(*ys.shape[:at], -1, *ys.shape[at + 2 :])
+    if not isinstance(w, QArray):
+        return policy_einsum(eq, x, w, compute_dtype)
+    rows = _as_rows(eq, x, w)
+    if rows is not None:  # x's contracted axes are the weight's, in order: a 2-D product
+        x2, finish = rows
+        return finish(matmul(x2, w, compute_dtype))
+    if isinstance(w, CpuQArray):
+        raise ValueError(
+            f"einsum {eq!r}: the quantized weight contracts axes {w.in_axes}, the equation "
+            "contracts other ones"
+        )
+    n = _chunks(w)
+    if n == 1:
+        return policy_einsum(eq, x, dequantize(w), compute_dtype)
+    # A huge table (the 257152-row output layer): dequantize it chunk by chunk
+    # (lax.map), so at most one chunk of float weights exists at a time.
+    (xs, ws), out = (part.split(",") for part in eq.replace(" ", "").split("->"))
+    out = out[0].replace("...", "." * (x.ndim - len(xs.replace("...", ""))))
+    in_letters = {ws[a % len(ws)] for a in w.in_axes}
+    at = out.index(next(c for c in ws if c not in in_letters))  # the one output axis
+    # (checkpointed: a backward pass recomputes a chunk instead of keeping them all)
+    chunk = jax.checkpoint(lambda c: policy_einsum(eq, x, dequantize(c), compute_dtype))
+    ys = jax.lax.map(chunk, _split(w, n))
+    ys = jnp.moveaxis(ys, 0, at)  # [..., n, V / n, ...]
+    return ys.reshape(*ys.shape[:at], -1, *ys.shape[at + 2 :])
+
+
+def _as_rows(eq: str, x, w: QArray):
+    """``(x2, finish)`` with ``x2`` = x's contracted axes (the weight's, in order) moved
+    last and flattened, and ``finish`` putting ``matmul(x2, w)``'s axes in ``eq``'s output
+    order; None when the equation contracts other axes of the weight."""
     inputs, out = eq.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
     if "..." in xs:
@@ -508,16 +580,12 @@ def einsum(eq: str, x, w, *, compute_dtype=None):
     contracted = [c for c in ws if c in xs and c not in out]
     want = [ws[a % nd] for a in w.in_axes]
     if contracted != want or any(c in xs for c in ws if c not in contracted):
-        raise ValueError(
-            f"einsum {eq!r}: the quantized weight contracts axes {w.in_axes} ({''.join(want)}), "
-            f"the equation contracts {''.join(contracted)}"
-        )
+        return None
     rest = [c for c in xs if c not in contracted]
     x = jnp.transpose(x, [xs.index(c) for c in rest + contracted])
-    x = x.reshape(*x.shape[: len(rest)], -1)
-    y = matmul(x, w, compute_dtype)
+    x2 = x.reshape(*x.shape[: len(rest)], -1)
     have = rest + [c for c in ws if c not in contracted]
-    return jnp.transpose(y, [have.index(c) for c in out])
+    return x2, lambda y: jnp.transpose(y, [have.index(c) for c in out])
 
 
 # ============================================================================ trees

@@ -225,20 +225,43 @@ def test_quantize_argument_is_checked():
     assert quant.check_scheme(None) is None and quant.check_scheme("int4") == "int4"
 
 
-def test_cuda_lowering_feeds_the_integers_to_the_matmul():
-    # What XLA:GPU is given: the int8 weight enters the program as int8 and is
-    # converted and scaled right in front of the dot (elementwise producers of
-    # the dot operand, which XLA's GPU fusion merges into the matmul); no
-    # float copy of the weight is a program input or output.
+def _cuda_main(fn, *args) -> str:
+    text = jax.export.export(jax.jit(fn), platforms=("cuda",))(*args).mlir_module()
+    return text[text.index("func.func public @main") :]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cuda_decode_product_reads_the_integers_in_one_reduction(scheme):
+    # What XLA:GPU is given for one row (decoding): the integers converted
+    # elementwise right into a multiply and one sum, which XLA emits as a single
+    # reduction reading each byte once. A dot whose weight operand is scaled was
+    # written out as a float matrix first (compiled on an H200: temporaries of
+    # one float matrix per product); no dot may take a float weight here.
+    q = quant.quantize(jnp.ones((2304, 512)), scheme)
+    x = jax.ShapeDtypeStruct((1, 2304), jnp.float32)
+    main = _cuda_main(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16), x, q)
+    assert "stablehlo.dot_general" not in main
+    assert "stablehlo.reduce" in main and "xi8>) -> tensor<" in main
+    # the check can fail: the dequantized weight as a matmul operand is a dot
+    dense = _cuda_main(lambda x, w: jnp.einsum("bd,df->bf", x, w), x, quant.dequantize(q))
+    assert "stablehlo.dot_general" in dense
+
+
+def test_cuda_prefill_product_converts_the_int8_values_only():
+    # Several rows (prefill, training): the int8 values enter the dot through a
+    # plain conversion (exact: |q| <= 127), the channel scales multiply the
+    # result. XLA:GPU's matmul fusion reads a converted operand in place; no
+    # float copy of the weight is a program input.
     q = quant.quantize(jnp.ones((2304, 512)), "int8")
-    x = jax.ShapeDtypeStruct((1, 2304), jnp.bfloat16)
-    exported = jax.export.export(
-        jax.jit(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16)), platforms=("cuda",)
-    )(x, q)
-    text = exported.mlir_module()
-    main = text[text.index("func.func public @main") :].split("\n")[0]
-    assert "tensor<512x2304xi8>" in main and "tensor<512x2304xbf16>" not in main
-    assert "stablehlo.dot_general" in text and "stablehlo.convert" in text
+    x = jax.ShapeDtypeStruct((256, 2304), jnp.float32)
+    main = _cuda_main(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16), x, q)
+    assert "tensor<512x2304xi8>" in main.split("\n")[0]
+    assert "tensor<512x2304xbf16>" not in main.split("\n")[0]
+    dots = [ln for ln in main.splitlines() if "stablehlo.dot_general" in ln]
+    assert len(dots) == 1
+    weight = dots[0].split("stablehlo.dot_general")[1].split(",")[1].strip()  # e.g. %0
+    producer = next(ln for ln in main.splitlines() if ln.strip().startswith(f"{weight} ="))
+    assert "stablehlo.convert %arg1" in producer  # straight from the int8 parameter
 
 
 # --- loading ----------------------------------------------------------------------------
