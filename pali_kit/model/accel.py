@@ -2,12 +2,11 @@
 
 The model modules index a layer stack with ``w[i]`` (``common.layer_slice``).
 Inside ``jit`` that is a slice, and XLA:GPU gives every slice its own buffer:
-a copy of every layer's weights on every call. Nothing orders those copies
-after the layers that use them, so XLA may make them all first: compiled for
-an H200 (JAX 0.11), the prefill of PaliGemma 2 3B-224 with float16 weights
-asked for 6.46 GB of temporaries beside its 6.06 GB of weights, and ran out of
-a T4's 15 GB (``bench/gpu_check.py``). Decoding a token also read every weight
-twice and wrote it once.
+a copy of a layer's weights, and nothing orders those copies after the layers
+that use them. On an H200 (JAX 0.11) held to a T4's 15.6 GB, decoding
+PaliGemma 2 3B-224 with the stacked float16 weights (6.06 GB) ran out of
+memory asking for 6.46 GB more; with this layout it ran
+(``bench/gpu_check.py``, ``docs/differences.md``).
 
 This layout hands the compiled code one array per layer instead (tuples over
 layers, which ``layer_slice`` indexes like a stack), made once, on the device.
