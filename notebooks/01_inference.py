@@ -375,14 +375,14 @@ for w, size, s, answers in rows:
 # whose weights are read from memory at every token; the size column carries
 # over, and the time column varies from run to run (and with other work on the
 # machine). For the full-size PaliGemma 2 3B on a CPU, `bench/generate.py` measured
-# (random weights, `--dtypes bfloat16,int8,int4`, one run on a 2-core shared VM
-# with AVX-512 and avx512_bf16), as `docs/quantization.md` reports: decode
-# 0.212 s/token in bfloat16, 0.093 in int8 and 0.127 in int4; prefill to the
-# first token 6.42 / 4.49 / 5.67 s; peak memory (RSS) 7.9 / 5.3 / 3.8 GB. The 3B
-# weights take 6.06 GB in bfloat16, 3.04 GB in int8 and 1.71 GB in int4
-# (`bench/quantize.py --3b`). On that CPU int8 decodes in less than half the
-# bfloat16 time; int4 saves more memory but its unpacking costs arithmetic
-# (see "Open" in `docs/quantization.md`).
+# (random weights, `--dtypes bfloat16,int8,int4`, one run on a 2-core VM with
+# AVX-512 and avx512_bf16, busy with other jobs), as `docs/quantization.md`
+# reports: decode 0.307 s/token in bfloat16, 0.149 in int8 and 0.151 in int4;
+# prefill to the first token 12.35 / 12.96 / 9.93 s; peak memory (RSS) 6.9 /
+# 4.0 / 2.7 GB. The 3B weights take 6.06 GB in bfloat16, 3.04 GB in int8 and
+# 1.71 GB in int4 (`bench/quantize.py --3b`). On that CPU int8 and int4 both
+# decode in about half the bfloat16 time; int4 holds the fewest bytes, but
+# unpacking them costs arithmetic (see "Open" in `docs/quantization.md`).
 
 # %% [markdown]
 # ## Compiled once

@@ -51,7 +51,7 @@ from .errors import (
     short_repr,
 )
 from .images import preprocess
-from .model import PaliGemma, count_params, inference_params, init_params, param_shapes
+from .model import PaliGemma, accel, count_params, inference_params, init_params, param_shapes
 from .model.cpu import IN_PLACE_LEAVES, official_params
 from .tokenizer import Tokenizer, find_tokenizer
 
@@ -104,6 +104,8 @@ class Model:
         first inference keeps the arrays as they are (the layout then copies).
         """
         if self._run is not None and self._run_replaced:
+            if accel.on_one_accelerator(self._run):
+                return accel.official(self._run, self._params)
             return official_params(self._run, self._params)
         self._owns_params = False  # the caller now holds these arrays: never write over them
         return self._params
@@ -120,7 +122,14 @@ class Model:
         """The same weights as handed to compiled inference code: on CPU the CPU
         layout (``pali_kit.model.cpu``: per-layer views of the same memory; for
         half-precision weights (out, in) blocks, written over the official arrays'
-        memory when the model owns them), elsewhere the official tree."""
+        memory when the model owns them); on one GPU/TPU one array per layer
+        (``pali_kit.model.accel``: the stacks are split once, and freed when the
+        model owns them); otherwise the official tree."""
+        if self._run is None and accel.on_one_accelerator(self._params):
+            release = self._owns_params  # then each stack is freed once split
+            self._run = accel.split_stacks(self._params, release=release)
+            if release:
+                self._params, self._run_replaced = accel.skeleton(self._params), True
         if self._run is None:
             self._run = inference_params(self._params, in_place=self._owns_params)
             skeleton = _without_replaced(self._params, self._run) if self._owns_params else None

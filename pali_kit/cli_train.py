@@ -2,6 +2,7 @@
 
 pali-kit finetune TRAIN.jsonl --model MODEL --out DIR [--steps N --batch-size B --trainable SUBSET
         --lr LR --optimizer sgd|adamw --seed S --text-len T --frozen-dtype D --quantize int8|int4
+        --trainable-dtype float32|bfloat16
         --val VAL.jsonl --eval-every K --resume] [--coordinator HOST:PORT --num-processes N --process-id I]
     -> DIR/history.jsonl (one JSON object per update: step, loss, grad_norm, lr, and the
        evaluation scores on the lines where it evaluated), DIR/model.npz (pk.load opens it;
@@ -54,6 +55,16 @@ def _positive(kind, name: str):
 
     parse.__name__ = name  # argparse names the type in its messages
     return parse
+
+
+def _trainable_dtype(text: str) -> str:
+    if text in ("float32", "bfloat16"):
+        return text
+    why = " (float16 gradients underflow below 6e-8)" if text in ("float16", "fp16", "f16") else ""
+    raise argparse.ArgumentTypeError(
+        f"{text!r}{why}: use float32 (default) or bfloat16 (half the memory of the trainable "
+        "weights and their gradients; each update is rounded stochastically)"
+    )
 
 
 def _address(text: str) -> str:
@@ -134,7 +145,15 @@ def add_parsers(sub) -> None:
         choices=("int8", "int4"),
         default=None,
         help="quantize the frozen large matrices (int8 per channel, int4 in groups of 64; they "
-        "stand for --frozen-dtype); the trainable ones stay float32, model.npz is written in float",
+        "stand for --frozen-dtype); the trainable ones stay --trainable-dtype, model.npz is "
+        "written in float",
+    )
+    f.add_argument(
+        "--trainable-dtype",
+        type=_trainable_dtype,
+        default="float32",
+        help="dtype of the trainable weights: float32 or bfloat16 (updated in float32, rounded "
+        "back stochastically; half the memory of those weights and their gradients)",
     )
     f.add_argument(
         "--val",
@@ -364,10 +383,11 @@ def _make_trainer(args, config, start_from: Path):
     # --quantize: the frozen large matrices become integers and scales as they are read
     params, _, _ = pt.load_for_training(start_from, trainable=args.trainable,
                                         frozen_dtype=args.frozen_dtype, mesh=mesh, progress=False,
-                                        quantize=args.quantize)  # fmt: skip
+                                        quantize=args.quantize,
+                                        trainable_dtype=args.trainable_dtype)  # fmt: skip
     trainer = pt.Trainer(params, config, trainable=args.trainable, num_steps=args.steps,
                          optimizer=args.optimizer, lr=args.lr, frozen_dtype=args.frozen_dtype,
-                         mesh=mesh, copy=False)  # fmt: skip
+                         mesh=mesh, copy=False, trainable_dtype=args.trainable_dtype)  # fmt: skip
     if args.resume:  # the step and optimizer state; the weights are loaded already
         trainer.restore(start_from, params=False)
     return trainer
@@ -416,7 +436,8 @@ def _step_of(line: str) -> int | None:
         return None
 
 
-SAME_RUN = ("trainable", "optimizer", "steps", "batch_size", "seed", "text_len", "lr", "quantize")
+SAME_RUN = ("trainable", "optimizer", "steps", "batch_size", "seed", "text_len", "lr", "quantize",
+            "trainable_dtype")  # fmt: skip
 
 
 def _run_record(args, config) -> dict:

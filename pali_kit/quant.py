@@ -23,7 +23,10 @@ Storage layout: a QArray stands for a weight of the official (logical) shape,
 say ``q_einsum/w`` (L, Nh, W, H) contracted over W. Its values are kept with
 the contraction axes moved last and flattened, ``(L, Nh, H, W)``: "(out, in)",
 the layout XLA:CPU reads fastest for one token; XLA:GPU/TPU matmuls take
-either. Leading (layer) axes index like an array: ``q[i]`` is layer ``i``.
+either. Rows wider than XLA:CPU's one-row loop takes (the MLP's output
+matrix, 9216 inputs) are stored as column blocks, ``linear/`` (L, F, W) as
+``(L, 4, W, F / 4)`` in int8. Leading (layer) axes index like an array:
+``q[i]`` is layer ``i``.
 
 Products: the model's modules call ``w.einsum(eq, x, compute_dtype)`` on a
 weight that has the method (``pali_kit.model.common.mm``). A QArray is
@@ -98,9 +101,11 @@ class QArray:
 
     Children (arrays, what jit sees):
       values: int8[*out, in] for "int8"; int8[*out, in_padded // 2] for "int4"
-        (two 4-bit values per byte: byte = (q[2j] + 8) + 16 * q[2j+1], i.e. input 2j
-        plus 8 in the low nibble, input 2j+1 in the high one; ``in`` padded with
-        zeros to a multiple of GROUP_SIZE).
+        (two 4-bit two's complement values per byte: byte = (q[2j] & 15) + 16 * q[2j+1],
+        i.e. input 2j in the low nibble, input 2j+1 in the high one; ``in`` padded
+        with zeros to a multiple of GROUP_SIZE). Rows wider than ``model.common.BLOCK``
+        bytes are stored as equal column blocks, ``[*out[:-1], blocks, out[-1], bytes
+        / blocks]`` (``blocks``, ``out_in_values``; see ``quantize``).
       scales: float32[*out, groups]: groups = 1 ("int8") or in_padded // GROUP_SIZE.
     Static:
       scheme "int8" | "int4"; in_axes: the contracted axes of the logical shape
@@ -138,8 +143,21 @@ class QArray:
         return math.prod(self.in_shape)
 
     @property
+    def row_bytes(self) -> int:
+        """Bytes of values per output: in (int8), in_padded / 2 (int4)."""
+        if self.scheme == "int8":
+            return self.in_size
+        return -(-self.in_size // GROUP_SIZE) * GROUP_SIZE // 2
+
+    @property
+    def blocks(self) -> int:
+        """Column blocks the values are stored in (1: plain (out, in) rows; see ``quantize``)."""
+        return self.row_bytes // self.values.shape[-1]
+
+    @property
     def out_shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape[:-1])
+        shape = tuple(self.values.shape[:-1])
+        return shape if self.blocks == 1 else shape[:-2] + shape[-1:]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -209,8 +227,9 @@ class CpuQArray(QArray):
     """A QArray whose products with at most ``REDUCE_ROWS`` rows read the integers in place.
 
     ``kernel``: ``(blocks, scales)`` the way that loop reads them: ``blocks`` a
-    tuple of ``int8[O, bytes]`` covering each output's bytes in order (one view
-    of ``values``, or copies of column blocks of a wide matrix), ``scales``
+    tuple of ``int8[O, bytes]`` covering each output's bytes in order (views of
+    ``values``: the whole rows, or each stored column block; copies only for a
+    wide matrix not stored in blocks), ``scales``
     ``float32[O, groups]`` (a view), made on the host by ``for_cpu``: XLA:CPU
     runs the loop several times slower when the reshape happens inside the
     compiled code. None where no view could be made.
@@ -276,8 +295,8 @@ def _quantize_rows(m, scheme: str):
         q = jnp.clip(jnp.round(m / safe), -qmax, qmax).astype(np.int8)
     del m
     q = q.reshape(*q.shape[:-2], -1)
-    if scheme == "int4":  # pack pairs: low nibble = even input + 8 (0..15), high = odd input
-        q = (((q[..., 0::2] + 8) & 0x0F) | (q[..., 1::2] << 4)).astype(np.int8)
+    if scheme == "int4":  # pack pairs, two's complement nibbles: low = even input, high = odd
+        q = ((q[..., 0::2] & 0x0F) | (q[..., 1::2] << 4)).astype(np.int8)
     return q, scales
 
 
@@ -286,24 +305,73 @@ def quantize(w, scheme: str = "int8", in_axes: Sequence[int] = (-2,)) -> QArray:
 
     w: float[...] in its official layout; in_axes: the axes a matmul contracts
     (e.g. (-2,) for an (in, out) kernel). The result stands for ``w.dtype``.
+
+    Rows of more than ``model.common.BLOCK`` bytes (the MLP's output matrix,
+    9216 inputs) are stored as equal column blocks of at most BLOCK bytes,
+    ``values int8[*out[:-1], blocks, out[-1], row_bytes / blocks]``, where the
+    last output axis follows the contracted ones (so indexing the leading axes
+    never meets the blocks axis): XLA:CPU's one-row loop reads each block as it
+    is, with no copy (``for_cpu``).
     """
     check_scheme(scheme)
     if scheme is None:
         raise ValueError("quantize(w, scheme=None): pass 'int8' or 'int4'")
+    from .model.common import BLOCK
+
     m, in_shape = _to_out_in(w, in_axes)
     values, scales = _quantize_rows(m, scheme)
-    return QArray(values, scales, scheme, in_axes, in_shape, w.dtype)
+    q = QArray(values, scales, scheme, in_axes, in_shape, w.dtype)
+    ins = [a % w.ndim for a in in_axes]
+    outs = [a for a in range(w.ndim) if a not in ins]
+    if outs and outs[-1] > min(ins):  # the last output axis is never indexed: block before it
+        n = column_blocks(q.row_bytes, scheme, BLOCK)
+        if n > 1:
+            q = q._replace(_split_blocks(values, n), scales)
+    return q
+
+
+def out_in_values(q: QArray):
+    """The values as ``int8[*out, row_bytes]`` (column blocks joined; a copy if blocked)."""
+    return _join_blocks(q.values) if q.blocks > 1 else q.values
+
+
+def _join_blocks(v):
+    """int8[..., n, O, w] -> int8[..., O, n * w]."""
+    xp = np if isinstance(v, np.ndarray) else jnp
+    v = xp.moveaxis(v, -3, -2)
+    return v.reshape(*v.shape[:-2], -1)
+
+
+def _split_blocks(v, n: int):
+    """int8[..., O, n * w] -> int8[..., n, O, w] (numpy: a C-ordered copy)."""
+    xp = np if isinstance(v, np.ndarray) else jnp
+    v = xp.moveaxis(v.reshape(*v.shape[:-1], n, -1), -2, -3)
+    return np.ascontiguousarray(v) if xp is np else v
+
+
+def column_blocks(row_bytes: int, scheme: str, block: int) -> int:
+    """How many equal column blocks of at most ``block`` bytes a row is stored in (1: none).
+
+    Blocks split at group boundaries (int4: 32 bytes); 1 where no such split exists.
+    """
+    if row_bytes <= block:
+        return 1
+    unit = GROUP_SIZE // 2 if scheme == "int4" else 1
+    for n in range(-(-row_bytes // block), row_bytes // unit + 1):
+        if row_bytes % (n * unit) == 0:
+            return n
+    return 1
 
 
 def unpack_values(q: QArray, dtype=jnp.float32):
     """The integer levels as ``dtype[*out, in_padded]`` (int4 unpacked; padding included)."""
-    v = q.values
+    v = out_in_values(q)
     xp = np if isinstance(v, np.ndarray) else jnp
     if q.scheme == "int8":
         return v.astype(dtype)
     v = v.astype(np.int8)
-    low = (v & 0x0F) - 8  # the low nibble holds the even input + 8
-    high = v >> 4  # an arithmetic shift sign-extends the high nibble
+    low = (v << 4) >> 4  # the even input: arithmetic shifts sign-extend the low nibble
+    high = v >> 4  # the odd input
     return xp.stack([low, high], axis=-1).reshape(*v.shape[:-1], -1).astype(dtype)
 
 
@@ -336,14 +404,18 @@ REDUCE_ROWS = 4  # CPU: products with at most this many rows use the fused reduc
 def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
     """x float[..., in] times the weight -> float32[..., *out] (``in``: the contracted axes flattened).
 
-    A :class:`CpuQArray` with at most ``REDUCE_ROWS`` rows of ``x`` computes
+    At most ``REDUCE_ROWS`` rows of ``x`` (decoding) compute
     ``y[o] = sum_k x[k] * q[o, k] * s[o, g(k)]`` in float32 reading the integers
-    in place (``_reduce_matvec``; no float copy of the weight). Otherwise the
-    weight is dequantized to the dtype it stands for (a chunk of rows at a time
-    for the output layer) and multiplied under the numerics policy
-    (``pali_kit.model.common.policy_matmul``).
+    in place, no float copy of the weight: a :class:`CpuQArray` in XLA:CPU's
+    one-row loops (``_reduce_matvec``), any other QArray as one multiply-and-sum
+    (``_reduce_rows``). More rows of an int8 QArray: the integers, converted
+    exactly to the dtype the weight stands for, enter the product under the
+    numerics policy and the channel scales multiply its result
+    (``_int8_product``). Otherwise the weight is dequantized to the dtype it
+    stands for (a chunk of rows at a time for the output layer) and multiplied
+    under the numerics policy (``pali_kit.model.common.policy_matmul``).
     """
-    from .model.common import policy_matmul
+    from .model.common import policy_einsum, policy_matmul
 
     if x.shape[-1] != q.in_size:
         raise ValueError(
@@ -351,20 +423,79 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
         )
     lead = x.shape[:-1]
     x2 = x.reshape(-1, q.in_size)
+    if isinstance(q, CpuQArray):  # inference only
+        product = lambda x2, w: policy_matmul(x2, w, compute_dtype, contract_rhs=1)  # noqa: E731
+    else:  # policy_einsum's gradient is range-safe too (training with frozen QArrays)
+        product = lambda x2, w: policy_einsum("rk,ok->ro", x2, w, compute_dtype)  # noqa: E731
     if isinstance(q, CpuQArray) and x2.shape[0] <= REDUCE_ROWS:
         y = _reduce_matvec(x2.astype(jnp.float32), q)
+    elif x2.shape[0] <= REDUCE_ROWS:
+        y = _reduce_rows(x2.astype(jnp.float32), q)
+    elif q.scheme == "int8" and not isinstance(q, CpuQArray) and _chunks(q) == 1:
+        y = _int8_product(x2, q, compute_dtype)
     elif _chunks(q) == 1:
         # dequantized once x exists: layer by layer (see _after)
         w = dequantize_out_in(q._replace(q.values, _after(x2, q.scales)))
         w = w.reshape(-1, q.in_size)  # [O, in] in the stood-for dtype
-        y = policy_matmul(x2, w, compute_dtype, contract_rhs=1)
+        y = product(x2, w)
     else:  # the output layer: dequantize one chunk of rows at a time
-        product = jax.checkpoint(
-            lambda c: policy_matmul(x2, dequantize_out_in(c), compute_dtype, contract_rhs=1)
-        )
-        y = jax.lax.map(product, _split(q, _chunks(q)))  # [n, R, O / n]
+        chunk = jax.checkpoint(lambda c: product(x2, dequantize_out_in(c)))
+        y = jax.lax.map(chunk, _split(q, _chunks(q)))  # [n, R, O / n]
         y = jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)
     return y.reshape(*lead, *q.out_shape)
+
+
+def _reduce_rows(x2, q: QArray):
+    """float32[R, in] x QArray -> float32[R, O] as one multiply-and-sum over the integers.
+
+    What XLA:GPU/TPU emit as a single reduction reading each stored byte once,
+    converting as it reads (a dot whose operand is scaled would first write the
+    float weight out: measured on an H200, ``bench/gpu_check.py``). A decode
+    step is memory-bound, so the bytes read are the time.
+
+    int8: ``y[r, o] = s[o] * sum_k x[r, k] q[o, k]``; int4, per group ``g`` of
+    GROUP_SIZE inputs, the low nibbles holding the even inputs and the high ones
+    the odd inputs: ``y[r, o] = sum_g s[o, g] sum_j (x_even[r, g, j] lo[o, g, j]
+    + x_odd[r, g, j] hi[o, g, j])``. Products of float32 inputs and small
+    integers are exact; the sums are float32.
+    """
+    # values as int8[O', n, O_last, w]: n column blocks of w bytes (n = 1: plain rows)
+    n, w = q.blocks, q.values.shape[-1]
+    out_last = q.out_shape[-1]
+    v = q.values.reshape(-1, n, out_last, w)
+    r = x2.shape[0]
+    if q.scheme == "int8":
+        xb = x2.reshape(r, 1, n, 1, w)
+        y = jnp.sum(xb * v[None].astype(jnp.float32), axis=(2, 4))  # [R, O', O_last]
+        return y.reshape(r, -1) * q.scales.reshape(1, -1)
+    per = w // (GROUP_SIZE // 2)  # groups per block
+    x2 = jnp.pad(x2, ((0, 0), (0, 2 * n * w - x2.shape[1])))
+    half = (r, 1, n, 1, per, GROUP_SIZE // 2)
+    x_even, x_odd = x2[:, 0::2].reshape(half), x2[:, 1::2].reshape(half)
+    v = v.reshape(1, *v.shape[:3], per, GROUP_SIZE // 2)
+    low = ((v << 4) >> 4).astype(jnp.float32)  # arithmetic shifts sign-extend: even inputs
+    high = (v >> 4).astype(jnp.float32)  # the odd inputs
+    per_group = jnp.sum(x_even * low + x_odd * high, axis=-1)  # [R, O', n, O_last, per]
+    s = q.scales.reshape(-1, out_last, n, per)  # a row's groups run across its blocks
+    y = jnp.sum(per_group * jnp.swapaxes(s, 1, 2)[None], axis=(2, 4))  # [R, O', O_last]
+    return y.reshape(r, -1)
+
+
+def _int8_product(x2, q: QArray, compute_dtype=None):
+    """float32[R, in] x int8 QArray -> float32[R, O]: ``(x @ convert(v).T) * s``.
+
+    The channel scale factors out of the sum, so the matmul's weight operand is
+    a plain conversion of the integers (exact in float16/bfloat16/float32),
+    which XLA:GPU's matmul fusion reads in place; a scaled operand it would
+    write out as a float matrix first. The product follows the numerics policy
+    for the dtype the weight stands for (``policy_einsum``).
+    """
+    from .model.common import operand_dtype, policy_einsum
+
+    v = out_in_values(q).reshape(-1, q.in_size)  # blocks joined: a transpose of the int8
+    levels = v.astype(operand_dtype(q.dtype, compute_dtype))
+    y = policy_einsum("rk,ok->ro", x2, levels, compute_dtype)
+    return y * q.scales.reshape(1, -1)
 
 
 CHUNK_ROWS = 1 << 16  # matrices with more output rows (the embedding table) dequantize in chunks
@@ -390,49 +521,74 @@ def _split(q: QArray, n: int) -> QArray:
 def _reduce_matvec(x2, q: QArray):
     """float32[R, in] x QArray -> float32[R, O], reading the integers in place (no float copy).
 
-    XLA:CPU emits ``x @ f(v).T`` (x one row of under 16 KB, ``f`` elementwise
-    on the int8 values ``v [O, K]``) as one loop over the bytes, converting as
-    it reads: the form used here, one row and one column block (``for_cpu``)
-    at a time, each product its own loop (``_materialized`` keeps XLA from
-    fusing anything else into it).
+    XLA:CPU emits ``ones @ f(v).T`` or ``x @ f(v).T`` (one row of under 16 KB,
+    ``f`` elementwise on the int8 values ``v [O, K]``, which may read other
+    per-row inputs) as one vectorized loop over the bytes, converting as it
+    reads: the form used here, one row and one column block (``for_cpu``) at a
+    time, each product its own loop (``_materialized`` keeps XLA from fusing
+    anything else into it).
 
     int8: ``x @ convert(v).T``, then times the channel scales.
-    int4: ``x_even @ (((v & 15) - 8) * s).T + x_odd @ ((v >> 4) * s).T``: the low
-    nibbles hold the even inputs, the high ones the odd inputs, ``s`` each
-    byte's group scale; two passes over the packed bytes.
+    int4: one pass over the packed bytes, ``ones @ f(v).T`` with
+    ``f(v) = (x_even * low(v) + x_odd * high(v)) * s`` (``s`` each byte's group
+    scale; LLVM folds the product with the constant ones, and fuses the scale
+    into the accumulating multiply-add): see ``_int4_bytes``.
     """
     groups = q.scales.shape[-1]
     if getattr(q, "kernel", None) is not None:
         blocks, scales = q.kernel  # host views / copies in the loop's shapes
     else:
-        blocks, scales = (q.values.reshape(-1, q.values.shape[-1]),), q.scales.reshape(-1, groups)
+        v = jnp.moveaxis(q.values, -3, 0) if q.blocks > 1 else q.values[None]
+        blocks = tuple(b.reshape(-1, v.shape[-1]) for b in v)  # (slower: strided in jit)
+        scales = q.scales.reshape(-1, groups)
     edges = np.cumsum([0] + [blk.shape[1] for blk in blocks])  # in bytes of a row
     dims = (((1,), (0,)), ((), ()))
     if q.scheme == "int8":
-        xs = (_materialized(x2),)
-        weights = [(lambda v: v.astype(jnp.float32),)] * len(blocks)
+        x = _materialized(x2)
+        parts = [
+            [jax.lax.dot_general(x[r : r + 1, a:b], blk.astype(jnp.float32).T, dims)
+             for blk, a, b in zip(blocks, edges, edges[1:])]
+            for r in range(x2.shape[0])
+        ]  # fmt: skip
     else:
         pad = 2 * int(edges[-1]) - q.in_size
         x2 = jnp.pad(x2, ((0, 0), (0, pad)))
-        xs = (_materialized(x2[:, 0::2]), _materialized(x2[:, 1::2]))
-        weights = []
-        for a, b in zip(edges, edges[1:]):
-            g0, g1 = a // (GROUP_SIZE // 2), b // (GROUP_SIZE // 2)
-            weights.append(tuple(
-                lambda v, f=f, g0=g0, g1=g1: f(v) * _per_byte(scales[:, g0:g1], v.shape)
-                for f in (lambda v: (v & 15).astype(jnp.float32) - 8,
-                          lambda v: (v >> 4).astype(jnp.float32))
-            ))  # fmt: skip
-    rows = []
-    for r in range(x2.shape[0]):
+        # the powers of two of _int4_bytes' levels, taken out of the inputs (exact)
+        x_even, x_odd = _materialized(x2[:, 0::2] * LOW), _materialized(x2[:, 1::2] * HIGH)
+        unit = GROUP_SIZE // 2  # bytes per group
         parts = [
-            _materialized(jax.lax.dot_general(x[r : r + 1, a:b], f(blk).T, dims))
-            for blk, fs, a, b in zip(blocks, weights, edges, edges[1:])
-            for x, f in zip(xs, fs)
-        ]  # [1, O] each
-        rows.append(sum(parts[1:], parts[0]))
+            [_int4_bytes(x_even[r : r + 1, a:b], x_odd[r : r + 1, a:b], blk,
+                         scales[:, a // unit : b // unit])
+             for blk, a, b in zip(blocks, edges, edges[1:])]
+            for r in range(x2.shape[0])
+        ]  # fmt: skip
+    rows = []
+    for row in parts:  # [1, O] each, each product its own loop
+        row = [_materialized(p) for p in row]
+        rows.append(sum(row[1:], row[0]))
     y = jnp.concatenate(rows)
     return y * scales[:, 0] if q.scheme == "int8" else y
+
+
+# int4 levels as the loop reads them: sign-extended bytes b (int32), low nibble
+# ``b << 28`` = 2**28 * low level, high nibble ``b & -16`` = 16 * high level: one
+# shift or one mask each, converted exactly to float. The inputs are multiplied
+# by the inverse powers of two once per row: exact, unless the product falls
+# under float32's normal range (|x| < 2**-98), where it is flushed like a denormal.
+LOW, HIGH = 2.0**-28, 2.0**-4
+
+
+def _int4_bytes(x_even, x_odd, v, scales):
+    """float32[1, B] x2, int8[O, B], float32[O, B / 32] -> float32[1, O].
+
+    ``y[o] = sum_j s[o, j // 32] * (x_even[j] * low(v[o, j]) + x_odd[j] * high(v[o, j]))``
+    with ``x_even``, ``x_odd`` already times LOW, HIGH.
+    """
+    b = v.astype(jnp.int32)
+    low = (b << 28).astype(jnp.float32)
+    high = (b & -16).astype(jnp.float32)
+    f = (x_even * low + x_odd * high) * _per_byte(scales, v.shape)
+    return jax.lax.dot_general(jnp.ones_like(x_even), f.T, (((1,), (0,)), ((), ())))
 
 
 def _per_byte(scales, shape):
@@ -475,29 +631,45 @@ def _materialized(x2):
 def einsum(eq: str, x, w, *, compute_dtype=None):
     """``jnp.einsum(eq, x, w)`` -> float32 where ``w`` may be a QArray, under the numerics policy.
 
-    A QArray is dequantized in front of the product (``policy_einsum``); a
-    CpuQArray goes through :func:`matmul`: the letters it shares with ``x`` and
-    not with the output must then be exactly its contraction axes, in order.
+    Where the letters ``w`` shares with ``x`` and not with the output are exactly
+    its contraction axes, in order (every product of the model), this is
+    :func:`matmul` on ``x`` with those axes flattened; otherwise a QArray is
+    dequantized in front of the product (``policy_einsum``), and a CpuQArray
+    refuses.
     """
     from .model.common import policy_einsum
 
-    if not isinstance(w, CpuQArray):
-        if not isinstance(w, QArray):
-            return policy_einsum(eq, x, w, compute_dtype)
-        n = _chunks(w)
-        if n == 1:
-            return policy_einsum(eq, x, dequantize(w), compute_dtype)
-        # A huge table (the 257152-row output layer): dequantize it chunk by chunk
-        # (lax.map), so at most one chunk of float weights exists at a time.
-        (xs, ws), out = (part.split(",") for part in eq.replace(" ", "").split("->"))
-        out = out[0].replace("...", "." * (x.ndim - len(xs.replace("...", ""))))
-        in_letters = {ws[a % len(ws)] for a in w.in_axes}
-        at = out.index(next(c for c in ws if c not in in_letters))  # the one output axis
-        # (checkpointed: a backward pass recomputes a chunk instead of keeping them all)
-        chunk = jax.checkpoint(lambda c: policy_einsum(eq, x, dequantize(c), compute_dtype))
-        ys = jax.lax.map(chunk, _split(w, n))
-        ys = jnp.moveaxis(ys, 0, at)  # [..., n, V / n, ...]
-        return ys.reshape(*ys.shape[:at], -1, *ys.shape[at + 2 :])
+    if not isinstance(w, QArray):
+        return policy_einsum(eq, x, w, compute_dtype)
+    rows = _as_rows(eq, x, w)
+    if rows is not None:  # x's contracted axes are the weight's, in order: a 2-D product
+        x2, finish = rows
+        return finish(matmul(x2, w, compute_dtype))
+    if isinstance(w, CpuQArray):
+        raise ValueError(
+            f"einsum {eq!r}: the quantized weight contracts axes {w.in_axes}, the equation "
+            "contracts other ones"
+        )
+    n = _chunks(w)
+    if n == 1:
+        return policy_einsum(eq, x, dequantize(w), compute_dtype)
+    # A huge table (the 257152-row output layer): dequantize it chunk by chunk
+    # (lax.map), so at most one chunk of float weights exists at a time.
+    (xs, ws), out = (part.split(",") for part in eq.replace(" ", "").split("->"))
+    out = out[0].replace("...", "." * (x.ndim - len(xs.replace("...", ""))))
+    in_letters = {ws[a % len(ws)] for a in w.in_axes}
+    at = out.index(next(c for c in ws if c not in in_letters))  # the one output axis
+    # (checkpointed: a backward pass recomputes a chunk instead of keeping them all)
+    chunk = jax.checkpoint(lambda c: policy_einsum(eq, x, dequantize(c), compute_dtype))
+    ys = jax.lax.map(chunk, _split(w, n))
+    ys = jnp.moveaxis(ys, 0, at)  # [..., n, V / n, ...]
+    return ys.reshape(*ys.shape[:at], -1, *ys.shape[at + 2 :])
+
+
+def _as_rows(eq: str, x, w: QArray):
+    """``(x2, finish)`` with ``x2`` = x's contracted axes (the weight's, in order) moved
+    last and flattened, and ``finish`` putting ``matmul(x2, w)``'s axes in ``eq``'s output
+    order; None when the equation contracts other axes of the weight."""
     inputs, out = eq.replace(" ", "").split("->")
     xs, ws = inputs.split(",")
     if "..." in xs:
@@ -508,16 +680,12 @@ def einsum(eq: str, x, w, *, compute_dtype=None):
     contracted = [c for c in ws if c in xs and c not in out]
     want = [ws[a % nd] for a in w.in_axes]
     if contracted != want or any(c in xs for c in ws if c not in contracted):
-        raise ValueError(
-            f"einsum {eq!r}: the quantized weight contracts axes {w.in_axes} ({''.join(want)}), "
-            f"the equation contracts {''.join(contracted)}"
-        )
+        return None
     rest = [c for c in xs if c not in contracted]
     x = jnp.transpose(x, [xs.index(c) for c in rest + contracted])
-    x = x.reshape(*x.shape[: len(rest)], -1)
-    y = matmul(x, w, compute_dtype)
+    x2 = x.reshape(*x.shape[: len(rest)], -1)
     have = rest + [c for c in ws if c not in contracted]
-    return jnp.transpose(y, [have.index(c) for c in out])
+    return x2, lambda y: jnp.transpose(y, [have.index(c) for c in out])
 
 
 # ============================================================================ trees
@@ -620,41 +788,49 @@ def dequantize_params(params: dict) -> dict:
 def for_cpu(q: QArray) -> CpuQArray:
     """The same arrays as a CpuQArray: one-token products use the fused loop.
 
-    ``kernel``: the values as ``int8[O, bytes]`` (a view, no copy) and the
-    scales as ``float32[O, groups]``. XLA:CPU's one-row loop takes rows of at
-    most ~BLOCK bytes, and only contiguous ones: wider matrices (the MLP's
-    output layer) get ``(O, <= BLOCK)`` copies of their values instead (for
-    int4 split at group boundaries), one extra copy of those bytes.
+    ``kernel``: the values as column blocks ``int8[O, <= BLOCK bytes]`` and
+    the scales as ``float32[O, groups]``, views of the QArray's memory (no
+    copy): XLA:CPU's one-row loop takes rows of at most ~BLOCK bytes, and only
+    contiguous ones, which is why ``quantize`` stores wider rows (the MLP's
+    output matrix) in column blocks. Wide rows stored otherwise (a QArray built
+    by hand, or blocks under several output groups) get ``(O, <= BLOCK)`` copies.
     """
     if isinstance(q, CpuQArray):
         return q
     from .model.common import BLOCK
 
-    groups = q.scales.shape[-1]
-    kernel = (_host_view(q.values, (-1, q.values.shape[-1])), _host_view(q.scales, (-1, groups)))
-    width = q.values.shape[-1]
-    if kernel[0] is not None and width > BLOCK:
+    v, groups = q.values, q.scales.shape[-1]
+    scales = _host_view(q.scales, (-1, groups))
+    width = q.row_bytes
+    blocks = (None,)
+    if q.blocks > 1 and math.prod(v.shape[:-3]) == 1:  # stored as blocks: a view of each
+        n, o, w = v.shape[-3:]
+        blocks = tuple(_host_view(v, (n, o, w), i) for i in range(n))
+    elif q.blocks == 1 and width <= BLOCK:
+        blocks = (_host_view(v, (-1, width)),)
+    wide = q.blocks > 1 or width > BLOCK
+    if wide and any(b is None for b in blocks) and _host_view(v, (-1, v.shape[-1])) is not None:
+        # rows too wide for the loop, no block views (misaligned): copies of column blocks
+        host = np.asarray(out_in_values(q._replace(np.asarray(v), q.scales))).reshape(-1, width)
         unit = GROUP_SIZE // 2 if q.scheme == "int4" else 1
         n = -(-width // BLOCK)
         cuts = [unit * round(i * width / unit / n) for i in range(1, n)]
-        host = np.asarray(kernel[0])
-        parts = np.split(host, cuts, axis=1)
-        kernel = (tuple(_default_place(np.ascontiguousarray(p)) for p in parts), kernel[1])
-    elif kernel[0] is not None:
-        kernel = ((kernel[0],), kernel[1])
-    kernel = None if any(k is None for k in kernel) else kernel
+        blocks = tuple(_default_place(np.ascontiguousarray(p)) for p in np.split(host, cuts, 1))
+    kernel = None if scales is None or any(b is None for b in blocks) else (blocks, scales)
     return CpuQArray(*q.children(), *q.tree_flatten()[1], kernel=kernel)
 
 
-def _host_view(a, shape):
-    """``a.reshape(shape)`` sharing ``a``'s memory (a CPU array, 64-byte aligned), or None."""
+def _host_view(a, shape, index=None):
+    """``a.reshape(shape)[index]`` sharing ``a``'s memory (a CPU array, 64-byte aligned), or None."""
     try:
         host = np.asarray(a)  # no copy for an array on the CPU
         if host.ctypes.data != a.unsafe_buffer_pointer():
             return None
-        view = jax.device_put(host.reshape(shape), may_alias=True)
-        return view if view.unsafe_buffer_pointer() == host.ctypes.data else None
-    except Exception:  # not on one CPU, no may_alias, deleted: no view
+        part = host.reshape(shape)
+        part = part if index is None else part[index]
+        view = jax.device_put(part, may_alias=True)
+        return view if view.unsafe_buffer_pointer() == part.ctypes.data else None
+    except Exception:  # not on one CPU, no may_alias, deleted, misaligned: no view
         return None
 
 

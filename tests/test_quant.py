@@ -18,7 +18,7 @@ def _step(q: quant.QArray) -> np.ndarray:
     ones = q._replace(
         np.ones_like(np.asarray(quant.unpack_values(q, np.float32)), dtype=np.int8)
         if q.scheme == "int8"
-        else np.full(q.values.shape, 0x19, np.int8),  # two 1-levels: (1 + 8) + 16 * 1
+        else np.full(q.values.shape, 0x11, np.int8),  # two 1-levels: 1 + 16 * 1
         q.scales,
     )
     return np.asarray(quant.dequantize(ones, np.float32))
@@ -65,6 +65,53 @@ def test_int4_groups_and_packing():
     assert big8.nbytes / (2304 * 9216 * 2) < 0.51
 
 
+def test_int4_packs_twos_complement_nibbles():
+    # byte = (even level & 15) | (odd level << 4): every pair of levels -7..7
+    # packs to that byte and unpacks to the same pair.
+    levels = np.arange(-7, 8)
+    even, odd = (a.reshape(-1) for a in np.meshgrid(levels, levels))
+    w = np.stack([even, odd], axis=-1).astype(np.float32)  # [225 outputs, 2 inputs]
+    w = np.concatenate([w, np.full((len(w), 62), 7.0, np.float32)], axis=1)  # scale 1
+    q = quant.quantize(w, "int4", (-1,))
+    assert np.all(np.asarray(q.scales)[:, 0] == 1.0)
+    byte = np.asarray(q.values)[:, 0]
+    np.testing.assert_array_equal(byte, ((even & 15) | (odd << 4)).astype(np.int8))
+    np.testing.assert_array_equal(np.asarray(quant.unpack_values(q))[:, :2], w[:, :2])
+
+
+def test_int4_loop_levels_are_exact_powers_of_two():
+    # The one-row loop reads a byte b (sign-extended to int32) as float(b << 28)
+    # and float(b & -16), its inputs pre-multiplied by quant.LOW and quant.HIGH:
+    # for every byte, these products are the two levels exactly.
+    b = np.arange(-128, 128, dtype=np.int32)
+    low = (b << 28).astype(np.int32).astype(np.float32) * np.float32(quant.LOW)
+    high = (b & -16).astype(np.float32) * np.float32(quant.HIGH)
+    np.testing.assert_array_equal(low, ((b << 28).astype(np.int32) >> 28).astype(np.float32))
+    np.testing.assert_array_equal(high, (b >> 4).astype(np.float32))
+    v = b.astype(np.int8)[None]  # the same through the QArray's unpacking
+    q = quant.QArray(v, np.ones((1, 8), np.float32), "int4", (-1,), (512,))
+    both = np.asarray(quant.unpack_values(q))[0]
+    np.testing.assert_array_equal(both[0::2], low)
+    np.testing.assert_array_equal(both[1::2], high)
+
+
+@pytest.mark.parametrize("scheme, loops", [("int8", 1), ("int4", 1)])
+def test_cpu_one_row_product_reads_each_byte_once(scheme, loops):
+    # The compiled one-row product of a CpuQArray: one loop (a fusion ending in a
+    # dot) per column block reads the integer matrix, each byte once; no
+    # float array of the matrix's size is written.
+    q = quant.for_cpu(quant.quantize_leaf(np.ones((2304, 512), np.float32), scheme, (-2,)))
+    x = jnp.ones((1, 2304), jnp.float32)
+    program = jax.jit(lambda x, q: q.einsum("bd,df->bf", x)).lower(x, q).compile().as_text()
+    entry = program[program.index("\nENTRY") :]
+    ints = re.findall(r"(%\S+) = s8\[\S+ parameter\(", entry)  # the integer matrix's name
+    assert len(ints) == 1, ints
+    readers = [line for line in entry.splitlines()
+               if re.search(re.escape(ints[0]) + r"[,)]", line) and " parameter(" not in line]  # fmt: skip
+    assert len(readers) == loops and " fusion(" in readers[0], readers
+    assert not [line for n, line in _entry_float_arrays(program) if n >= 512 * 512 // 4]
+
+
 def test_bfloat16_weights_keep_their_dtype():
     w = np.random.default_rng(1).standard_normal((64, 16)).astype(ml_dtypes.bfloat16)
     q = quant.quantize(w, "int8")
@@ -84,7 +131,7 @@ EQUATIONS = [  # (eq, x shape, weight shape, in_axes): the model's products
 
 @pytest.mark.parametrize("scheme", quant.SCHEMES)
 @pytest.mark.parametrize("eq, xs, ws, in_axes", EQUATIONS)
-@pytest.mark.parametrize("cpu_reduce", [False, True, "blocks"])
+@pytest.mark.parametrize("cpu_reduce", [False, "rows", "rows-blocks", True, "blocks"])
 def test_quantized_product_equals_dequantized_product(
     scheme, eq, xs, ws, in_axes, cpu_reduce, monkeypatch
 ):
@@ -93,21 +140,24 @@ def test_quantized_product_equals_dequantized_product(
     # the odd ones): float32 re-association bounds the difference by
     # ~K * eps * sum_k |x_k| |w_k|. "blocks": the CPU path with column blocks of
     # at most 96 bytes (for_cpu copies them; int4 splits at group boundaries).
+    # "rows": the accelerators' decoding form (one multiply-and-sum over the
+    # integers, ``_reduce_rows``); "rows-blocks": the same on values stored in
+    # column blocks of at most 96 bytes.
     from pali_kit.model import common
 
-    if cpu_reduce == "blocks":
-        monkeypatch.setattr(common, "BLOCK", 96)  # read by quant.for_cpu
+    if cpu_reduce in ("blocks", "rows-blocks"):
+        monkeypatch.setattr(common, "BLOCK", 96)  # read by quant.quantize and quant.for_cpu
     rng = np.random.default_rng(2)
     x = rng.standard_normal(xs).astype(np.float32)
     if cpu_reduce:
         x = x[:1, :2]  # two rows: what the reduce path takes (decoding)
     w = rng.standard_normal(ws).astype(np.float32)
     q = quant.quantize(jnp.asarray(w), scheme, in_axes)
-    if cpu_reduce:
+    if cpu_reduce in (True, "blocks"):
         q = quant.cpu_layout({"w": q})["w"]
         assert isinstance(q, quant.CpuQArray)
         blocks = q.kernel[0]
-        assert sum(b.shape[1] for b in blocks) == q.values.shape[-1]
+        assert sum(b.shape[1] for b in blocks) == q.row_bytes
         if cpu_reduce == "blocks":
             assert all(b.shape[1] <= 96 for b in blocks)
             assert scheme == "int8" or all(b.shape[1] % 32 == 0 for b in blocks)
@@ -118,6 +168,43 @@ def test_quantized_product_equals_dequantized_product(
     k = np.prod([ws[a] for a in in_axes])
     assert got.dtype == jnp.float32 and got.shape == want.shape
     assert np.all(np.abs(np.asarray(got) - want) <= 2 * k * EPS32 * magnitude + 1e-30)
+
+
+@pytest.mark.parametrize("scheme, blocks", [("int8", 8), ("int4", 5)])
+def test_wide_rows_are_stored_in_column_blocks(scheme, blocks, monkeypatch):
+    # Rows over BLOCK bytes (here 96; the MLP output matrix's 9216 inputs at full
+    # size) are stored as equal column blocks, int4 split at group boundaries:
+    # the QArray stands for the same weight (shape, dequantized values, streamed
+    # quantization), and the CPU form reads each block where it is stored.
+    from pali_kit.model import common
+
+    w = np.random.default_rng(5).standard_normal((3, 640, 48)).astype(np.float32)  # (L, F, W)
+    plain = quant.quantize(w, scheme, (-2,))  # BLOCK = 2304: one block
+    monkeypatch.setattr(common, "BLOCK", 96)
+    q = quant.quantize(w, scheme, (-2,))
+    width = {"int8": 640, "int4": 320}[scheme]  # bytes per output row
+    assert plain.blocks == 1 and plain.values.shape == (3, 48, width)
+    assert q.blocks == blocks and q.values.shape == (3, blocks, 48, width // blocks)
+    assert q.shape == w.shape and q.out_shape == (3, 48) and q.nbytes == plain.nbytes
+    np.testing.assert_array_equal(np.asarray(quant.out_in_values(q)), plain.values)
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), quant.dequantize(plain))
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(q[1])), quant.dequantize(plain)[1])
+    # what loading does: slices of layers quantized one at a time
+    streamed = quant.quantize_rows_of(((i, w[i : i + 1]) for i in range(3)), w.shape,
+                                      w.dtype, scheme, (-2,))  # fmt: skip
+    np.testing.assert_array_equal(streamed.values, q.values)
+    # the CPU form of a layer: its kernel blocks are views of the layer's values
+    layer = quant.quantize_leaf(w[1:2], scheme, (-2,))
+    layer = layer._replace(layer.values[0], layer.scales[0])  # (F, W) as a layer view
+    cpu = quant.for_cpu(layer)
+    start = cpu.values.unsafe_buffer_pointer()
+    pointers = [b.unsafe_buffer_pointer() for b in cpu.kernel[0]]
+    assert pointers == [start + i * 48 * (width // blocks) for i in range(blocks)]
+    x = np.random.default_rng(6).standard_normal((1, 640)).astype(np.float32)
+    got = jax.jit(lambda x, m: m.einsum("bf,fd->bd", x))(x, cpu)
+    deq = np.asarray(quant.dequantize(layer), np.float64)
+    bound = 2 * 640 * EPS32 * (np.abs(x) @ np.abs(deq))  # float32 re-association, K = 640
+    assert np.all(np.abs(np.asarray(got) - x @ deq) <= bound)
 
 
 def _entry_float_arrays(hlo: str) -> list[tuple[int, str]]:
@@ -225,20 +312,47 @@ def test_quantize_argument_is_checked():
     assert quant.check_scheme(None) is None and quant.check_scheme("int4") == "int4"
 
 
-def test_cuda_lowering_feeds_the_integers_to_the_matmul():
-    # What XLA:GPU is given: the int8 weight enters the program as int8 and is
-    # converted and scaled right in front of the dot (elementwise producers of
-    # the dot operand, which XLA's GPU fusion merges into the matmul); no
-    # float copy of the weight is a program input or output.
-    q = quant.quantize(jnp.ones((2304, 512)), "int8")
-    x = jax.ShapeDtypeStruct((1, 2304), jnp.bfloat16)
-    exported = jax.export.export(
-        jax.jit(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16)), platforms=("cuda",)
-    )(x, q)
-    text = exported.mlir_module()
-    main = text[text.index("func.func public @main") :].split("\n")[0]
-    assert "tensor<512x2304xi8>" in main and "tensor<512x2304xbf16>" not in main
-    assert "stablehlo.dot_general" in text and "stablehlo.convert" in text
+def _cuda_main(fn, *args) -> str:
+    text = jax.export.export(jax.jit(fn), platforms=("cuda",))(*args).mlir_module()
+    return text[text.index("func.func public @main") :]
+
+
+@pytest.mark.parametrize("rows", [2304, 9216])  # 9216: stored in column blocks
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_cuda_decode_product_reads_the_integers_in_one_reduction(scheme, rows):
+    # What XLA:GPU is given for one row (decoding): the integers converted
+    # elementwise right into a multiply and one sum, which XLA emits as a single
+    # reduction reading each byte once. A dot whose weight operand is scaled was
+    # written out as a float matrix first (compiled on an H200: temporaries of
+    # one float matrix per product); no dot may take a float weight here.
+    q = quant.quantize(jnp.ones((rows, 512)), scheme)
+    x = jax.ShapeDtypeStruct((1, rows), jnp.float32)
+    main = _cuda_main(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16), x, q)
+    assert "stablehlo.dot_general" not in main
+    assert not [ln for ln in main.splitlines() if "stablehlo.transpose" in ln and "xi8>" in ln]
+    assert "stablehlo.reduce" in main and "xi8>) -> tensor<" in main
+    # the check can fail: the dequantized weight as a matmul operand is a dot
+    dense = _cuda_main(lambda x, w: jnp.einsum("bd,df->bf", x, w), x, quant.dequantize(q))
+    assert "stablehlo.dot_general" in dense
+
+
+@pytest.mark.parametrize("rows, stored", [(2304, "512x2304"), (9216, "4x512x2304")])
+def test_cuda_prefill_product_converts_the_int8_values_only(rows, stored):
+    # Several rows (prefill, training): the int8 values enter the dot through a
+    # plain conversion (exact: |q| <= 127), the channel scales multiply the
+    # result. XLA:GPU's matmul fusion reads a converted operand in place; no
+    # float copy of the weight is a program input.
+    # (column blocks of a wide matrix are joined by a transpose of the integers.)
+    q = quant.quantize(jnp.ones((rows, 512)), "int8")
+    x = jax.ShapeDtypeStruct((256, rows), jnp.float32)
+    main = _cuda_main(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16), x, q)
+    assert f"tensor<{stored}xi8>" in main.split("\n")[0]
+    assert f"512x{rows}xbf16" not in main.split("\n")[0] and "optimization_barrier" not in main
+    dots = [ln for ln in main.splitlines() if "stablehlo.dot_general" in ln]
+    assert len(dots) == 1
+    weight = dots[0].split("stablehlo.dot_general")[1].split(",")[1].strip()  # e.g. %0
+    producer = next(ln for ln in main.splitlines() if ln.strip().startswith(f"{weight} ="))
+    assert "stablehlo.convert %" in producer and "xi8>) -> tensor<" in producer  # the int8 values
 
 
 # --- loading ----------------------------------------------------------------------------

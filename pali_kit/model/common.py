@@ -22,12 +22,21 @@ dtype never makes an activation overflow where float32 does not:
   come back float32 (a custom VJP), so a training step with frozen float16
   weights neither overflows nor flushes small gradients to zero.
 
+- float32 times float32 (float32 weights, and the attention products of
+  float32 activations) is computed at ``Precision.HIGHEST``: true float32 on
+  every backend. XLA's default would round the operands to TensorFloat-32 on
+  Ampere and newer GPUs and to bfloat16 passes on TPUs; on an H200 that moved
+  the fixture models' float32 logits by up to 1.0e-2 of their scale, against
+  7e-6 at HIGHEST (``bench/gpu_check.py``). CPUs and T4s compute float32
+  either way.
+
 ``compute_dtype`` (``PaliGemmaConfig.compute_dtype``, ``pk.load(...,
 compute_dtype=...)``) overrides the policy: ``"float32"`` upcasts every
 weight (exactly the reference, slow on accelerators' matrix units);
 ``"bfloat16"`` / ``"float16"`` cast activations and weights to that dtype
-with no scaling (the fastest form on a GPU; **with float16 any activation
-above 65504 becomes inf**).
+with no scaling and leave the attention products at the backend's default
+precision (the fastest form on a GPU; **with float16 any activation above
+65504 becomes inf**).
 
 Layer stacks
 ------------
@@ -77,6 +86,15 @@ def mm(eq: str, x: jax.Array, w, compute_dtype: str | None = None) -> jax.Array:
     return policy_einsum(eq, x, w, compute_dtype)
 
 
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def activation_precision(compute_dtype: str | None = None):
+    """Precision of products of two float32 activations (attention): HIGHEST under
+    the policy, the backend's default with a half-precision ``compute_dtype``."""
+    return None if compute_dtype in ("bfloat16", "float16") else HIGHEST
+
+
 def operand_dtype(weight_dtype, compute_dtype: str | None = None):
     """The dtype both operands of a product are rounded to (float32: no rounding)."""
     if compute_dtype is not None:
@@ -94,7 +112,7 @@ def policy_einsum(eq: str, x, w, compute_dtype: str | None = None):
     x = x.astype(jnp.float32)
     dtype = operand_dtype(w.dtype, compute_dtype)
     if dtype == jnp.float32:
-        return jnp.einsum(eq, x, w.astype(jnp.float32))
+        return jnp.einsum(eq, x, w.astype(jnp.float32), precision=HIGHEST)
     if compute_dtype is not None:  # explicit opt-in: no scaling
         return jnp.einsum(eq, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
     return _half_einsum(expand_ellipsis(eq, x.ndim), x, w)
@@ -276,7 +294,7 @@ def policy_matmul(x, w, compute_dtype=None, contract_rhs: int = 0):
     x = x.astype(jnp.float32)
     dtype = operand_dtype(w.dtype, compute_dtype)
     if dtype == jnp.float32:
-        return jax.lax.dot_general(x, w.astype(jnp.float32), dims)
+        return jax.lax.dot_general(x, w.astype(jnp.float32), dims, precision=HIGHEST)
     if compute_dtype is None and narrow_range(dtype):
         xs, scale = scale_rows(x, (1,))
         y = jax.lax.dot_general(xs.astype(dtype), w, dims, preferred_element_type=jnp.float32)

@@ -36,7 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..configs import GemmaConfig
-from .common import init_stacked, layer_slice, mm, run_stack, stacked_param, weight
+from .common import (
+    activation_precision,
+    init_stacked,
+    layer_slice,
+    mm,
+    run_stack,
+    stacked_param,
+    weight,
+)
 
 # big_vision masks attention logits with this value (not -inf: a row with no
 # visible key, e.g. a padding query, stays finite).
@@ -140,11 +148,14 @@ class Attention(nn.Module):
         b, t = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads  # query heads per kv head
         q = q.reshape(b, t, cfg.num_kv_heads, groups, cfg.head_dim)
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, k)
+        exact = activation_precision(cfg.compute_dtype)
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, k, precision=exact)
         logits = softcap(logits, cfg.attn_logits_softcap)
         logits = jnp.where(mask[:, None, None, :, :], logits, BIG_NEG)
         probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, cfg.num_heads, -1)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v, precision=exact).reshape(
+            b, t, cfg.num_heads, -1
+        )
         return mm("btnh,nhd->btd", out, w_o, cfg.compute_dtype), cache
 
 

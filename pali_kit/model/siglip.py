@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from ..configs import VisionConfig
-from .common import init_stacked, mm, run_stack, stacked_param, weight
+from .common import activation_precision, init_stacked, mm, run_stack, stacked_param, weight
 
 _dense_init = nn.initializers.lecun_normal()
 
@@ -74,9 +74,10 @@ class Attention(nn.Module):
         dense = functools.partial(Dense, (self.num_heads, hd), compute_dtype=self.compute_dtype)
         q, k, v = dense(name="query")(x), dense(name="key")(x), dense(name="value")(x)
         q = q / jnp.sqrt(hd).astype(q.dtype)
-        logits = jnp.einsum("bqnh,bknh->bnqk", q, k)
+        exact = activation_precision(self.compute_dtype)
+        logits = jnp.einsum("bqnh,bknh->bnqk", q, k, precision=exact)
         probs = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+        out = jnp.einsum("bnqk,bknh->bqnh", probs, v, precision=exact)
         return Dense((d,), contract=2, compute_dtype=self.compute_dtype, name="out")(out)
 
 

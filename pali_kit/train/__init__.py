@@ -63,7 +63,9 @@ from .params import (
     split_params,
     trainable_mask,
 )
+from .params import TRAINABLE_DTYPES as TRAINABLE_DTYPES
 from .params import Params as Params
+from .params import check_trainable_dtype as check_trainable_dtype
 from .params import leaf_key as leaf_key
 from .params import training_dtype as training_dtype
 from .sharding import MIN_SHARD_BYTES as MIN_SHARD_BYTES
@@ -79,6 +81,9 @@ from .step import (
     make_train_step,
     next_token_loss,
 )
+from .step import round_like as round_like
+from .step import rounding_key as rounding_key
+from .step import stochastic_round as stochastic_round
 from .trainer import History, Trainer, plot_history, read_training_state, save_checkpoint
 
 __all__ = [

@@ -29,7 +29,13 @@ import numpy as np
 from .. import checkpoints, quant
 from ..configs import resolve_config
 from ..model import count_params, param_shapes
-from .params import merge_params, split_params, trainable_mask, training_dtype
+from .params import (
+    check_trainable_dtype,
+    merge_params,
+    split_params,
+    trainable_mask,
+    training_dtype,
+)
 from .sharding import MIN_SHARD_BYTES, fsdp_spec
 from .step import init_state, make_optimizer, make_train_step
 
@@ -105,6 +111,7 @@ class Plan:
     largest_layer_bytes: int
     compile_seconds: float
     measured_on: str = ""
+    trainable_dtype: str = "float32"
 
     @property
     def total(self) -> int:
@@ -154,7 +161,7 @@ class Plan:
             f"frozen {self.frozen_dtype}, remat {self.remat}; XLA temporaries measured on "
             f"{self.measured_on} in {self.compile_seconds:.0f} s",
             f"  frozen weights ({self.frozen_dtype:>8})   {self.frozen_bytes / GB:7.2f} GB",
-            f"  trainable weights (float32)  {self.trainable_bytes / GB:7.2f} GB",
+            f"  trainable weights ({self.trainable_dtype:>8}){self.trainable_bytes / GB:7.2f} GB",
             f"  optimizer state              {self.optimizer_bytes / GB:7.2f} GB",
             f"  batch                        {self.batch_bytes / GB:7.2f} GB",
             f"  step temporaries (XLA)       {self.temp / GB:7.2f} GB"
@@ -183,7 +190,8 @@ class Plan:
         p.text(self.table())
 
 
-def _abstract_state(config, trainable, frozen_dtype, optimizer, scheme=None):
+def _abstract_state(config, trainable, frozen_dtype, optimizer, scheme=None,
+                    trainable_dtype=np.float32):  # fmt: skip
     """ShapeDtypeStructs for (state, frozen) and a description; allocates nothing.
 
     scheme ("int8" | "int4"): frozen large matrices are QArrays standing for ``frozen_dtype``.
@@ -191,7 +199,9 @@ def _abstract_state(config, trainable, frozen_dtype, optimizer, scheme=None):
     shapes = param_shapes(config)
     mask, _ = trainable_mask(shapes, trainable)
     typed = jax.tree.map(
-        lambda s, t: jax.ShapeDtypeStruct(s.shape, training_dtype(t, frozen_dtype, s.dtype)),
+        lambda s, t: jax.ShapeDtypeStruct(
+            s.shape, training_dtype(t, frozen_dtype, s.dtype, trainable_dtype)
+        ),
         shapes, mask,
     )  # fmt: skip
     train_shapes, frozen_shapes = split_params(typed, mask)
@@ -224,10 +234,10 @@ def _nbytes(tree) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _compiled_temp(config, trainable, frozen_dtype, optimizer, batch_size, text_len, remat,
-                   accum_steps, scheme=None) -> tuple[int, float]:  # fmt: skip
+                   accum_steps, scheme=None, trainable_dtype=np.float32) -> tuple[int, float]:  # fmt: skip
     """XLA's temp bytes of the compiled train step on the default device, and compile seconds."""
     state, frozen, tx, schedule = _abstract_state(
-        config, trainable, frozen_dtype, optimizer, scheme
+        config, trainable, frozen_dtype, optimizer, scheme, trainable_dtype
     )
     step = make_train_step(config, tx, schedule=schedule, remat=remat, accum_steps=accum_steps)
     start = time.perf_counter()
@@ -248,6 +258,7 @@ def plan(
     accum_steps: int = 1,
     tpu: bool = True,
     min_shard_bytes: int = MIN_SHARD_BYTES,
+    trainable_dtype="float32",
 ) -> Plan:
     """Device memory to fine-tune a model, with a verdict per common device.
 
@@ -267,7 +278,12 @@ def plan(
     ``frozen_dtype="int8"`` / ``"int4"``: the frozen large matrices are
     weight-only quantized (``pali_kit.quant``; load with ``pk.load(...,
     quantize=...)``), dequantized inside the step; norms and the other small
-    frozen weights are float16.
+    frozen weights are float16. ``trainable_dtype="bfloat16"``: the trainable
+    weights and their gradients take 2 bytes a parameter (``Trainer``'s
+    option of the same name: float32 updates, stochastic rounding); the
+    optimizer state stays float32. (On a CPU host that step is compiled with
+    float32 trainable weights too, for the reason above, and its gradients are
+    counted at 2 bytes a parameter.)
 
     Example::
 
@@ -277,13 +293,26 @@ def plan(
     name = config_or_name if isinstance(config_or_name, str) else config.family
     scheme = frozen_dtype if frozen_dtype in quant.SCHEMES else None
     dtype = checkpoints.as_dtype("float16" if scheme else frozen_dtype)
+    half = check_trainable_dtype(trainable_dtype)
     subset = _hashable_subset(config, trainable)
-    state, frozen, _, _ = _abstract_state(config, subset, dtype, optimizer, scheme)
-    compiled_dtype = np.dtype(np.float32) if jax.default_backend() == "cpu" else dtype
+    state, frozen, _, _ = _abstract_state(config, subset, dtype, optimizer, scheme, half)
+    on_cpu = jax.default_backend() == "cpu"
+    compiled_dtype = np.dtype(np.float32) if on_cpu else dtype
+    compiled_half = np.dtype(np.float32) if on_cpu else half
     compile_at = functools.partial(
         _compiled_temp, config, subset, compiled_dtype, optimizer, text_len=text_len,
-        remat=remat, accum_steps=accum_steps, scheme=scheme,
+        remat=remat, accum_steps=accum_steps, scheme=scheme, trainable_dtype=compiled_half,
     )  # fmt: skip
+    # XLA:CPU holds bfloat16 weights as whole float32 copies (as it does frozen float16 ones),
+    # which a GPU/TPU does not: on a CPU host the step is compiled with float32 trainable
+    # weights, and their gradients (in its temporaries) are counted at 2 bytes instead of 4.
+    # (The random bits of stochastic rounding, 2 bytes a parameter of one array at a time,
+    # are drawn after the backward pass, below its peak: the bfloat16 step XLA:CPU compiles,
+    # less its float32 copies, needs what this count gives, for a 10B model as a tiny one.)
+    correction = 0
+    if compiled_half != half:
+        correction = _count(state.params) * (4 - half.itemsize)
+    compile_at = _minus(compile_at, correction)
     temp, seconds = compile_at(batch_size=batch_size)
     layer_bytes = _largest_layer_bytes(merge_params(state.params, frozen), config)
     sharded = []
@@ -312,7 +341,18 @@ def plan(
         batch_bytes=_nbytes(_abstract_batch(config, batch_size, text_len)),
         temp=temp, sharded=tuple(sharded), largest_layer_bytes=layer_bytes,
         compile_seconds=seconds, measured_on=jax.devices()[0].device_kind,
+        trainable_dtype=half.name,
     )  # fmt: skip
+
+
+def _minus(compile_at, correction: int):
+    """``compile_at`` with ``correction`` bytes taken off the temporaries it returns."""
+
+    def at(**kw):
+        temp, seconds = compile_at(**kw)
+        return temp - correction, seconds
+
+    return at
 
 
 def _shard_bytes(tree, n: int, min_bytes: int) -> int:
@@ -370,6 +410,7 @@ def t4_advice(
     batch_sizes: Sequence[int] = (1, 2, 4, 8, 16, 32, 64),
     device: str = "T4 16 GB",
     min_batch: int = 1,
+    trainable_dtype="float32",
 ) -> str:
     """The largest trainable subset that fits ``device`` at batch ``min_batch``, and its largest batch.
 
@@ -391,7 +432,8 @@ def t4_advice(
             f"t4_advice: {device!r} splits the batch over {cores} devices: give batch_sizes "
             f"with multiples of {cores} at or above min_batch={min_batch}"
         )
-    kw = dict(text_len=text_len, frozen_dtype=frozen_dtype, optimizer=optimizer, tpu=cores > 1)
+    kw = dict(text_len=text_len, frozen_dtype=frozen_dtype, optimizer=optimizer, tpu=cores > 1,
+              trainable_dtype=trainable_dtype)  # fmt: skip
 
     def need(subset, batch: int) -> int:
         return plan(config, trainable=subset, batch_size=batch, **kw).need(device)
@@ -399,15 +441,17 @@ def t4_advice(
     first = sizes[0]
     best = None
     for subset in sorted(subsets, key=lambda s: -_count_trainable(shapes, s)):
-        if _state_bound(config, subset, frozen_dtype, optimizer, cores) > capacity:
+        if _state_bound(config, subset, frozen_dtype, optimizer, cores, trainable_dtype) > capacity:
             continue
         if need(subset, first) <= capacity:
             best = subset
             break
     frozen = frozen_dtype if frozen_dtype in quant.SCHEMES else checkpoints.as_dtype(frozen_dtype)
     frozen = np.dtype(frozen).name if not isinstance(frozen, str) else frozen
+    trained = check_trainable_dtype(trainable_dtype).name
     if best is None:
-        return f"{device}: nothing fits at batch {first} with text_len={text_len} (frozen {frozen})"
+        return (f"{device}: nothing fits at batch {first} with text_len={text_len} (frozen "
+                f"{frozen}, trainable {trained})")  # fmt: skip
     second = next((b for b in sizes if b >= 8 * cores and b > first), sizes[-1])
     largest = first
     if second > first:
@@ -419,16 +463,18 @@ def t4_advice(
     return (
         f"{device}: the largest trainable subset that fits at batch {first} is {best!r} "
         f"({_count_trainable(shapes, best):,} params); with it the largest batch is {largest} "
-        f"(text_len={text_len}, {optimizer}, frozen {frozen})"
+        f"(text_len={text_len}, {optimizer}, frozen {frozen}, trainable {trained})"
     )
 
 
-def _state_bound(config, subset, frozen_dtype, optimizer, devices: int) -> int:
+def _state_bound(config, subset, frozen_dtype, optimizer, devices: int,
+                 trainable_dtype="float32") -> int:  # fmt: skip
     """One device's weights, gradients and optimizer state: a floor under any batch's need."""
     scheme = frozen_dtype if frozen_dtype in quant.SCHEMES else None
     dtype = checkpoints.as_dtype("float16" if scheme else frozen_dtype)
     subset = _hashable_subset(config, subset)
-    state, frozen, _, _ = _abstract_state(config, subset, dtype, optimizer, scheme)
+    half = check_trainable_dtype(trainable_dtype)
+    state, frozen, _, _ = _abstract_state(config, subset, dtype, optimizer, scheme, half)
     shard = functools.partial(_shard_bytes, n=devices, min_bytes=MIN_SHARD_BYTES)
     return shard((state, frozen)) + shard(state.params)  # the gradients: one more trainable copy
 

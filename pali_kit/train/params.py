@@ -6,11 +6,12 @@
   a predicate ``(key, shape) -> bool``.
 - ``split_params(params, mask)`` -> (trainable, frozen), two nested dicts
   holding only their own leaves; ``merge_params`` puts them back together.
-- Dtypes: trainable weights float32; frozen ones float16 on GPUs without
-  bfloat16 (T4, V100, P100), bfloat16 on TPUs and newer GPUs, float32 on CPU
-  (``default_frozen_dtype``). The model's matmuls cast activations to each
-  weight's dtype and accumulate in float32. ``cast_params`` applies this to
-  a tree.
+- Dtypes: trainable weights float32 (or bfloat16, ``trainable_dtype``: updated in
+  float32 and rounded back stochastically, see ``step.stochastic_round``); frozen
+  ones float16 on GPUs without bfloat16 (T4, V100, P100), bfloat16 on TPUs and
+  newer GPUs, float32 on CPU (``default_frozen_dtype``). The model's matmuls cast
+  activations to each weight's dtype and accumulate in float32. ``cast_params``
+  applies this to a tree.
 """
 
 from __future__ import annotations
@@ -145,25 +146,55 @@ def default_frozen_dtype(device=None, *, cpu="float32") -> np.dtype:
     return checkpoints.as_dtype(device_dtype(device))  # the kit's one rule per accelerator
 
 
-def training_dtype(trainable: bool, frozen_dtype, current) -> np.dtype:
-    """The dtype a leaf of dtype ``current`` trains in: float32 when trainable, else
-    ``frozen_dtype``; integer leaves keep ``current``. The rule of ``cast_params``."""
+TRAINABLE_DTYPES = ("float32", "bfloat16")
+
+
+def check_trainable_dtype(trainable_dtype) -> np.dtype:
+    """``trainable_dtype`` (None: float32) as a numpy dtype, or a ValueError saying what is allowed.
+
+    float16 is refused: its range ends at 6e-8 (subnormals) and 65504, so the
+    small weight gradients of a long fine-tune flush to zero unless the loss is
+    scaled; bfloat16 has float32's range, and GPUs without bfloat16 arithmetic
+    (T4) store it and compute in float32.
+    """
+    if trainable_dtype is None:
+        return np.dtype(np.float32)
+    try:
+        dtype = checkpoints.as_dtype(trainable_dtype)
+    except (ValueError, TypeError):
+        dtype = None
+    if dtype is None or dtype.name not in TRAINABLE_DTYPES:
+        why = " (float16 gradients underflow below 6e-8)" if dtype == np.float16 else ""
+        raise ValueError(
+            f"trainable_dtype={trainable_dtype!r}{why}: use 'float32' (default) or 'bfloat16' "
+            "(half the memory of the trainable weights and their gradients; updates are "
+            "rounded stochastically)"
+        )
+    return dtype
+
+
+def training_dtype(trainable: bool, frozen_dtype, current, trainable_dtype=np.float32) -> np.dtype:
+    """The dtype a leaf of dtype ``current`` trains in: ``trainable_dtype`` (float32 by
+    default) when trainable, else ``frozen_dtype``; integer leaves keep ``current``.
+    The rule of ``cast_params``."""
     if not jnp.issubdtype(current, jnp.floating):
         return np.dtype(current)
-    return np.dtype(np.float32) if trainable else np.dtype(frozen_dtype)
+    return np.dtype(trainable_dtype) if trainable else np.dtype(frozen_dtype)
 
 
-def cast_params(params: Params, mask: Params, frozen_dtype=None) -> Params:
-    """Trainable leaves to float32, frozen ones to ``frozen_dtype`` (default: the device's).
+def cast_params(params: Params, mask: Params, frozen_dtype=None, trainable_dtype=None) -> Params:
+    """Trainable leaves to ``trainable_dtype`` (float32 or bfloat16; default float32), frozen
+    ones to ``frozen_dtype`` (default: the device's).
 
     Quantized weights (``pali_kit.quant.QArray``) stay quantized when frozen and
-    are dequantized to float32 when trainable.
+    are dequantized to ``trainable_dtype`` when trainable.
     """
     frozen_dtype = checkpoints.as_dtype(frozen_dtype) or default_frozen_dtype()
+    trainable_dtype = check_trainable_dtype(trainable_dtype)
 
     def cast(x, t):
         if isinstance(x, quant.QArray):
-            return quant.dequantize(x, jnp.float32) if t else x
-        return x.astype(training_dtype(t, frozen_dtype, x.dtype))
+            return quant.dequantize(x, trainable_dtype) if t else x
+        return x.astype(training_dtype(t, frozen_dtype, x.dtype, trainable_dtype))
 
     return jax.tree.map(cast, params, mask, is_leaf=quant.is_quantized)

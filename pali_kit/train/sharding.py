@@ -36,7 +36,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .. import checkpoints, quant
-from .params import Params, default_frozen_dtype, trainable_mask, training_dtype
+from .params import (
+    Params,
+    check_trainable_dtype,
+    default_frozen_dtype,
+    trainable_mask,
+    training_dtype,
+)
 
 # ============================================================================ devices and sharding
 
@@ -114,20 +120,23 @@ def load_for_training(
     min_shard_bytes: int = MIN_SHARD_BYTES,
     progress: bool | None = None,
     quantize: str | None = None,
+    trainable_dtype=None,
 ) -> tuple[Params, Params, str]:
     """Load a .npz straight into training dtypes and shardings: ``(params, mask, summary)``.
 
-    Leaf by leaf, largest first: each array is cast (trainable float32,
-    frozen ``frozen_dtype``, default ``default_frozen_dtype()``) and put on
+    Leaf by leaf, largest first: each array is cast (trainable ``trainable_dtype``,
+    float32 or bfloat16, default float32; frozen ``frozen_dtype``, default
+    ``default_frozen_dtype()``) and put on
     its devices with its FSDP sharding as soon as it is read, so host memory
     peaks near one leaf. Training checkpoints (``params/``, ``opt/``) load too.
     quantize ("int8" | "int4"): the frozen large matrices (``pali_kit.quant.RULES``)
     become ``QArray``s standing for ``frozen_dtype`` (values and scales each
-    FSDP-sharded); trainable ones stay float32 at full precision, never rounded
+    FSDP-sharded); trainable ones stay at full precision (``trainable_dtype``), never rounded
     to the quantization grid (what ``pk.load(..., quantize=...)`` would do to them).
     """
     mesh = mesh or make_mesh()
     frozen_dtype = checkpoints.as_dtype(frozen_dtype) or default_frozen_dtype()
+    trainable_dtype = check_trainable_dtype(trainable_dtype)
     quant.check_scheme(quantize)
     keys = checkpoints.checkpoint_keys(path)
     shapes = {
@@ -147,7 +156,7 @@ def load_for_training(
         if axes is not None:  # frozen large matrix: quantized one slice of rows at a time
             q = quant.quantize_leaf(array, quantize, axes, place=put)
             return quant.QArray(q.values, q.scales, quantize, q.in_axes, q.in_shape, frozen_dtype)
-        dtype = training_dtype(flags[key], frozen_dtype, array.dtype)
+        dtype = training_dtype(flags[key], frozen_dtype, array.dtype, trainable_dtype)
         array = array.astype(dtype, copy=False)
         target = jax.ShapeDtypeStruct(array.shape, dtype)
         return host_to_global(array, shardings_for(target, mesh, min_shard_bytes))

@@ -21,6 +21,12 @@ big_vision's trainer::
   ``accum_steps`` micro-batches; global-norm clipping; a guard that drops an
   update whose loss or gradient norm is not finite (the state comes back
   unchanged and ``Trainer`` raises ``NonFiniteLossError`` carrying it).
+- Half-precision trainable weights (``Trainer(trainable_dtype="bfloat16")``):
+  a trainable leaf stored in bfloat16 gets its gradient in bfloat16 (computed
+  in float32 inside each matmul, rounded once), the optimizer's update in
+  float32, and the new weight rounded back to bfloat16 by ``stochastic_round``
+  (unbiased: an update far below the weight's precision survives on average
+  instead of being rounded away). No float32 master copy is kept.
 """
 
 from __future__ import annotations
@@ -202,12 +208,73 @@ class TrainState(NamedTuple):
     """What a step updates: the update count, the trainable weights, the optimizer state."""
 
     step: jax.Array  # int32[], updates applied so far
-    params: Params  # trainable leaves only (float32)
-    opt_state: Any  # optax state of those leaves
+    params: Params  # trainable leaves only (float32, or bfloat16: stochastic rounding)
+    opt_state: Any  # optax state of those leaves (float32)
 
 
 def init_state(trainable: Params, tx: optax.GradientTransformation) -> TrainState:
-    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+    """Update count 0, the weights, and the optimizer state of their float32 values.
+
+    The optimizer works in float32 whatever the weights are stored in, so its
+    state (momentum, Adam's moments) is float32 for bfloat16 weights too. Call
+    it under ``jax.jit`` (``Trainer`` does) so no float32 copy of bfloat16
+    weights is made.
+    """
+    wide = jax.tree.map(lambda p: p.astype(jnp.float32), trainable)  # float32: no-op
+    return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(wide))
+
+
+# ============================================================================ stochastic rounding
+
+
+def stochastic_round(x, key) -> jax.Array:
+    """float32[...] -> bfloat16[...] of the same shape, rounded stochastically (unbiased).
+
+    bfloat16 is float32 with the low 16 of its 23 mantissa bits cut off, so a
+    finite float32 ``x`` lies between two neighbouring bfloat16 values
+    ``lo <= x < hi`` (toward zero / away from zero in magnitude) and, within
+    one binade, ``|x| = |lo| + (r / 2^16) (|hi| - |lo|)`` where ``r`` is x's
+    low 16 bits. With ``u`` uniform on {0, ..., 2^16 - 1} (from ``key``),
+    ``bits(x) + u`` carries into bit 16 exactly when ``u >= 2^16 - r``, so::
+
+        result = bits_to_float((bits(x) + u) & 0xFFFF0000)    # then exact in bfloat16
+        P(result = hi) = r / 2^16,   E[result] = lo + (r / 2^16)(hi - lo) = x
+
+    Signs are stored apart from the magnitude, so this holds for negative x;
+    a carry into the exponent is the next binade's first value, as it should
+    be; x already in bfloat16 (r = 0) is returned unchanged. Non-finite x is
+    rounded to nearest (inf stays inf, NaN stays NaN).
+
+    ``u`` comes from XLA's own generator (``RngBitGenerator``, Philox on CPU
+    and GPU), seeded with 128 bits drawn from ``key``: it writes 2 bytes an
+    element, once, where jax's default threefry makes several 4-byte arrays
+    of x's size that XLA:CPU does not fuse. The draws are reproducible on one
+    platform, not across platforms.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    philox = jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl="rbg")
+    noise = jax.random.bits(philox, x.shape, jnp.uint16).astype(jnp.uint32)  # on [0, 2^16)
+    up = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), jnp.float32)
+    return jnp.where(jnp.isfinite(x), up, x).astype(jnp.bfloat16)
+
+
+def round_like(new: Params, like: Params, key) -> Params:
+    """``new`` (float32 leaves) in the dtypes of ``like``: bfloat16 leaves stochastically,
+    each with its own key (``fold_in(key, leaf index)``), float32 ones as they are."""
+    leaves, treedef = jax.tree.flatten(new)
+    dtypes = [x.dtype for x in jax.tree.leaves(like)]
+    out = [
+        stochastic_round(x, jax.random.fold_in(key, i)) if d == jnp.bfloat16 else x.astype(d)
+        for i, (x, d) in enumerate(zip(leaves, dtypes, strict=True))
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+def rounding_key(seed: int, step) -> jax.Array:
+    """The key of update ``step``'s rounding: ``fold_in(key(seed), step)`` (reproducible,
+    so a resumed run draws what the uninterrupted one drew)."""
+    return jax.random.fold_in(jax.random.key(seed), step)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -253,10 +320,13 @@ def make_train_step(
     label_smoothing: float = 0.0,
     state_shardings=None,
     jit: bool = True,
+    rounding_seed: int = 0,
 ):
     """``step(state, frozen, batch) -> (state, metrics)``, jitted with ``state`` donated.
 
-    state: TrainState (trainable weights float32); frozen: the other weights
+    state: TrainState (trainable weights float32 or bfloat16: a bfloat16 leaf
+    is updated in float32 and rounded back with ``stochastic_round``, keyed by
+    ``rounding_key(rounding_seed, state.step)`` and the leaf); frozen: the other weights
     (never written); batch: global arrays (``shard_batch``). With
     ``accum_steps = k`` the batch is split into k micro-batches whose
     gradients are averaged (same result as one batch, less activation memory).
@@ -280,18 +350,24 @@ def make_train_step(
 
         def add(carry, micro):
             loss, grads = grad_fn(trainable, frozen, micro)
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+            return jax.tree.map(lambda c, g: c + g.astype(jnp.float32), carry, (loss, grads)), None
 
-        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
+        # micro-batch gradients (bfloat16 for bfloat16 weights) are summed in float32
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), (jnp.float32(0), trainable))
         (loss, grads), _ = jax.lax.scan(add, zeros, _micro_batches(batch, accum_steps))
         return jax.tree.map(lambda x: x / accum_steps, (loss, grads))
 
     def step(state: TrainState, frozen: Params, batch) -> tuple[TrainState, dict]:
         batch = {k: v for k, v in batch.items() if not k.startswith("_")}
         loss, grads = loss_and_grads(state.params, frozen, batch)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)  # float32: no-op
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        # the update in float32; bfloat16 weights are rounded back stochastically
+        wide = jax.tree.map(lambda p: p.astype(jnp.float32), state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, wide)
+        key = rounding_key(rounding_seed, state.step)
+        params = round_like(optax.apply_updates(wide, updates), state.params, key)
+        new = TrainState(state.step + 1, params, opt_state)
         ok = jnp.logical_and(jnp.isfinite(loss), jnp.isfinite(grad_norm))
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)  # guard: keep old
         lr = schedule(state.step) if schedule is not None else jnp.float32(jnp.nan)

@@ -36,6 +36,7 @@ from .distributed import ProcessBatches, gather_to_host, to_host
 from .evaluation import EvalResult
 from .params import (
     Params,
+    check_trainable_dtype,
     default_frozen_dtype,
     leaf_key,
     merge_params,
@@ -125,6 +126,10 @@ class Trainer:
       accum_steps: micro-batches per update (gradient accumulation).
       label_smoothing: see ``next_token_loss``.
       frozen_dtype: frozen weights' dtype (default ``default_frozen_dtype()``).
+      trainable_dtype: the trainable weights' dtype, ``"float32"`` (default) or
+        ``"bfloat16"``: half the memory for them and their gradients; each
+        update is computed in float32 and rounded back stochastically
+        (``stochastic_round``, keyed by ``rounding_seed`` and the step).
       remat: recompute layer activations in the backward pass (less memory).
       mesh: the device mesh (default: every device, ``make_mesh()``).
       min_shard_bytes: the FSDP threshold (4 MiB).
@@ -152,6 +157,8 @@ class Trainer:
         accum_steps: int = 1,
         label_smoothing: float = 0.0,
         frozen_dtype=None,
+        trainable_dtype=None,
+        rounding_seed: int = 0,
         remat: bool = True,
         mesh: Mesh | None = None,
         min_shard_bytes: int = MIN_SHARD_BYTES,
@@ -161,6 +168,7 @@ class Trainer:
         self.mesh = mesh or make_mesh()
         self.min_shard_bytes = min_shard_bytes
         self.frozen_dtype = checkpoints.as_dtype(frozen_dtype) or default_frozen_dtype()
+        self.trainable_dtype = check_trainable_dtype(trainable_dtype)
         self.mask, self.summary = trainable_mask(params, trainable)
         optimizer_args = dict(
             name=optimizer, num_steps=num_steps, lr=lr, warmup_percent=warmup_percent,
@@ -168,22 +176,25 @@ class Trainer:
         )  # fmt: skip
         self.tx, self.schedule = make_optimizer(**optimizer_args)
         trainable_params, frozen = split_params(params, self.mask)
-        trainable_params = quant.dequantize_params(trainable_params)  # trainable: float32
+        trainable_params = quant.dequantize_params(trainable_params)  # trainable: float
         self.frozen = self._put(frozen, self.frozen_dtype, copy=False)
-        trainable_params = self._put(trainable_params, np.float32, copy=copy)
+        trainable_params = self._put(trainable_params, self.trainable_dtype, copy=copy)
         init = functools.partial(init_state, tx=self.tx)
         shardings = self._shardings(jax.eval_shape(init, trainable_params))
-        self.state = jax.jit(init, out_shardings=shardings)(trainable_params)
+        # the weights placed above are the trainer's own (copy=True) or handed over (copy=False,
+        # donated by the first step anyway): donated here, so no second copy is made
+        self.state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(trainable_params)
+        del trainable_params
         self._step = _cached_train_step(
             config, tuple(optimizer_args.items()), accum_steps, remat, label_smoothing,
-            _hashable_tree(shardings),
+            _hashable_tree(shardings), rounding_seed,
         )  # fmt: skip
         self.history = History()
         self.last_eval: EvalResult | None = None
 
     @classmethod
     def load(cls, path, config: PaliGemmaConfig | None = None, *, trainable="attention",
-             frozen_dtype=None, mesh=None, min_shard_bytes=MIN_SHARD_BYTES,
+             frozen_dtype=None, trainable_dtype=None, mesh=None, min_shard_bytes=MIN_SHARD_BYTES,
              **kw) -> Trainer:  # fmt: skip
         """A Trainer from a .npz (official or a training checkpoint, then resumed).
 
@@ -193,11 +204,12 @@ class Trainer:
         mesh = mesh or make_mesh()
         params, _, _ = load_for_training(
             path, trainable=trainable, frozen_dtype=frozen_dtype, mesh=mesh,
-            min_shard_bytes=min_shard_bytes,
+            min_shard_bytes=min_shard_bytes, trainable_dtype=trainable_dtype,
         )  # fmt: skip
         config = config or checkpoints.infer_config(params, str(path))
         trainer = cls(params, config, trainable=trainable, frozen_dtype=frozen_dtype, mesh=mesh,
-                      min_shard_bytes=min_shard_bytes, copy=False, **kw)  # fmt: skip
+                      min_shard_bytes=min_shard_bytes, copy=False,
+                      trainable_dtype=trainable_dtype, **kw)  # fmt: skip
         del params
         if "train/step" in checkpoints.checkpoint_keys(path):
             trainer.restore(path, params=False)
@@ -231,7 +243,7 @@ class Trainer:
     # --- the weights ----------------------------------------------------------------------
     @property
     def params(self) -> Params:
-        """The full parameter tree: trainable (float32, current) + frozen weights."""
+        """The full parameter tree: trainable (``trainable_dtype``, current) + frozen weights."""
         return merge_params(self.state.params, self.frozen)
 
     @property
@@ -382,13 +394,15 @@ def _hashable_tree(tree):
 
 
 @functools.lru_cache(maxsize=16)
-def _cached_train_step(config, optimizer_args, accum_steps, remat, label_smoothing, shardings):
+def _cached_train_step(config, optimizer_args, accum_steps, remat, label_smoothing, shardings,
+                       rounding_seed=0):  # fmt: skip
     """One jitted step per setting, so a new Trainer with the same setup reuses the compile."""
     tx, schedule = make_optimizer(**dict(optimizer_args))
     treedef, leaves = shardings
     return make_train_step(
         config, tx, schedule=schedule, accum_steps=accum_steps, remat=remat,
         label_smoothing=label_smoothing, state_shardings=jax.tree.unflatten(treedef, leaves),
+        rounding_seed=rounding_seed,
     )  # fmt: skip
 
 
