@@ -26,7 +26,8 @@ TORCH       := $(shell grep -o '"torch==[^"]*"' pyproject.toml)
 NUMERICAL := tests/test_model.py tests/test_decode.py tests/test_checkpoints.py \
              tests/test_parity.py tests/test_segmentation.py tests/test_train.py \
              tests/test_hf.py tests/test_demo_vae.py tests/test_cpu_layout.py \
-             tests/test_numerics.py tests/test_quant.py tests/test_constrained.py
+             tests/test_numerics.py tests/test_quant.py tests/test_constrained.py \
+             tests/test_accel_layout.py
 ISAS      ?= AVX2 SSE4_2
 
 # The lowest declared versions (scripts/lowest_versions.py reads pyproject.toml).

@@ -29,11 +29,15 @@ matrix, 9216 inputs) are stored as column blocks, ``linear/`` (L, F, W) as
 ``q[i]`` is layer ``i``.
 
 Products: the model's modules call ``w.einsum(eq, x, compute_dtype)`` on a
-weight that has the method (``pali_kit.model.common.mm``). A QArray is
-dequantized (to the dtype it stands for) right in front of the product, which
-then follows the numerics policy exactly as for the float weight: XLA:GPU/TPU
-fuse the conversion into the matmul, so no float copy of the weight is made
-(``bench/quantize.py --hlo`` prints the program). The CPU layout
+weight that has the method (``pali_kit.model.common.mm``). On a GPU/TPU
+(a plain QArray): products of at most ``REDUCE_ROWS`` rows (decoding) are one
+multiply-and-sum over the integers, a single reduction that reads each byte
+once (``_reduce_rows``); longer int8 products multiply a plain conversion of
+the integers and scale the result (``_int8_product``), which XLA:GPU's matmul
+reads in place; longer int4 products dequantize the matrix (to the dtype it
+stands for) once its input exists. A dot whose weight operand is scaled was
+compiled with the float matrix written out first (measured on an H200:
+``bench/gpu_check.py``, ``docs/quantization.md``). The CPU layout
 (``pali_kit.model.cpu``) turns QArrays into :class:`CpuQArray`: products of at
 most ``REDUCE_ROWS`` rows (decoding) then read the integers in place (see
 ``_reduce_matvec``); longer ones (prefill) dequantize each matrix when its

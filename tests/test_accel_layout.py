@@ -116,3 +116,22 @@ def test_the_gpu_program_slices_no_weight(tiny):
 
     assert weight_slices(params) > 0
     assert weight_slices(accel.split_stacks(params)) == 0
+
+
+def test_evaluation_on_an_accelerator_runs_the_split_layers(monkeypatch, demo_tokenizer):
+    # pt.evaluate decodes with per-layer arrays where the weights live on one GPU/TPU
+    # (patched: the CPU stands in), and scores the same as with the CPU layout.
+    from pali_kit import data as pdata
+    from pali_kit import train as pt
+
+    model = pk.load("demo", verbose=False)
+    val = pdata.ShapesDataset(4, size=64, seed=3)
+    kw = dict(metric="exact_match", max_new_tokens=4, batch_size=4)
+    expected = pt.evaluate(model.params, model.config, val, demo_tokenizer, **kw)
+    calls = []
+    split = accel.split_stacks
+    monkeypatch.setattr(accel, "on_one_accelerator", lambda params: True)
+    monkeypatch.setattr(accel, "split_stacks", lambda p, *a: calls.append(1) or split(p, *a))
+    got = pt.evaluate(model.params, model.config, val, demo_tokenizer, **kw)
+    assert calls and got.predictions == expected.predictions and got.scores == expected.scores
+    assert any(got.predictions)  # the demo model answers
