@@ -201,3 +201,33 @@ def test_load_takes_compute_dtype(tmp_path):
     path = pk.save(pk.Model(pk.init_params(config, 0), config), tmp_path / "m.npz")
     model = pk.load(path, compute_dtype="bfloat16", verbose=False)
     assert model.config.compute_dtype == "bfloat16"
+
+
+def _cuda_dots(config, params) -> list[str]:
+    """The dot_general lines of the forward as XLA:GPU is given it (jax.export for cuda)."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    image = jax.ShapeDtypeStruct((1, 28, 28, 3), jnp.float32)
+    text = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    fn = jax.jit(lambda p, i, t, m: PaliGemma(config).apply({"params": p}, i, t, m))
+    ir = jax.export.export(fn, platforms=("cuda",))(shapes, image, text, text).mlir_module()
+    return [ln for ln in ir.splitlines() if "stablehlo.dot_general" in ln]
+
+
+def test_float32_products_ask_for_full_precision_on_accelerators():
+    # XLA's default precision rounds float32 operands to TF32 on Ampere and newer
+    # GPUs (bfloat16 passes on TPUs): on an H200 the fixture logits moved by 1e-2 of
+    # their scale (docs/differences.md). Every product of two float32 operands asks
+    # for HIGHEST; with bfloat16 weights the weight products are bfloat16 (no
+    # precision needed) and attention's float32 products still ask for HIGHEST; a
+    # half-precision compute_dtype leaves attention at the default (the opt-in).
+    config = tiny_config()
+    params = pk.init_params(config, 0)
+    dots = _cuda_dots(config, params)
+    assert dots and all("precision = [HIGHEST, HIGHEST]" in ln for ln in dots)
+    half = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    dots = _cuda_dots(config, half)
+    f32 = [ln for ln in dots if "xbf16>" not in ln.split(":")[-1].split("->")[0]]
+    assert f32 and all("HIGHEST" in ln for ln in f32)  # attention
+    assert all("HIGHEST" not in ln for ln in dots if ln not in f32)
+    fast = _cuda_dots(config.replace(compute_dtype="bfloat16"), params)
+    assert not any("HIGHEST" in ln for ln in fast)  # the check can fail
