@@ -125,15 +125,16 @@ class Model:
         memory when the model owns them); on one GPU/TPU one array per layer
         (``pali_kit.model.accel``: the stacks are split once, and freed when the
         model owns them); otherwise the official tree."""
-        if self._run is None and accel.on_one_accelerator(self._params):
-            release = self._owns_params  # then each stack is freed once split
-            self._run = accel.split_stacks(self._params, release=release)
-            if release:
-                self._params, self._run_replaced = accel.skeleton(self._params), True
         if self._run is None:
+            on_accelerator = accel.on_one_accelerator(self._params)
             self._run = inference_params(self._params, in_place=self._owns_params)
-            skeleton = _without_replaced(self._params, self._run) if self._owns_params else None
-            if skeleton is not None:  # the official arrays' memory now holds the blocks
+            if not self._owns_params:
+                skeleton = None
+            elif on_accelerator:  # the stacks were freed once split
+                skeleton = accel.skeleton(self._params)
+            else:
+                skeleton = _without_replaced(self._params, self._run)
+            if skeleton is not None:  # the official arrays are gone or hold the blocks
                 self._params, self._run_replaced = skeleton, True
         return self._run
 

@@ -131,7 +131,7 @@ def test_evaluation_on_an_accelerator_runs_the_split_layers(monkeypatch, demo_to
     calls = []
     split = accel.split_stacks
     monkeypatch.setattr(accel, "on_one_accelerator", lambda params: True)
-    monkeypatch.setattr(accel, "split_stacks", lambda p, *a: calls.append(1) or split(p, *a))
+    monkeypatch.setattr(accel, "split_stacks", lambda p, **kw: calls.append(1) or split(p, **kw))
     got = pt.evaluate(model.params, model.config, val, demo_tokenizer, **kw)
     assert calls and got.predictions == expected.predictions and got.scores == expected.scores
     assert any(got.predictions)  # the demo model answers

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import quant
+from . import accel
 from .common import (
     BLOCK,
     einsum_labels,
@@ -143,7 +144,11 @@ class Matrix:
 
 def inference_params(params, out_in: bool | None = None, in_place: bool = False):
     """The run tree for compiled inference: ``cpu_layout`` where the arrays live on
-    one CPU, otherwise ``params`` unchanged (GPU/TPU run the official tree)."""
+    one CPU, ``accel.split_stacks`` (one array per layer; with ``in_place`` each
+    stack is freed once split) where they live on one GPU/TPU, otherwise
+    ``params`` unchanged (sharded over several devices: the official tree)."""
+    if accel.on_one_accelerator(params):
+        return accel.split_stacks(params, release=in_place)
     if not all(_on_one_cpu(a) for a in jax.tree.leaves(params)):
         return params
     return cpu_layout(params, out_in, in_place)

@@ -28,7 +28,7 @@ from ..data.batching import eval_batches
 from ..data.examples import Example, get_example
 from ..data.shapes import ShapesDataset
 from ..detection import parse_detections
-from ..model import accel, inference_params
+from ..model import inference_params
 from .params import Params
 
 # ============================================================================ evaluation
@@ -186,8 +186,7 @@ def evaluate(
     # one array per layer: on CPU views (no copies); on one GPU/TPU a copy of the
     # stacks for this evaluation, which slicing them in every decode step would
     # make anyway (pali_kit.model.accel)
-    on_accelerator = accel.on_one_accelerator(params)
-    run_params = accel.split_stacks(params) if on_accelerator else inference_params(params)
+    run_params = inference_params(params)
     predictions, examples, previews = [], [], []
     batches = eval_batches(
         dataset, tokenizer, batch_size=batch_size, image_size=size, text_len=text_len
