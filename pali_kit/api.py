@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import os
 import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +53,7 @@ from .errors import (
 )
 from .images import preprocess
 from .model import PaliGemma, accel, count_params, inference_params, init_params, param_shapes
-from .model.cpu import IN_PLACE_LEAVES, official_params
+from .model.cpu import IN_PLACE_LEAVES, abstract_layout, official_params
 from .tokenizer import Tokenizer, find_tokenizer
 
 
@@ -116,6 +117,7 @@ class Model:
         self._run = None
         self._run_replaced = False
         self._owns_params = False  # a caller's tree: never written over
+        self._run_shapes = None  # the run tree's shapes its first prefill was compiled for
 
     @property
     def run_params(self):
@@ -128,6 +130,9 @@ class Model:
         if self._run is None:
             on_accelerator = accel.on_one_accelerator(self._params)
             self._run = inference_params(self._params, in_place=self._owns_params)
+            if self._run_shapes is not None:  # compiled ahead for these (pk.load)
+                _check_run_shapes(self._run, self._run_shapes)
+                self._run_shapes = None
             if not self._owns_params:
                 skeleton = None
             elif on_accelerator:  # the stacks were freed once split
@@ -637,6 +642,21 @@ def _without_replaced(official, run):
     return {**official, "llm": llm}
 
 
+def _check_run_shapes(run, shapes) -> None:
+    """Warn if the run tree is not what its first generation was compiled for ahead."""
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), run)
+    if jax.tree.structure(like) != jax.tree.structure(shapes) or jax.tree.leaves(
+        like
+    ) != jax.tree.leaves(shapes):
+        warnings.warn(
+            "pali_kit: the weights' inference layout differs from the one predicted from the "
+            "checkpoint (pali_kit.model.cpu.abstract_layout), so the first generation is "
+            "compiled again; this is a bug in pali_kit, please report it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def _length_with_eos(tokens) -> int:
     hits = np.flatnonzero(np.asarray(tokens) == decode.EOS_ID)
     if hits.size:
@@ -755,20 +775,51 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
                                  str(path))  # fmt: skip
             params = quant.quantize_params(params, quantize) if quantize else params
         else:
-            params = checkpoints.load_params(path, dtype, quantize=quantize)
-            config = checkpoints.infer_config(params, str(path))
+            header = checkpoints.checkpoint_keys(path)  # shapes and dtypes, before the weights
+            config = checkpoints.infer_config({k: s for k, (s, _) in header.items()}, str(path))
             if name is not None:
                 config = registry_semantics(config, checkpoint_info(name).config)
             config = _with_overrides(config, overrides, "pk.load")
+            ahead = _compile_while_loading(path, header, dtype, quantize, config, text_len)
+            params = checkpoints.load_params(path, dtype, quantize=quantize)
             _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
                                  str(path))  # fmt: skip
             checkpoints.check_params(params, config, str(path))
         tok = _as_tokenizer(tokenizer) or find_tokenizer(path.parent if path.is_file() else path,
                                                           config.llm.vocab_size)  # fmt: skip
         model = _owning(Model(params, config, tok, name=name or path.name, text_len=text_len))
+        model._run_shapes, model._compiled_ahead = ahead or (None, None)
     if verbose:  # a status line: on stderr, so that printed answers can be redirected cleanly
         print(f"pali_kit: {model.summary()}", file=sys.stderr)
     return model
+
+
+COMPILE_AHEAD_MIN_BYTES = 1 << 27  # a checkpoint this big loads long enough to compile meanwhile
+
+
+def _compile_while_loading(path, header, dtype, quantize, config, text_len):
+    """Start compiling the first generation (``decode.compile_ahead``) for the CPU
+    layout of the weights about to be read, on a background thread: a prompt in
+    the model's prompt bucket, one image, greedy. Only for float weights on CPU
+    and a checkpoint of at least ``COMPILE_AHEAD_MIN_BYTES``. Returns the run
+    tree's shapes it compiles for (``Model.run_params`` checks them) and the
+    Future of that compile, or None."""
+    if (quantize is not None or jax.default_backend() != "cpu"
+            or Path(path).stat().st_size < COMPILE_AHEAD_MIN_BYTES):  # fmt: skip
+        return None
+
+    def as_loaded(stored):  # as load_params casts, and as JAX then holds it
+        cast = dtype if dtype is not None and checkpoints._is_float(stored) else stored
+        return jax.dtypes.canonicalize_dtype(cast)
+
+    official = checkpoints.unflatten({
+        key: jax.ShapeDtypeStruct(shape, as_loaded(stored))
+        for key, (shape, stored) in header.items() if key.startswith(("img/", "llm/"))
+    })  # fmt: skip
+    shapes = abstract_layout(official)
+    # checking the loaded weights (checkpoints.check_params) traces these: meanwhile too
+    threading.Thread(target=param_shapes, args=(config,), daemon=True).start()
+    return shapes, decode.compile_ahead(config, shapes, text_len=text_len or 1)
 
 
 def _as_tokenizer(tokenizer):

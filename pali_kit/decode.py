@@ -22,9 +22,12 @@ Samplers are spec strings, as in big_vision: ``"greedy"``, ``"temperature(t)"``,
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 import re
+import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -301,21 +304,138 @@ def _finish(tok, logp, done):
 COMPILES = {"prefill": 0, "step": 0, "sample": 0, "beam": 0}
 
 
-def count_traces(fn, name):
-    """Wrap a jitted function so tracing it (i.e. compiling a new shape) is counted."""
+class _Counted:
+    """A jitted function whose new shapes are counted in ``COMPILES``; its first call
+    after ``compile_ahead`` waits for that compile instead of compiling again."""
 
-    def wrapper(*args):
-        before = fn._cache_size()
-        out = fn(*args)
-        COMPILES[name] += fn._cache_size() - before
+    def __init__(self, jitted, name: str):
+        self.jitted, self.name = jitted, name
+        self.pending: concurrent.futures.Future | None = None
+
+    def __call__(self, *args):
+        if self.pending is not None:
+            _await(self)
+        before = self.jitted._cache_size()
+        out = self.jitted(*args)
+        COMPILES[self.name] += self.jitted._cache_size() - before
         return out
 
-    return wrapper
+
+def count_traces(fn, name):
+    """Wrap a jitted function so tracing it (i.e. compiling a new shape) is counted."""
+    return _Counted(fn, name)
 
 
 def compile_count() -> int:
     """How many generation functions have been compiled in this process."""
     return sum(COMPILES.values())
+
+
+# --- compiling ahead ---------------------------------------------------------------------
+
+_AHEAD_LOCK = threading.Lock()  # one compile-ahead thread at a time
+
+
+def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: int = 1,
+                  max_new_tokens: int = 64, sampler="greedy",
+                  cache_dtype=None) -> concurrent.futures.Future:  # fmt: skip
+    """Compile on a background thread what ``iter_tokens`` runs first for these shapes.
+
+    The prefill, the sampler and the one-token step are traced, lowered and
+    compiled (fetched from the persistent compilation cache when it holds them)
+    for ``params`` (the run tree, or the same tree of ``jax.ShapeDtypeStruct``,
+    e.g. ``model.cpu.abstract_layout`` while the weights load), one image of the
+    model's resolution per row, ``batch`` rows and prompts of ``text_len`` tokens
+    (both bucketed as ``iter_tokens`` does). A later call with those shapes finds
+    them compiled: each function's first call waits for its compile instead of
+    compiling again. An error here never reaches the caller of this function: that
+    first call warns with it and compiles as usual. Returns a Future (result None)
+    done once everything is compiled.
+    """
+    sampler = parse_sampler(sampler, config.llm.vocab_size)
+    bb, tt = bucket_batch(batch), bucket_length(text_len)
+    cache_size = bucket_cache(config.vision.num_tokens, tt, max_new_tokens)
+    prefill, step = _jitted(config, cache_size, jnp.dtype(cache_dtype or jnp.float32).name)
+    choose = _sampler_fn(sampler)
+    stages = [(fn, concurrent.futures.Future()) for fn in (prefill, choose, step)]
+    for fn, future in stages:
+        fn.pending = future
+    done = concurrent.futures.Future()
+    r = config.resolution
+    inputs = (params, jax.ShapeDtypeStruct((bb, r, r, 3), jnp.float32),
+              jax.ShapeDtypeStruct((bb, tt), jnp.int32), jax.ShapeDtypeStruct((bb, tt), bool))  # fmt: skip
+    threading.Thread(target=_compile_stages, args=(stages, inputs, bb, done),
+                     name="pali_kit compile ahead", daemon=True).start()  # fmt: skip
+    return done
+
+
+_HITS = threading.local()  # persistent compilation cache hits, per thread
+
+
+def _cache_hits() -> int:
+    """Cache hits in this thread so far (from JAX's monitoring events)."""
+    global _LISTENING
+    if not _LISTENING:
+        _LISTENING = True
+        jax.monitoring.register_event_listener(_count_hit)
+    return getattr(_HITS, "n", 0)
+
+
+_LISTENING = False
+
+
+def _count_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _HITS.n = getattr(_HITS, "n", 0) + 1
+
+
+def _compile_stages(stages, inputs, bb, done):
+    """The thread of ``compile_ahead``: prefill, then sampler, then step, each
+    traced from the previous one's output shapes."""
+    with _AHEAD_LOCK:
+        try:
+            (prefill, f_prefill), (choose, f_choose), (step, f_step) = stages
+            hits = _cache_hits()
+            traced = prefill.jitted.trace(*inputs)
+            traced.lower().compile()
+            fetched = _cache_hits() > hits  # else compiled: the persistent cache was cold
+            f_prefill.set_result(None)
+            logits, cache, valid, pos = traced.out_info
+            # also the small eager operations of the loop's first steps (compiled once
+            # per process: too quick for the persistent cache)
+            rng, t = jax.random.key(0), jnp.int32(0)
+            jax.device_put(np.zeros(bb, np.int32)) + 0
+            traced = choose.jitted.trace(logits, rng, t, np.zeros(bb, bool), None)
+            traced.lower().compile()
+            f_choose.set_result(None)
+            tok = traced.out_info[0]
+            # The step is not needed before the second token: compile it ahead only
+            # if it comes from the persistent cache (as the prefill did) before the
+            # first prefill runs, else it would take CPU from that prefill.
+            if fetched and prefill.pending is not None:
+                step.jitted.trace(inputs[0], tok, cache, valid, pos, t).lower().compile()
+            f_step.set_result(None)
+            done.set_result(None)
+        except BaseException as e:  # handed to each function's first call, which warns
+            for _, future in stages:
+                if not future.done():
+                    future.set_exception(e)
+            done.set_exception(e)
+
+
+def _await(fn: _Counted) -> None:
+    """Wait for ``fn``'s compile ahead; if it failed, warn (the call then compiles)."""
+    future = fn.pending
+    error = future.exception()  # waits
+    if fn.pending is future:
+        fn.pending = None
+    if error is not None:
+        warnings.warn(
+            f"pali_kit: compiling the {fn.name} function ahead failed ({type(error).__name__}: "
+            f"{error}); it is compiled now instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 # --- the loop ----------------------------------------------------------------------------

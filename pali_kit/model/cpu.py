@@ -426,3 +426,79 @@ def _on_one_cpu(a) -> bool:
         )
     except Exception:  # deleted or unusual arrays: leave them alone
         return False
+
+
+# --- the layout's shapes before the weights exist ----------------------------------------
+
+ALIGN = 64  # bytes: JAX adopts a piece of a CPU buffer without copying at this alignment
+
+
+def abstract_layout(shapes):
+    """``cpu_layout``'s tree with ``jax.ShapeDtypeStruct`` leaves, from the official tree's
+    shapes (e.g. read from a checkpoint's headers), without any array: what the compiled
+    code will be handed, so it can be compiled while the weights load. Assumes arrays
+    that start ``ALIGN``-byte aligned, as the loader's do; float weights only."""
+    img, llm = dict(shapes["img"]), dict(shapes["llm"])
+    out_in = llm["final_norm"]["scale"].dtype in (jnp.bfloat16, jnp.float16)
+    img = _map_kernels(img, lambda k: Matrix([[k]]))
+    transformer = dict(img["Transformer"])
+    layers = _abstract_layers(shapes["img"]["Transformer"]["encoderblock"])
+    if layers is not None:
+        transformer["encoderblock"] = _stack_of(
+            [_map_kernels(layer, lambda k: Matrix([[k]])) for layer in layers]
+        )
+    img["Transformer"] = transformer
+    table = llm["embedder"]["input_embedding"]
+    llm["embedder"] = {"input_embedding": Matrix([[table]], (), True, table.shape[:1])}
+    layers = _abstract_layers(llm["layers"])
+    if layers is not None:
+        matrix = _abstract_out_in if out_in else _abstract_views
+        stacked = []
+        for layer in layers:  # as _llm_layer
+            attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
+            attn["q_einsum"] = {"w": matrix(attn["q_einsum"]["w"], 1)}
+            attn["kv_einsum"] = {"w": matrix(attn["kv_einsum"]["w"], 2)}
+            attn["attn_vec_einsum"] = {"w": matrix(attn["attn_vec_einsum"]["w"], 0)}
+            mlp["gating_einsum"] = matrix(mlp["gating_einsum"], 1)
+            mlp["linear"] = matrix(mlp["linear"], 0)
+            stacked.append({**layer, "attn": attn, "mlp": mlp})
+        llm["layers"] = _stack_of(stacked)
+    return {**shapes, "img": img, "llm": llm}
+
+
+def _abstract_split(a, small: bool = False):
+    """The pieces ``split_leading`` (or, with ``small``, ``_small_pieces``) gives, or None."""
+    if len(a.shape) < 1:
+        return None
+    piece = jax.ShapeDtypeStruct(a.shape[1:], a.dtype)
+    nbytes = math.prod(piece.shape) * jnp.dtype(a.dtype).itemsize
+    if a.shape[0] == 1 or nbytes % ALIGN == 0 or (small and nbytes * a.shape[0] <= SMALL):
+        return (piece,) * a.shape[0]
+    return None
+
+
+def _abstract_layers(stacked):
+    leaves, treedef = jax.tree.flatten(stacked)
+    parts = [_abstract_split(a, small=True) for a in leaves]
+    if not leaves or any(p is None for p in parts):
+        return None
+    return [jax.tree.unflatten(treedef, layer) for layer in zip(*parts)]
+
+
+def _abstract_views(w, n_group: int):
+    groups = [w]
+    for _ in range(n_group):
+        parts = [_abstract_split(g) for g in groups]
+        if any(p is None for p in parts):
+            return w
+        groups = [piece for p in parts for piece in p]
+    return Matrix([[g] for g in groups], w.shape[:n_group])
+
+
+def _abstract_out_in(w, n_group: int):
+    gshape = w.shape[:n_group]
+    rows, out = math.prod(w.shape[n_group:-1]), w.shape[-1]
+    n = -(-rows // BLOCK)
+    sizes = [rows // n + (i < rows % n) for i in range(n)]  # as np.array_split
+    blocks = [jax.ShapeDtypeStruct((out, size), w.dtype) for size in sizes]
+    return Matrix([blocks] * math.prod(gshape), gshape, True, w.shape[-1:], w.shape)
