@@ -118,6 +118,7 @@ class Model:
         self._run_replaced = False
         self._owns_params = False  # a caller's tree: never written over
         self._run_shapes = None  # the run tree's shapes its first prefill was compiled for
+        self._compiled_ahead = None  # that compile's Future (pk.load)
 
     @property
     def run_params(self):

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
-from pali_kit.api import CACHE_MIN_COMPILE_S
+import pali_kit as pk
+from pali_kit import api
+from pali_kit.api import CACHE_MIN_COMPILE_S, demo_config
+from pali_kit.model import cpu, inference_params, param_shapes
+from pali_kit.model.common import aligned_empty, to_device
 
 CODE = """
 import sys, jax
@@ -41,3 +48,106 @@ def test_short_compiles_are_kept_in_the_persistent_cache(tmp_path, dir_from_env)
 def test_a_users_own_minimum_compile_time_is_kept(tmp_path):
     _, seconds = _settings(tmp_path, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="5")
     assert seconds == 5.0
+
+
+# --- compiling the first generation while the weights load --------------------------------
+
+AHEAD = """
+import json, sys, threading, warnings
+import numpy as np
+from jax import monitoring
+import pali_kit as pk
+from pali_kit import api
+
+warnings.simplefilter("error", RuntimeWarning)  # a failed or mispredicted compile ahead
+EVENTS = []
+monitoring.register_event_duration_secs_listener(
+    lambda event, secs, fun_name=None, **kw: EVENTS.append(
+        (event.rsplit("/", 1)[-1], fun_name, threading.current_thread().name)))
+path, ahead = sys.argv[1], sys.argv[2] == "1"
+api.COMPILE_AHEAD_MIN_BYTES = 0 if ahead else 1 << 62
+model = pk.load(path, verbose=False, tokenizer=pk.Tokenizer.demo())
+if ahead:
+    model._compiled_ahead.result()
+loading = list(EVENTS)
+EVENTS.clear()
+image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+[out] = model.generate(image, "caption en", max_new_tokens=6)
+print(json.dumps(dict(loading=loading, generating=EVENTS, tokens=out.tokens.tolist(),
+                      logprobs=out.logprobs.tolist())))
+"""
+
+
+def _run_ahead(path, ahead: bool, cache) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "PALI_KIT_"))}
+    env = {**base, "PALI_KIT_COMPILATION_CACHE": "1", "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    out = subprocess.run([sys.executable, "-c", AHEAD, str(path), "1" if ahead else "0"],
+                         env=env, capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def _compiled(events) -> set:
+    return {name for event, name, _ in events if event == "backend_compile_duration"}
+
+
+def test_a_loaded_models_first_generate_compiles_nothing_after_the_compile_ahead(tmp_path):
+    path = pk.save(pk.load("demo", dtype="bfloat16", verbose=False), tmp_path / "m.npz")
+    # without compiling ahead (this fills the persistent cache, as an earlier process would)
+    plain = _run_ahead(path, False, tmp_path / "cache")
+    assert {"jit(prefill)", "jit(choose)", "jit(step)"} <= _compiled(plain["generating"])
+    # a cold process with that cache warm: everything before and after the first token
+    # is compiled (fetched) on the background thread while the weights load
+    ahead = _run_ahead(path, True, tmp_path / "cache")
+    threads = {name: thread for event, name, thread in ahead["loading"]
+               if event == "backend_compile_duration"}  # fmt: skip
+    assert {threads[f] for f in ("jit(prefill)", "jit(choose)", "jit(step)")} == {
+        "pali_kit compile ahead"
+    }
+    assert _compiled(ahead["generating"]) == set()
+    # the same program on the same inputs: the same answer, bit for bit
+    assert ahead["tokens"] == plain["tokens"]
+    assert ahead["logprobs"] == plain["logprobs"]
+
+
+ODD = {
+    "aligned": {},
+    # a (4303,) bias is not 64 bytes long: its layers are copied, the kernels viewed
+    # (as SigLIP So400m's in bfloat16); the MLP is wider than one (out, in) block (3 uneven ones)
+    "pieces": dict(img_mlp_dim=4303, llm_mlp_dim=2 * cpu.BLOCK + 4),
+    # an unaligned stacked kernel over 4 MiB: the encoder's stack stays whole
+    "stacked": dict(img_width=72, img_num_heads=3, img_mlp_dim=15001),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("odd", list(ODD))
+def test_the_layout_predicted_from_shapes_is_the_cpu_layout(dtype, odd):
+    config = demo_config().replace(**ODD[odd])
+    shapes = param_shapes(config, dtype)
+    # arrays placed as the .npz loader places them (values do not matter here)
+    params = jax.tree.map(lambda s: to_device(aligned_empty(s.shape, s.dtype)), shapes)
+    run = inference_params(params)
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), run)
+    predicted = cpu.abstract_layout(shapes)
+    assert jax.tree.structure(predicted) == jax.tree.structure(like)
+    assert jax.tree.leaves(predicted) == jax.tree.leaves(like)
+
+
+def test_a_failed_compile_ahead_warns_and_the_first_call_compiles(tmp_path, monkeypatch):
+    demo = pk.load("demo", dtype="float16", verbose=False)
+    path = pk.save(demo, tmp_path / "m.npz")
+    broken = lambda shapes: {**cpu.abstract_layout(shapes), "img": {}}  # tracing it fails
+    monkeypatch.setattr(api, "abstract_layout", broken)
+    monkeypatch.setattr(api, "COMPILE_AHEAD_MIN_BYTES", 0)
+    model = pk.load(path, verbose=False, tokenizer=demo.tokenizer)  # loading does not fail
+    assert model._compiled_ahead.exception() is not None
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.warns(RuntimeWarning) as caught:
+        [out] = model.generate(image, "caption en", max_new_tokens=4)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "compiling the prefill function ahead failed" in messages
+    assert "differs from the one predicted" in messages  # the broken prediction is reported
+    [want] = demo.generate(image, "caption en", max_new_tokens=4)
+    np.testing.assert_array_equal(out.tokens, want.tokens)
+    np.testing.assert_array_equal(out.logprobs, want.logprobs)
