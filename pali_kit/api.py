@@ -819,7 +819,7 @@ def _compile_while_loading(path, header, dtype, quantize, config, text_len):
     })  # fmt: skip
     shapes = abstract_layout(official)
     # checking the loaded weights (checkpoints.check_params) traces these: meanwhile too
-    threading.Thread(target=param_shapes, args=(config,), daemon=True).start()
+    threading.Thread(target=param_shapes, args=(config,)).start()
     return shapes, decode.compile_ahead(config, shapes, text_len=text_len or 1)
 
 

@@ -364,8 +364,9 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
     r = config.resolution
     inputs = (params, jax.ShapeDtypeStruct((bb, r, r, 3), jnp.float32),
               jax.ShapeDtypeStruct((bb, tt), jnp.int32), jax.ShapeDtypeStruct((bb, tt), bool))  # fmt: skip
+    # not a daemon: a process that ends meanwhile waits for it rather than killing it mid-compile
     threading.Thread(target=_compile_stages, args=(stages, inputs, bb, done),
-                     name="pali_kit compile ahead", daemon=True).start()  # fmt: skip
+                     name="pali_kit compile ahead").start()  # fmt: skip
     return done
 
 
