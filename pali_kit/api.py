@@ -758,6 +758,11 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
       quantized size (a transformers folder is loaded, then quantized).
     tokenizer: a path or Tokenizer; by default one found beside the checkpoint.
     overrides: config fields by their big_vision names, e.g. ``final_logits_softcap=0.0``.
+
+    On CPU, while a large float ``.npz`` is read, a background thread compiles (or
+    fetches from the persistent compilation cache) what a first ``generate`` with
+    one image and one prompt needs, for the weights' shapes read from the file's
+    headers (``decode.compile_ahead``); that first call then waits for it.
     """
     dtype = _check_load_args(source, dtype, verbose)
     quant.check_scheme(quantize)
