@@ -26,6 +26,7 @@ import concurrent.futures
 import functools
 import math
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -337,12 +338,12 @@ _AHEAD_LOCK = threading.Lock()  # one compile-ahead thread at a time
 
 
 def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: int = 1,
-                  max_new_tokens: int = 64, sampler="greedy",
-                  cache_dtype=None) -> concurrent.futures.Future:  # fmt: skip
+                  max_new_tokens: int = 64, sampler="greedy", cache_dtype=None,
+                  step: bool = False) -> concurrent.futures.Future:  # fmt: skip
     """Compile on a background thread what ``iter_tokens`` runs first for these shapes.
 
-    The prefill, the sampler and the one-token step are traced, lowered and
-    compiled (fetched from the persistent compilation cache when it holds them)
+    The prefill and the sampler (with ``step``, also the one-token step, which
+    the second token needs) are traced, lowered and compiled (fetched from the persistent compilation cache when it holds them)
     for ``params`` (the run tree, or the same tree of ``jax.ShapeDtypeStruct``,
     e.g. ``model.cpu.abstract_layout`` while the weights load), one image of the
     model's resolution per row, ``batch`` rows and prompts of ``text_len`` tokens
@@ -350,14 +351,16 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
     them compiled: each function's first call waits for its compile instead of
     compiling again. An error here never reaches the caller of this function: that
     first call warns with it and compiles as usual. Returns a Future (result None)
-    done once everything is compiled.
+    done once everything is compiled. (``pk.load`` leaves the step out: on a
+    CPU with few cores it would take CPU time from the load and the first token.)
     """
     sampler = parse_sampler(sampler, config.llm.vocab_size)
     bb, tt = bucket_batch(batch), bucket_length(text_len)
     cache_size = bucket_cache(config.vision.num_tokens, tt, max_new_tokens)
-    prefill, step = _jitted(config, cache_size, jnp.dtype(cache_dtype or jnp.float32).name)
+    prefill, step_fn = _jitted(config, cache_size, jnp.dtype(cache_dtype or jnp.float32).name)
     choose = _sampler_fn(sampler)
-    stages = [(fn, concurrent.futures.Future()) for fn in (prefill, choose, step)]
+    fns = (prefill, choose, step_fn) if step else (prefill, choose)
+    stages = [(fn, concurrent.futures.Future()) for fn in fns]
     for fn, future in stages:
         fn.pending = future
     done = concurrent.futures.Future()
@@ -370,58 +373,46 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
     return done
 
 
-_HITS = threading.local()  # persistent compilation cache hits, per thread
-
-
-def _cache_hits() -> int:
-    """Cache hits in this thread so far (from JAX's monitoring events)."""
-    global _LISTENING
-    if not _LISTENING:
-        _LISTENING = True
-        jax.monitoring.register_event_listener(_count_hit)
-    return getattr(_HITS, "n", 0)
-
-
-_LISTENING = False
-
-
-def _count_hit(event: str, **_) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _HITS.n = getattr(_HITS, "n", 0) + 1
+AHEAD_SWITCH_S = 5e-4  # the interpreter's switch interval while compiling ahead (default 5 ms)
 
 
 def _compile_stages(stages, inputs, bb, done):
     """The thread of ``compile_ahead``: prefill, then sampler, then step, each
-    traced from the previous one's output shapes."""
+    traced from the previous one's output shapes.
+
+    Tracing holds the GIL for seconds; the loading thread meanwhile needs it
+    briefly between its reads, and would wait up to a switch interval each time,
+    so the interval is shortened while this runs.
+    """
     with _AHEAD_LOCK:
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(switch, AHEAD_SWITCH_S))
         try:
-            (prefill, f_prefill), (choose, f_choose), (step, f_step) = stages
-            hits = _cache_hits()
+            prefill, f_prefill = stages[0]
             traced = prefill.jitted.trace(*inputs)
             traced.lower().compile()
-            fetched = _cache_hits() > hits  # else compiled: the persistent cache was cold
             f_prefill.set_result(None)
             logits, cache, valid, pos = traced.out_info
             # also the small eager operations of the loop's first steps (compiled once
             # per process: too quick for the persistent cache)
             rng, t = jax.random.key(0), jnp.int32(0)
             jax.device_put(np.zeros(bb, np.int32)) + 0
+            choose, f_choose = stages[1]
             traced = choose.jitted.trace(logits, rng, t, np.zeros(bb, bool), None)
             traced.lower().compile()
             f_choose.set_result(None)
-            tok = traced.out_info[0]
-            # The step is not needed before the second token: compile it ahead only
-            # if it comes from the persistent cache (as the prefill did) before the
-            # first prefill runs, else it would take CPU from that prefill.
-            if fetched and prefill.pending is not None:
+            if len(stages) > 2:
+                (step, f_step), tok = stages[2], traced.out_info[0]
                 step.jitted.trace(inputs[0], tok, cache, valid, pos, t).lower().compile()
-            f_step.set_result(None)
+                f_step.set_result(None)
             done.set_result(None)
         except BaseException as e:  # handed to each function's first call, which warns
             for _, future in stages:
                 if not future.done():
                     future.set_exception(e)
             done.set_exception(e)
+        finally:
+            sys.setswitchinterval(switch)
 
 
 def _await(fn: _Counted) -> None:
