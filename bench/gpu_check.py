@@ -142,7 +142,7 @@ def hlo_counts(text: str) -> dict:
         "custom_call_gemm": sum(
             "custom-call" in ln and "gemm" in ln.lower() for ln in text.splitlines()
         ),  # fmt: skip
-        "triton_gemm_fusions": text.count("__triton_gemm"),
+        "triton_gemm_fusions": text.count("__triton_gemm") + text.count("__triton_nested_gemm"),
         "fusions": sum(" fusion(" in ln for ln in text.splitlines()),
     }
 
@@ -187,7 +187,8 @@ def programs(config):
 @section
 def products(small: bool):
     """One quantized matrix times 1 and 256 rows: compiled temporaries and time."""
-    shapes = {"3B mlp (2304, 9216)": (2304, 9216), "10B mlp (3584, 14336)": (3584, 14336)}
+    shapes = {"3B mlp (2304, 9216)": (2304, 9216), "10B mlp (3584, 14336)": (3584, 14336),
+              "3B mlp linear (9216, 2304)": (9216, 2304)}  # fmt: skip  # int4: 2 column blocks
     if small:
         shapes = {"small (256, 512)": (256, 512)}
     rows_out = []
@@ -201,27 +202,38 @@ def products(small: bool):
             "int8": jax.jit(lambda w: quant.quantize(w, "int8", (-2,)))(w16.astype(jnp.float16)),
             "int4": jax.jit(lambda w: quant.quantize(w, "int4", (-2,)))(w16.astype(jnp.float16)),
         }
+        weights["int4-dequantize"] = weights["int4"]  # the former many-row form, to compare
         del w16
         float_bytes = k * n * 2
         for rows in (1, 256):
             x = jax.random.normal(jax.random.key(1), (rows, k), jnp.float32)
             for fmt, w in weights.items():
+                if fmt == "int4-dequantize" and rows <= quant.REDUCE_ROWS:
+                    continue  # the same reduction as "int4"
+                quant.INT4_PRODUCT = "dequantize" if fmt == "int4-dequantize" else "operand"
                 fn = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))
                 compiled = fn.lower(x, w).compile()
                 hlo = compiled.as_text()
-                if rows == 1 and fmt in ("int8", "int4"):
-                    (OUT / f"product_{fmt}_{k}x{n}.hlo.txt").write_text(hlo)
+                if fmt.startswith(("int8", "int4")):
+                    (OUT / f"product_{fmt}_{k}x{n}_{rows}rows.hlo.txt").write_text(hlo)
                 temp = compiled.memory_analysis().temp_size_in_bytes
                 sec = timed(compiled, x, w)
                 stored = nbytes(w)
+                err = None
+                if quant.is_quantized(w):  # against the dequantized weight's product
+                    ref = quant.einsum("bd,df->bf", x, quant.dequantize(w))
+                    y = compiled(x, w)
+                    err = float(jnp.abs(y - ref).max() / jnp.abs(ref).max())
                 row = {
                     "matrix": name, "rows": rows, "weights": fmt, "stored MB": stored / 1e6,
                     "temp MB": temp / 1e6, "temp / float matrix": temp / float_bytes,
                     "us": sec * 1e6, "GB/s of stored bytes": stored / sec / 1e9,
+                    "max|y - y_dequantized| / max|y|": err,
                 } | hlo_counts(hlo)  # fmt: skip
                 rows_out.append(row)
                 print({a: (round(b, 3) if isinstance(b, float) else b) for a, b in row.items()},
                       flush=True)  # fmt: skip
+    quant.INT4_PRODUCT = "operand"
     return rows_out
 
 
