@@ -104,7 +104,7 @@ class Model:
         first inference keeps the arrays as they are (the layout then copies).
         """
         if self._run is not None and self._run_replaced:
-            if accel.on_one_accelerator(self._run):
+            if accel.on_accelerators(self._run):
                 return accel.official(self._run, self._params)
             return official_params(self._run, self._params)
         self._owns_params = False  # the caller now holds these arrays: never write over them
@@ -126,7 +126,7 @@ class Model:
         (``pali_kit.model.accel``: the stacks are split once, and freed when the
         model owns them); otherwise the official tree."""
         if self._run is None:
-            on_accelerator = accel.on_one_accelerator(self._params)
+            on_accelerator = accel.on_accelerators(self._params)
             self._run = inference_params(self._params, in_place=self._owns_params)
             if not self._owns_params:
                 skeleton = None

@@ -144,10 +144,11 @@ class Matrix:
 
 def inference_params(params, out_in: bool | None = None, in_place: bool = False):
     """The run tree for compiled inference: ``cpu_layout`` where the arrays live on
-    one CPU, ``accel.split_stacks`` (one array per layer; with ``in_place`` each
-    stack is freed once split) where they live on one GPU/TPU, otherwise
-    ``params`` unchanged (sharded over several devices: the official tree)."""
-    if accel.on_one_accelerator(params):
+    one CPU, ``accel.split_stacks`` (one array per layer, each sharded as its
+    stack; with ``in_place`` each stack is freed once split) where they live on
+    GPU/TPU devices of this process (one, or a mesh), otherwise ``params``
+    unchanged."""
+    if accel.on_accelerators(params):
         return accel.split_stacks(params, release=in_place)
     if not all(_on_one_cpu(a) for a in jax.tree.leaves(params)):
         return params
