@@ -203,15 +203,21 @@ def products(small: bool):
             "int4": jax.jit(lambda w: quant.quantize(w, "int4", (-2,)))(w16.astype(jnp.float16)),
         }
         weights["int4-dequantize"] = weights["int4"]  # the former many-row form, to compare
+        # diagnostic (values not the product's): the same form with scales of 1.0,
+        # which XLA folds away: is the group scales' broadcast what a fusion refuses?
+        weights["int4-unscaled"] = weights["int4"]
         del w16
         float_bytes = k * n * 2
         for rows in (1, 256):
             x = jax.random.normal(jax.random.key(1), (rows, k), jnp.float32)
             for fmt, w in weights.items():
-                if fmt == "int4-dequantize" and rows <= quant.REDUCE_ROWS:
+                if fmt in ("int4-dequantize", "int4-unscaled") and rows <= quant.REDUCE_ROWS:
                     continue  # the same reduction as "int4"
                 quant.INT4_PRODUCT = "dequantize" if fmt == "int4-dequantize" else "operand"
                 fn = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))
+                if fmt == "int4-unscaled":
+                    fn = jax.jit(lambda x, w: quant._int4_product(
+                        x, w._replace(w.values, jnp.ones_like(w.scales))))  # fmt: skip
                 compiled = fn.lower(x, w).compile()
                 hlo = compiled.as_text()
                 if fmt.startswith(("int8", "int4")):
@@ -220,7 +226,7 @@ def products(small: bool):
                 sec = timed(compiled, x, w)
                 stored = nbytes(w)
                 err = None
-                if quant.is_quantized(w):  # against the dequantized weight's product
+                if quant.is_quantized(w) and fmt != "int4-unscaled":  # vs the dequantized weight
                     ref = quant.einsum("bd,df->bf", x, quant.dequantize(w))
                     y = compiled(x, w)
                     err = float(jnp.abs(y - ref).max() / jnp.abs(ref).max())

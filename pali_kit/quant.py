@@ -417,9 +417,11 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
     (``_reduce_rows``). More rows of an int8 QArray: the integers, converted
     exactly to the dtype the weight stands for, enter the product under the
     numerics policy and the channel scales multiply its result
-    (``_int8_product``). Otherwise the weight is dequantized to the dtype it
-    stands for (a chunk of rows at a time for the output layer) and multiplied
-    under the numerics policy (``pali_kit.model.common.policy_matmul``).
+    (``_int8_product``). More rows of an int4 QArray on GPU/TPU: the group-scaled
+    levels are the dot's operand, per nibble (``_int4_product``). Otherwise the
+    weight is dequantized to the dtype it stands for (a chunk of rows at a time
+    for the output layer) and multiplied under the numerics policy
+    (``pali_kit.model.common.policy_matmul``).
     """
     from .model.common import policy_einsum, policy_matmul
 

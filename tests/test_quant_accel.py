@@ -168,3 +168,32 @@ def test_gpu_check_products_runs_small(tmp_path):
     assert not isinstance(rows, dict), rows  # a dict: the section's error
     forms = {r["weights"] for r in rows}
     assert {"int4", "int4-dequantize"} <= forms
+
+
+def test_int4_model_forward_with_the_accelerator_form(monkeypatch):
+    # Every product shape of the model (heads, kv pairs, the attention output over
+    # two contracted axes, the vision tower, the output layer) through the GPU/TPU
+    # form (forced here on CPU): float32 weights make the operand exact, so the
+    # logits agree with the dequantized tree's to float32 summation order
+    # (FORWARD_REL, conftest).
+    import pali_kit as pk
+    from pali_kit.model import PaliGemma
+
+    from .conftest import FORWARD_REL, assert_close_to_scale, tiny_config
+
+    config = tiny_config(llm_width=128, llm_mlp_dim=192)  # some products span groups
+    q = quant.quantize_params(pk.init_params(config, 0), "int4")
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (2, 28, 28, 3)).astype(np.float32)
+    text = rng.integers(0, config.llm.vocab_size, (2, 8)).astype(np.int32)
+    fn = jax.jit(lambda p: PaliGemma(config).apply({"params": p}, image, text, text * 0))
+    want = fn(quant.dequantize_params(q))
+    used = []
+
+    def accelerator_form(x2, q, compute_dtype, product=None):
+        used.append(q.shape)
+        return quant._int4_product(x2, q, compute_dtype)
+
+    monkeypatch.setattr(quant, "_int4_rows", accelerator_form)
+    assert_close_to_scale(fn(q), want, FORWARD_REL)
+    assert len(used) >= 8, used  # vision and language products took the form
