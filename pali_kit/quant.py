@@ -582,7 +582,7 @@ def _int4_product(x2, q: QArray, compute_dtype=None):
         low = ((vb << 4) >> 4).astype(dtype) * sb  # arithmetic shifts sign-extend: even inputs
         high = (vb >> 4).astype(dtype) * sb  # the odd inputs
         for xb, wb in ((x_even[:, b], low), (x_odd[:, b], high)):
-            part = policy_einsum("rpj,abpj->rab", xb, wb, compute_dtype)
+            part = policy_einsum("rgj,abgj->rab", xb, wb, compute_dtype)  # g < j: dims in order
             y = part if y is None else y + part
     return y.reshape(r, -1)
 

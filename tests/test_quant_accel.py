@@ -143,6 +143,12 @@ def test_cuda_int4_prefill_dequantizes_inside_the_dot_operand(k, monkeypatch):
 
     bad, chains = float_layout_ops("operand")
     assert bad == [], bad
+    # each dot contracts the weight's last two axes, in order (no transpose to make a matrix)
+    text = jax.export.export(
+        jax.jit(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16)), platforms=("cuda",)
+    )(x, q).mlir_module()
+    dims = re.findall(r"dot_general .*contracting_dims = \[[\d, ]+\] x \[([\d, ]+)\]", text)
+    assert dims and set(dims) == {"2, 3"}, dims
     assert len(chains) == 2 * q.blocks  # one dot per nibble and column block
     # the check can fail: the former form's operand is the reshaped float matrix
     bad, _ = float_layout_ops("dequantize")
