@@ -15,6 +15,11 @@ results go to DIR/gpu_check.json, compiled programs to DIR/*.hlo.txt.
    256 rows: compiled temporaries against the float matrix's bytes (a float
    copy of the weight would show there), and the time per product as the
    bandwidth of the bytes the weight is stored in, against float16 and bfloat16.
+   int4 at 256 rows in three forms: "int4" (the group-scaled levels as the dot's
+   operand, ``quant._int4_product``), "int4-dequantize" (the float matrix
+   written first) and "int4-unscaled" (a diagnostic: the first without its
+   scales, wrong values); each quantized product's difference to the
+   dequantized weight's product.
 3. ``f32_matmul``: the fixture model's float32 logits under the device's
    default matmul precision and under "highest" (TF32 on Ampere and newer).
 4. ``decode``: the whole model per weight format (float16, bfloat16, int8,

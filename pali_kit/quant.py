@@ -558,8 +558,9 @@ def _int4_product(x2, q: QArray, compute_dtype=None):
 
     Temporaries when each product is one fused matmul: the activations' two
     halves (R * in * 4 bytes) and 2 * blocks [R, O] float32 results, none of the
-    weight's size. (Otherwise a backend writes the scaled operands out, as the
-    former form wrote its float matrix.) The form that keeps the group scales
+    weight's size. Where the matmul takes no fused operand (a GPU without
+    Triton matmuls, such as a T4), each scaled operand, half a float matrix, is
+    written before its product: no more than the former form's float matrix. The form that keeps the group scales
     out of the operand, one product per group into float32[R, groups, O] scaled
     and summed afterwards, writes R * groups * O * 4 bytes, R / 32 times a
     float16 matrix (GROUP_SIZE 64): 8x at 256 rows; not chosen.
