@@ -197,6 +197,8 @@ def products(small: bool):
     if small:
         shapes = {"small (256, 512)": (256, 512)}
     rows_out = []
+    chosen = quant.INT4_PRODUCT
+    written = set()  # formats whose HLO file was begun
     for name, (k, n) in shapes.items():
         w16 = jax.jit(lambda key, k=k, n=n: jax.random.normal(key, (k, n)) * k**-0.5)(
             jax.random.key(0)
@@ -207,26 +209,32 @@ def products(small: bool):
             "int8": jax.jit(lambda w: quant.quantize(w, "int8", (-2,)))(w16.astype(jnp.float16)),
             "int4": jax.jit(lambda w: quant.quantize(w, "int4", (-2,)))(w16.astype(jnp.float16)),
         }
-        weights["int4-dequantize"] = weights["int4"]  # the former many-row form, to compare
-        # diagnostic (values not the product's): the same form with scales of 1.0,
-        # which XLA folds away: is the group scales' broadcast what a fusion refuses?
-        weights["int4-unscaled"] = weights["int4"]
+        # int4 at many rows: each form of quant.INT4_PRODUCT ("int4": the default), and a
+        # diagnostic (values not the product's): the default with scales of 1.0, which
+        # XLA folds away: is the group scales' broadcast what a fusion refuses?
+        forms = {"int4": chosen, "int4-s4": "s4", "int4-dequantize": "dequantize",
+                 "int4-unscaled": chosen}  # fmt: skip
+        for fmt in list(forms)[1:]:
+            weights[fmt] = weights["int4"]
         del w16
         float_bytes = k * n * 2
         for rows in (1, 256):
             x = jax.random.normal(jax.random.key(1), (rows, k), jnp.float32)
             for fmt, w in weights.items():
-                if fmt in ("int4-dequantize", "int4-unscaled") and rows <= quant.REDUCE_ROWS:
+                if fmt in forms and fmt != "int4" and rows <= quant.REDUCE_ROWS:
                     continue  # the same reduction as "int4"
-                quant.INT4_PRODUCT = "dequantize" if fmt == "int4-dequantize" else "operand"
+                quant.INT4_PRODUCT = forms.get(fmt, chosen)
                 fn = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))
                 if fmt == "int4-unscaled":
                     fn = jax.jit(lambda x, w: quant._int4_product(
                         x, w._replace(w.values, jnp.ones_like(w.scales))))  # fmt: skip
                 compiled = fn.lower(x, w).compile()
                 hlo = compiled.as_text()
-                if fmt.startswith(("int8", "int4")):
-                    (OUT / f"product_{fmt}_{k}x{n}_{rows}rows.hlo.txt").write_text(hlo)
+                if fmt.startswith(("int8", "int4")):  # one file per format (few files)
+                    mode = "a" if fmt in written else "w"
+                    written.add(fmt)
+                    with open(OUT / f"products_{fmt}.hlo.txt", mode) as f:
+                        f.write(f"// ===== {name}, {rows} rows, {fmt}\n{hlo}\n")
                 temp = compiled.memory_analysis().temp_size_in_bytes
                 sec = timed(compiled, x, w)
                 stored = nbytes(w)
@@ -244,7 +252,7 @@ def products(small: bool):
                 rows_out.append(row)
                 print({a: (round(b, 3) if isinstance(b, float) else b) for a, b in row.items()},
                       flush=True)  # fmt: skip
-    quant.INT4_PRODUCT = "operand"
+    quant.INT4_PRODUCT = chosen
     return rows_out
 
 

@@ -441,7 +441,7 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
         y = _reduce_rows(x2.astype(jnp.float32), q)
     elif q.scheme == "int8" and not isinstance(q, CpuQArray) and _chunks(q) == 1:
         y = _int8_product(x2, q, compute_dtype)
-    elif q.scheme == "int4" and not isinstance(q, CpuQArray) and INT4_PRODUCT == "operand":
+    elif q.scheme == "int4" and not isinstance(q, CpuQArray) and INT4_PRODUCT != "dequantize":
         # XLA:GPU/TPU: the dequantization inside the dot's operand; XLA:CPU (a plain
         # QArray: training) multiplies library dots, which take no fused operand:
         # the float matrix, written once, is its smallest temporary.
@@ -514,10 +514,11 @@ def _int8_product(x2, q: QArray, compute_dtype=None):
     return y * q.scales.reshape(1, -1)
 
 
-# GPU/TPU, int4, more than REDUCE_ROWS rows: "operand" multiplies the group-scaled
-# levels as the dot's operand (_int4_product); "dequantize" writes the float matrix
-# first (the form measured before; kept for bench/gpu_check.py to compare).
-INT4_PRODUCT = "operand"
+# GPU/TPU, int4, more than REDUCE_ROWS rows: the group-scaled levels as the dot's
+# operand (_int4_product), unpacked by "shifts" or by a bitcast to XLA's int4 ("s4");
+# or "dequantize": the float matrix written first (the former form). The others are
+# kept for bench/gpu_check.py to compare.
+INT4_PRODUCT = "shifts"
 
 
 def _int4_rows(x2, q: QArray, compute_dtype, product=None):
@@ -536,7 +537,7 @@ def _int4_chunks(x2, q: QArray, compute_dtype, product=None):
     return jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)
 
 
-def _int4_product(x2, q: QArray, compute_dtype=None):
+def _int4_product(x2, q: QArray, compute_dtype=None, form: str | None = None):
     """float32[R, in] x int4 QArray -> float32[R, O], the dequantization inside the dot's operand.
 
     Per nibble and per column block (``blocks``; 1 for most matrices), one
@@ -556,12 +557,16 @@ def _int4_product(x2, q: QArray, compute_dtype=None):
     of that dtype per weight); float32 operands are exact. Products follow the
     numerics policy (``policy_einsum``).
 
+    form "s4" (default: ``INT4_PRODUCT``): one product per block instead, over
+    the bytes bitcast to XLA's packed int4 type (``s4[..., 32, 2]``, the low
+    nibble first, as stored), the same memory read as it is.
+
     Temporaries when each product is one fused matmul: the activations' two
     halves (R * in * 4 bytes) and 2 * blocks [R, O] float32 results, none of the
     weight's size. Where the matmul takes no fused operand (a GPU without
     Triton matmuls, such as a T4), each scaled operand, half a float matrix, is
-    written before its product: no more than the former form's float matrix. The form that keeps the group scales
-    out of the operand, one product per group into float32[R, groups, O] scaled
+    written before its product: no more than the former form's float matrix.
+    The form that keeps the group scales out of the operand, one product per group into float32[R, groups, O] scaled
     and summed afterwards, writes R * groups * O * 4 bytes, R / 32 times a
     float16 matrix (GROUP_SIZE 64): 8x at 256 rows; not chosen.
     """
@@ -575,17 +580,21 @@ def _int4_product(x2, q: QArray, compute_dtype=None):
     s = q.scales.reshape(-1, out_last, n, per)  # a row's groups run across its blocks
     r = x2.shape[0]
     x2 = jnp.pad(x2.astype(jnp.float32), ((0, 0), (0, 2 * n * w - x2.shape[1])))
-    x_even = x2[:, 0::2].reshape(r, n, per, unit)
-    x_odd = x2[:, 1::2].reshape(r, n, per, unit)
-    y = None
+    parts = []
     for b in range(n):
         vb, sb = v[:, b], s[:, :, b, :, None].astype(dtype)  # [O', O_last, per, 32 | 1]
+        if (form or INT4_PRODUCT) == "s4":
+            levels = jax.lax.bitcast_convert_type(vb, jnp.int4)  # [..., 32, 2]
+            levels = levels.reshape(*vb.shape[:-1], GROUP_SIZE).astype(dtype) * sb
+            parts.append((x2.reshape(r, n, per, GROUP_SIZE)[:, b], levels))
+            continue
         low = ((vb << 4) >> 4).astype(dtype) * sb  # arithmetic shifts sign-extend: even inputs
         high = (vb >> 4).astype(dtype) * sb  # the odd inputs
-        for xb, wb in ((x_even[:, b], low), (x_odd[:, b], high)):
-            part = policy_einsum("rgj,abgj->rab", xb, wb, compute_dtype)  # g < j: dims in order
-            y = part if y is None else y + part
-    return y.reshape(r, -1)
+        parts.append((x2[:, 0::2].reshape(r, n, per, unit)[:, b], low))
+        parts.append((x2[:, 1::2].reshape(r, n, per, unit)[:, b], high))
+    # (labels g < j: the contracted axes in order, the weight's last two)
+    ys = [policy_einsum("rgj,abgj->rab", xb, wb, compute_dtype) for xb, wb in parts]
+    return sum(ys[1:], ys[0]).reshape(r, -1)
 
 
 CHUNK_ROWS = 1 << 16  # matrices with more output rows (the embedding table) dequantize in chunks

@@ -42,17 +42,18 @@ def _bound(x, q, operand_dtype):
     [(256, 96, jnp.float32), (200, 64, jnp.float32), (9216, 64, jnp.float16),
      (2304, 128, jnp.bfloat16), (4680, 32, jnp.bfloat16)],
 )  # fmt: skip  # 9216, 4680: stored in column blocks; 200, 4680: padded groups
-def test_int4_many_rows_equals_dequantized_reference(k, n, dtype):
+@pytest.mark.parametrize("form", ["shifts", "s4"])
+def test_int4_many_rows_equals_dequantized_reference(k, n, dtype, form):
     w = jax.random.normal(jax.random.key(0), (k, n)).astype(dtype)
     q = quant.quantize(w, "int4")
     x = jax.random.normal(jax.random.key(1), (8, k)) * 3.0
     # (on CPU quant.einsum takes the dequantize-first form: the GPU/TPU form directly)
-    got = np.asarray(jax.jit(quant._int4_product)(x, q))
+    got = np.asarray(jax.jit(lambda x, q: quant._int4_product(x, q, None, form))(x, q))
     want = np.asarray(policy_einsum("bd,df->bf", x, quant.dequantize(q)))
     assert np.all(np.abs(got - want) <= _bound(x, q, dtype))
     assert np.abs(got - want).max() > 0 or dtype == jnp.float32 or k < 1000  # not vacuous
     # and with the opt-in half-precision compute
-    got = np.asarray(quant._int4_product(x, q, "bfloat16"))
+    got = np.asarray(quant._int4_product(x, q, "bfloat16", form))
     want = np.asarray(policy_einsum("bd,df->bf", x, quant.dequantize(q), "bfloat16"))
     assert np.all(np.abs(got - want) <= _bound(x, q, jnp.bfloat16))
     # the CPU branch of quant.einsum is the former form: the dequantized weight itself
@@ -116,11 +117,13 @@ def _weight_operand_ops(ops: dict) -> list[list[tuple[str, str]]]:
     return chains
 
 
+@pytest.mark.parametrize("form, dots_per_block", [("shifts", 2), ("s4", 1)])
 @pytest.mark.parametrize("k", [2304, 9216])  # 9216: stored in two column blocks
-def test_cuda_int4_prefill_dequantizes_inside_the_dot_operand(k, monkeypatch):
+def test_cuda_int4_prefill_dequantizes_inside_the_dot_operand(k, form, dots_per_block,
+                                                              monkeypatch):  # fmt: skip
     # 256 rows (prefill, training): each dot's weight operand is an elementwise
-    # function of the stored bytes (shifts, a conversion, a product with the
-    # broadcast group scales), which a matmul fusion reads in place. Nothing of
+    # function of the stored bytes (shifts or a bitcast to int4, a conversion, a
+    # product with the broadcast group scales), which a matmul fusion reads in place. Nothing of
     # the weight's size is reshaped, concatenated, transposed or padded in
     # floating point (a matmul fusion does not take those: the float matrix
     # would be written out first, as the former form did).
@@ -141,7 +144,7 @@ def test_cuda_int4_prefill_dequantizes_inside_the_dot_operand(k, monkeypatch):
                     bad.append(op)
         return bad, chains
 
-    bad, chains = float_layout_ops("operand")
+    bad, chains = float_layout_ops(form)
     assert bad == [], bad
     # each dot contracts the weight's last two axes, in order (no transpose to make a matrix)
     text = jax.export.export(
@@ -149,7 +152,7 @@ def test_cuda_int4_prefill_dequantizes_inside_the_dot_operand(k, monkeypatch):
     )(x, q).mlir_module()
     dims = re.findall(r"dot_general .*contracting_dims = \[[\d, ]+\] x \[([\d, ]+)\]", text)
     assert dims and set(dims) == {"2, 3"}, dims
-    assert len(chains) == 2 * q.blocks  # one dot per nibble and column block
+    assert len(chains) == dots_per_block * q.blocks  # shifts: one dot per nibble
     # the check can fail: the former form's operand is the reshaped float matrix
     bad, _ = float_layout_ops("dequantize")
     assert bad, "the dequantize-first form should show a float reshape of the weight"
