@@ -206,6 +206,17 @@ parts = accel.split_stacks({{"img": {{"Transformer": {{"encoderblock": w}}}},
                             "llm": {{"layers": w}}}})["llm"]["layers"]
 out["moved_spec"] = np.asarray(str(tuple(parts[0].sharding.spec)))
 out["moved_equal"] = np.asarray(all(np.array_equal(p, w[i]) for i, p in enumerate(parts)))
+# a Model whose weights are sharded over the mesh generates from per-layer arrays too
+import pali_kit as pk
+model = pk.load("demo", verbose=False)
+picture = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+(expected,) = model.generate(picture, "caption en")  # (before: CPU devices, as loaded)
+model.params = jax.device_put(model.params, pt.shardings_for(model.params, mesh, 0))
+model_run = model.run_params
+(answer,) = model.generate(picture, "caption en")
+out["model_split"] = np.asarray(isinstance(model_run["llm"]["layers"]["mlp"]["linear"], tuple))
+out["model_same"] = np.asarray(answer.text == expected.text
+                               and np.array_equal(answer.tokens, expected.tokens))
 # training is unchanged: still the stacked tree (lax.scan), and it steps
 batch = next(iter(pdata.Batcher(examples, tok, batch_size=2, text_len=12, image_size=28,
                                 seed=0, prefetch=0)))
@@ -258,6 +269,7 @@ def test_eval_on_a_two_device_mesh_runs_sharded_per_layer_arrays(tmp_path):
     assert int(res["checked"]) > 10 and int(res["sharded"]) > 0
     assert res["moved_spec"].item() == "(None, 'data')" and bool(res["moved_equal"])
     assert bool(res["stacked_training"])
+    assert bool(res["model_split"]) and bool(res["model_same"])
     assert "cuda_error" not in res, res.get("cuda_error")
     assert int(res["cuda_weight_slices"]) == 0 and int(res["cuda_sharded_args"]) > 0
     assert int(res["cuda_stacked_slices"]) > 0  # the stacked tree's program slices its weights
