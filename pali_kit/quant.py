@@ -37,8 +37,8 @@ the integers and scale the result (``_int8_product``), which XLA:GPU's matmul
 reads in place; longer int4 products multiply the group-scaled levels as the
 dot's operand, per nibble (``_int4_product``; on XLA:CPU, a plain QArray when
 training, the matrix is dequantized to the dtype it stands for once its input
-exists). A dot whose weight operand is scaled was
-compiled with the float matrix written out first (measured on an H200:
+exists). A dot whose weight operand was the dequantized matrix was compiled
+with the float matrix written out first (measured on an H200:
 ``bench/gpu_check.py``, ``docs/quantization.md``). The CPU layout
 (``pali_kit.model.cpu``) turns QArrays into :class:`CpuQArray`: products of at
 most ``REDUCE_ROWS`` rows (decoding) then read the integers in place (see
@@ -553,21 +553,21 @@ def _int4_product(x2, q: QArray, compute_dtype=None, form: str | None = None):
     converted int8 operand. The levels and the scales are rounded to the
     operand dtype (the dtype the weight stands for, or ``compute_dtype``) before
     their product: a half-precision operand may then differ from the
-    dequantized weight by one more rounding (at most ~2 units in the last place
-    of that dtype per weight); float32 operands are exact. Products follow the
+    dequantized weight by one more rounding (``|dw| <= 3 u |w|``, ``u`` the
+    dtype's unit roundoff); float32 operands are exact. Products follow the
     numerics policy (``policy_einsum``).
 
-    form "s4" (default: ``INT4_PRODUCT``): one product per block instead, over
-    the bytes bitcast to XLA's packed int4 type (``s4[..., 32, 2]``, the low
-    nibble first, as stored), the same memory read as it is.
+    form: "shifts" (the above) or "s4", one product per block over the bytes
+    bitcast to XLA's packed int4 type (``s4[..., 32, 2]``, the low nibble first,
+    as stored: the same memory, read as it is); default ``INT4_PRODUCT``.
 
     Temporaries when each product is one fused matmul: the activations' two
     halves (R * in * 4 bytes) and 2 * blocks [R, O] float32 results, none of the
     weight's size. Where the matmul takes no fused operand (a GPU without
     Triton matmuls, such as a T4), each scaled operand, half a float matrix, is
     written before its product: no more than the former form's float matrix.
-    The form that keeps the group scales out of the operand, one product per group into float32[R, groups, O] scaled
-    and summed afterwards, writes R * groups * O * 4 bytes, R / 32 times a
+    The form that keeps the group scales out of the operand, one product per
+    group into float32[R, groups, O] scaled and summed afterwards, writes R * groups * O * 4 bytes, R / 32 times a
     float16 matrix (GROUP_SIZE 64): 8x at 256 rows; not chosen.
     """
     from .model.common import operand_dtype, policy_einsum
