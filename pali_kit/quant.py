@@ -567,8 +567,9 @@ def _int4_product(x2, q: QArray, compute_dtype=None, form: str | None = None):
     Triton matmuls, such as a T4), each scaled operand, half a float matrix, is
     written before its product: no more than the former form's float matrix.
     The form that keeps the group scales out of the operand, one product per
-    group into float32[R, groups, O] scaled and summed afterwards, writes R * groups * O * 4 bytes, R / 32 times a
-    float16 matrix (GROUP_SIZE 64): 8x at 256 rows; not chosen.
+    group into float32[R, groups, O] scaled and summed afterwards, writes
+    R * groups * O * 4 bytes, R / 32 times a float16 matrix (GROUP_SIZE 64):
+    8x at 256 rows; not chosen.
     """
     from .model.common import operand_dtype, policy_einsum
 

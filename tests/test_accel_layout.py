@@ -189,7 +189,8 @@ for path in accel.STACKS:
     s, r = full, run
     for key in path:
         s, r = s[key], r[key]
-    for a, parts in zip(jax.tree.leaves(s), jax.tree.leaves(r, is_leaf=lambda x: isinstance(x, tuple))):
+    layers = jax.tree.leaves(r, is_leaf=lambda x: isinstance(x, tuple))
+    for a, parts in zip(jax.tree.leaves(s), layers, strict=True):
         assert isinstance(parts, tuple) and len(parts) == a.shape[0]
         want = NamedSharding(mesh, P(*a.sharding.spec[1:]))
         assert a.sharding.spec[0] is None, a.sharding.spec
