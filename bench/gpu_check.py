@@ -212,7 +212,8 @@ def products(small: bool):
         # int4 at many rows: each form of quant.INT4_PRODUCT ("int4": the default), and a
         # diagnostic (values not the product's): the default with scales of 1.0, which
         # XLA folds away: is the group scales' broadcast what a fusion refuses?
-        forms = {"int4": chosen, "int4-s4": "s4", "int4-dequantize": "dequantize",
+        forms = {"int4": chosen, "int4-shifts": "shifts", "int4-s4": "s4",
+                 "int4-dequantize": "dequantize",
                  "int4-unscaled": chosen}  # fmt: skip
         for fmt in list(forms)[1:]:
             weights[fmt] = weights["int4"]

@@ -446,9 +446,12 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
         # QArray: training) multiplies library dots, which take no fused operand:
         # the float matrix, written once, is its smallest temporary.
         by_rows = _int4_rows if _chunks(q) == 1 else _int4_chunks
-        cpu = lambda x2, q: by_rows(x2, q, compute_dtype, product)  # noqa: E731
-        accel = lambda x2, q: by_rows(x2, q, compute_dtype, None)  # noqa: E731
-        y = jax.lax.platform_dependent(x2, q, cpu=cpu, default=accel)
+        first = lambda x2, q: by_rows(x2, q, compute_dtype, product)  # noqa: E731
+        fused = lambda x2, q: by_rows(x2, q, compute_dtype, None)  # noqa: E731
+        if INT4_PRODUCT == "auto":  # measured on XLA:GPU only (bench/README.md, "On a GPU")
+            y = jax.lax.platform_dependent(x2, q, cuda=fused, default=first)
+        else:
+            y = jax.lax.platform_dependent(x2, q, cpu=first, default=fused)
     elif _chunks(q) == 1:
         # dequantized once x exists: layer by layer (see _after)
         w = dequantize_out_in(q._replace(q.values, _after(x2, q.scales)))
@@ -516,9 +519,14 @@ def _int8_product(x2, q: QArray, compute_dtype=None):
 
 # GPU/TPU, int4, more than REDUCE_ROWS rows: the group-scaled levels as the dot's
 # operand (_int4_product), unpacked by "shifts" or by a bitcast to XLA's int4 ("s4");
-# or "dequantize": the float matrix written first (the former form). The others are
+# or "dequantize": the float matrix written first (the former form). "auto" (the
+# default): "s4" on CUDA, "dequantize" elsewhere. On an H200 (JAX 0.11.2, 256 rows;
+# bench/results/gpu_session3_int4/) XLA:GPU fused none of them into its matmul (the
+# grouped scales' broadcast is what it refuses: without them it fuses), but "s4" wrote
+# no more temporaries than "dequantize" and was as fast or faster for the 3B and 10B
+# MLP matrices; TPUs were not measured, so they keep the former form. The others are
 # kept for bench/gpu_check.py to compare.
-INT4_PRODUCT = "shifts"
+INT4_PRODUCT = "auto"
 
 
 def _int4_rows(x2, q: QArray, compute_dtype, product=None):
@@ -559,7 +567,7 @@ def _int4_product(x2, q: QArray, compute_dtype=None, form: str | None = None):
 
     form: "shifts" (the above) or "s4", one product per block over the bytes
     bitcast to XLA's packed int4 type (``s4[..., 32, 2]``, the low nibble first,
-    as stored: the same memory, read as it is); default ``INT4_PRODUCT``.
+    as stored: the same memory, read as it is); default ``INT4_PRODUCT`` ("auto": "s4").
 
     Temporaries when each product is one fused matmul: the activations' two
     halves (R * in * 4 bytes) and 2 * blocks [R, O] float32 results, none of the
@@ -584,7 +592,7 @@ def _int4_product(x2, q: QArray, compute_dtype=None, form: str | None = None):
     parts = []
     for b in range(n):
         vb, sb = v[:, b], s[:, :, b, :, None].astype(dtype)  # [O', O_last, per, 32 | 1]
-        if (form or INT4_PRODUCT) == "s4":
+        if (form or INT4_PRODUCT) in ("s4", "auto"):
             levels = jax.lax.bitcast_convert_type(vb, jnp.int4)  # [..., 32, 2]
             levels = levels.reshape(*vb.shape[:-1], GROUP_SIZE).astype(dtype) * sb
             parts.append((x2.reshape(r, n, per, GROUP_SIZE)[:, b], levels))

@@ -158,6 +158,18 @@ def test_cuda_int4_prefill_dequantizes_inside_the_dot_operand(k, form, dots_per_
     assert bad, "the dequantize-first form should show a float reshape of the weight"
 
 
+def test_default_int4_form_is_s4_on_cuda_and_the_former_form_on_tpu():
+    # "auto": the bitcast to XLA's int4 in the program given to XLA:GPU (measured there);
+    # a TPU, not measured, gets the dequantize-first form (a float reshape of the weight)
+    assert quant.INT4_PRODUCT == "auto"
+    q = quant.quantize(jnp.ones((2304, 512)), "int4")
+    x = jax.ShapeDtypeStruct((256, 2304), jnp.float32)
+    fn = jax.jit(lambda x, q: q.einsum("bd,df->bf", x, jnp.bfloat16))
+    cuda = jax.export.export(fn, platforms=("cuda",))(x, q).mlir_module()
+    tpu = jax.export.export(fn, platforms=("tpu",))(x, q).mlir_module()
+    assert "xi4>" in cuda and "xi4>" not in tpu
+
+
 def test_gpu_check_products_runs_small(tmp_path):
     # the GPU check's products section, on CPU at its small size (also times the forms)
     import subprocess
