@@ -3,7 +3,7 @@
 # int4 at 256 rows in each form of pali_kit.quant.INT4_PRODUCT ("int4" = the default,
 # "int4-s4", "int4-dequantize" = the former form, "int4-unscaled" = a diagnostic).
 # JAX held to a T4's 15.6 GB. Leaves gpu_check.json, products.log and one HLO file
-# per quantized format in $OUT (7 files).
+# per quantized format in $OUT (8 files).
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.104 PYTHONPATH=$PWD TF_CPP_MIN_LOG_LEVEL=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 t0=$(date +%s)
