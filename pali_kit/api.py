@@ -746,6 +746,7 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     else:
         path, info = resolve_checkpoint(source)
         name, text_len = (info.name, info.text_len) if info is not None else (None, None)
+        loaded = None
         if path.is_dir():
             from . import hf
 
@@ -754,8 +755,9 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
             _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
                                  str(path))  # fmt: skip
             params = quant.quantize_params(params, quantize) if quantize else params
-        else:
-            params = checkpoints.load_params(path, dtype, quantize=quantize)
+        else:  # on CPU, half precision: straight into the inference layout (Model.run_params)
+            loaded = None if quantize else checkpoints.load_cpu_inference(path, dtype)
+            params = loaded[0] if loaded else checkpoints.load_params(path, dtype, quantize=quantize)
             config = checkpoints.infer_config(params, str(path))
             if name is not None:
                 config = registry_semantics(config, checkpoint_info(name).config)
@@ -766,6 +768,8 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
         tok = _as_tokenizer(tokenizer) or find_tokenizer(path.parent if path.is_file() else path,
                                                           config.llm.vocab_size)  # fmt: skip
         model = _owning(Model(params, config, tok, name=name or path.name, text_len=text_len))
+        if loaded:  # params: the official tree less the matrices the run tree holds as blocks
+            model._run, model._run_replaced = loaded[1], True
     if verbose:  # a status line: on stderr, so that printed answers can be redirected cleanly
         print(f"pali_kit: {model.summary()}", file=sys.stderr)
     return model

@@ -17,6 +17,9 @@ memory peaks near one copy of the weights. Nothing is ever unpickled.
 from __future__ import annotations
 
 import dataclasses
+import math
+import mmap
+import os
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
@@ -38,9 +41,11 @@ from .errors import CheckpointError  # noqa: F401  (defined with the kit's other
 from .model.common import aligned_empty, to_device
 
 try:  # ISA-L's CRC-32 (the zip one): the same values, several times faster than zlib's
-    from isal.isal_zlib import crc32
-except ImportError:  # a platform without an isal wheel: zlib's, slower
+    from isal.isal_zlib import crc32, crc32_combine
+except ImportError:  # a platform without an isal wheel: zlib's, slower (and no combine)
     from zlib import crc32
+
+    crc32_combine = None
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
 QUANT_CHUNK_BYTES = 1 << 22  # 4 MiB slices when quantizing while reading
@@ -338,6 +343,178 @@ def iter_arrays(
             q = quant.quantize_rows_of(rows, merged, stands_for, quantize, axes)
             yield key, q._replace(q.values.reshape(*shape[:lead], *q.values.shape[1:]),
                                   q.scales.reshape(*shape[:lead], *q.scales.shape[1:]))  # fmt: skip
+
+
+# --- reading straight into the CPU inference layout -----------------------------------
+
+
+def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
+    """Read a .npz straight into the CPU inference layout: ``(skeleton, run)``, or None.
+
+    ``run`` is what ``model.cpu_layout(params, in_place=True)`` makes of the
+    official tree ``load_params`` reads; ``skeleton`` is that tree with the LLM
+    matrices ``run`` holds as (out, in) blocks (``model.cpu.IN_PLACE_LEAVES``)
+    replaced by their ``jax.ShapeDtypeStruct`` (``model.cpu.official_params(run,
+    skeleton)`` rebuilds them). Those blocks are written in one pass over the
+    file's bytes, memory-mapped where the platform allows (else read one layer at
+    a time), and the zip's CRC-32 is checked on the way; the other arrays are read
+    as ``load_params`` reads them. Memory peaks near one copy of the weights.
+
+    None (read with ``load_params``) unless the arrays go to the CPU, those
+    matrices are stored uncompressed in C order as bfloat16 or float16 like the
+    final norm, and ``dtype`` is None or that dtype.
+    """
+    from .model import cpu
+
+    dtype = as_dtype(dtype)
+    if jax.default_backend() != "cpu" or len(jax.devices()) != 1:
+        return None
+    with _open_zip(path) as zf:
+        members = [m for m in zf.namelist() if m.endswith(".npy")]
+        if any(m.startswith("params/") for m in members):
+            members = [m for m in members if m.startswith("params/")]  # skip optimizer state
+        by_key = {_canonical_key(m): m for m in members}
+        blocked = {f"llm/layers/{'/'.join(p)}": cpu.GROUP_AXES["/".join(p)]
+                   for p in cpu.IN_PLACE_LEAVES}  # fmt: skip
+        if not _stored_half(zf, by_key, [*blocked, "llm/final_norm/scale"], path, dtype):
+            return None
+        size = Path(path).stat().st_size
+        bar = (
+            _progress(size, Path(path).name)
+            if (progress or (progress is None and size > 2e8))
+            else None
+        )
+        flat = {}
+        for member in sorted(members, key=lambda m: -zf.getinfo(m).file_size):
+            key = _canonical_key(member)
+            info = zf.getinfo(member)
+            if key in blocked:
+                array = _read_out_in(info, path, key, blocked[key])
+            else:
+                array = _read_member(zf, info, path, key, dtype)
+            flat[key] = to_device(array)
+            if bar is not None:
+                bar.update(array.nbytes)
+            del array
+        if bar is not None:
+            bar.close()
+    params = unflatten(flat)
+    run = cpu.cpu_layout(params, out_in=True, in_place="written")
+    layers = run["llm"]["layers"]
+    for p in cpu.IN_PLACE_LEAVES:
+        node = layers
+        for k in p:
+            node = node[k]
+        if not (isinstance(node, tuple) and getattr(node[0], "transposed", False)):
+            return None  # per-layer views impossible (unusual shapes): read the official tree
+    for key in blocked:
+        a = flat[key]
+        flat[key] = jax.ShapeDtypeStruct(a.shape, a.dtype)
+    return unflatten(flat), run
+
+
+def _stored_half(zf, by_key: dict, keys: list, path, dtype) -> bool:
+    """Whether every key is a stored (uncompressed) C-order bfloat16/float16 member in
+    native byte order, all of one dtype, which ``dtype`` (if given) does not change."""
+    found = set()
+    for key in keys:
+        member = by_key.get(key)
+        if member is None or zf.getinfo(member).compress_type != zipfile.ZIP_STORED:
+            return False
+        shape, fortran, descr = _member_header(zf, member, path)
+        stored = _stored_dtype(descr, path, key)
+        if fortran or descr.byteorder == ">" or stored.name not in ("bfloat16", "float16"):
+            return False
+        found.add(stored)
+    return len(found) == 1 and (dtype is None or dtype in found)
+
+
+def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndarray:
+    """One stacked LLM matrix ``(L, groups..., in..., out)`` read into a new array that
+    holds, layer after layer, its (out, in) blocks (``model.cpu.write_out_in``).
+
+    The member's bytes are memory-mapped and transposed straight into the new
+    array (each layer's mapped pages released once done), or, where mapping
+    fails, read one layer at a time into a buffer. The CRC-32 is summed over
+    the rows as they are transposed (per thread, combined), or, without
+    ``crc32_combine``, over each layer before.
+    """
+    from .model import cpu
+
+    f, _ = _open_member(None, info, path)
+    mapped = None
+    try:
+        member_start = f.tell()
+        shape, _, stored, _, raw_dtype, crc = _start_member(f, True, path, key, None)
+        value = crc.result()  # the CRC-32 of the .npy header
+        start = f.tell()
+        layer_shape = tuple(shape[1:])
+        layer_bytes = math.prod(layer_shape) * raw_dtype.itemsize
+        nbytes = shape[0] * layer_bytes
+        if info.file_size != start - member_start + nbytes:
+            raise EOFError(
+                f"the zip directory gives {info.file_size} bytes, the array's header "
+                f"{start - member_start + nbytes}"
+            )
+        if start + nbytes > os.fstat(f.fileno()).st_size:
+            raise EOFError("file ends early")  # (mapped, it would crash the process)
+        mapped = _map(f, start, nbytes)
+        out = aligned_empty(shape, stored)
+        flat_out = out.reshape(-1).view(raw_dtype)
+        per_layer = layer_bytes // raw_dtype.itemsize
+        combine = crc32_combine is not None
+        for i in range(shape[0]):
+            if mapped is not None:
+                src = np.ndarray(layer_shape, raw_dtype, mapped[0], mapped[1] + i * layer_bytes)
+            else:
+                src = np.empty(layer_shape, raw_dtype) if i == 0 else src
+                if f.readinto(memoryview(src).cast("B")) != layer_bytes:
+                    raise EOFError("file ends early")
+            if not combine:
+                value = crc32(memoryview(src).cast("B"), value)
+            dst = flat_out[i * per_layer : (i + 1) * per_layer]
+            pieces = cpu.write_out_in(src, n_group, dst, crc32 if combine else None)
+            for piece, n in pieces:
+                value = crc32_combine(value, piece, n)
+            if mapped is not None:
+                del src
+                _release(mapped, (i + 1) * layer_bytes)
+        if value != info.CRC:
+            raise zipfile.BadZipFile("CRC-32 mismatch")
+    except _READ_ERRORS as e:
+        raise _corrupt(path, key, e) from None
+    finally:
+        if mapped is not None:
+            try:
+                mapped[0].close()
+            except BufferError:  # a view still alive (an error mid-way): the GC unmaps it
+                pass
+        f.close()
+    return out
+
+
+def _map(f, start: int, nbytes: int) -> list | None:
+    """``[read-only mmap, offset of start in it, bytes released]``, or None where the
+    platform or file system cannot map the file (the caller then reads)."""
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    try:
+        m = mmap.mmap(f.fileno(), start + nbytes - base, offset=base, access=mmap.ACCESS_READ)
+    except (OSError, ValueError, OverflowError):
+        return None
+    return [m, start - base, 0]
+
+
+def _release(mapped: list, done: int) -> None:
+    """Drop this process's pages of the mapping up to ``done`` bytes past the start
+    (they stay in the page cache; read again they would fault back in)."""
+    m, skip, released = mapped
+    upto = (skip + done) // mmap.PAGESIZE * mmap.PAGESIZE
+    if upto > released and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            m.madvise(mmap.MADV_DONTNEED, released, upto - released)
+        except OSError:
+            return
+        mapped[2] = upto
 
 
 def unflatten(flat: dict) -> dict:
