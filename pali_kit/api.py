@@ -100,8 +100,9 @@ class Model:
         ``pk.load`` or ``astype``) keeps the LLM matrices only in the CPU
         inference layout (see ``run_params``); this tree is then rebuilt from it
         on each access (a transient copy of those matrices: keep it only as long
-        as needed, e.g. for saving or training). Taking this tree before the
-        first inference keeps the arrays as they are (the layout then copies).
+        as needed, e.g. for saving or training). ``pk.load`` reads a bfloat16 or
+        float16 .npz straight into that layout; otherwise taking this tree before
+        the first inference keeps the arrays as they are (the layout then copies).
         """
         if self._run is not None and self._run_replaced:
             if accel.on_one_accelerator(self._run):

@@ -474,7 +474,7 @@ def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndar
                 value = crc32(memoryview(src).cast("B"), value)
             dst = flat_out[i * per_layer : (i + 1) * per_layer]
             pieces = cpu.write_out_in(src, n_group, dst, crc32 if combine else None)
-            for piece, n in pieces:
+            for piece, n in pieces if combine else ():
                 value = crc32_combine(value, piece, n)
             if mapped is not None:
                 del src

@@ -1,0 +1,170 @@
+"""Reading a half-precision .npz straight into the CPU inference layout
+(``checkpoints.load_cpu_inference``): the same bits as reading the official tree
+and laying it out, through the memory-mapped and the read fallback paths alike,
+with the zip's CRC-32 and sizes still checked."""
+
+from __future__ import annotations
+
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pali_kit as pk
+from pali_kit import checkpoints
+from pali_kit.checkpoints import CheckpointError, load_cpu_inference, load_params, save_params
+from pali_kit.model import cpu_layout
+from pali_kit.model.cpu import BLOCK, official_params
+
+from .conftest import tiny_config
+
+LINEAR = "llm/layers/mlp/linear"
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    # the down-projection's in axis needs 2 blocks; every other LLM matrix one or more groups
+    config = tiny_config(llm_mlp_dim=BLOCK + 64)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 3))
+    return config, params
+
+
+@pytest.fixture
+def saved(tmp_path, bf16):
+    return save_params(bf16[1], tmp_path / "m.npz")
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def _assert_trees_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert len(la) == len(lb)
+    for x, y in zip(la, lb):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        np.testing.assert_array_equal(_bits(x), _bits(y))
+
+
+def _no_mapping(monkeypatch):
+    """Make every attempt to memory-map the file fail, as on a file system without mmap."""
+
+    def refuse(*args, **kw):
+        raise OSError("mmap not supported here")
+
+    monkeypatch.setattr(checkpoints.mmap, "mmap", refuse)
+
+
+@pytest.mark.parametrize("path_kind", ["mapped", "read", "read without crc32_combine"])
+def test_same_run_tree_as_reading_then_laying_out(saved, bf16, monkeypatch, path_kind):
+    if path_kind != "mapped":
+        _no_mapping(monkeypatch)
+    if path_kind == "read without crc32_combine":
+        monkeypatch.setattr(checkpoints, "crc32_combine", None)
+    want = cpu_layout(load_params(saved), in_place=True)
+    skeleton, run = load_cpu_inference(saved)
+    _assert_trees_equal(run, want)
+    # the matrices held as blocks are placeholders in the skeleton ...
+    stub = skeleton["llm"]["layers"]["mlp"]["linear"]
+    assert (
+        isinstance(stub, jax.ShapeDtypeStruct)
+        and stub.shape == bf16[1]["llm"]["layers"]["mlp"]["linear"].shape
+    )
+    # ... and the official tree is rebuilt from the blocks bit for bit
+    _assert_trees_equal(official_params(run, skeleton), bf16[1])
+
+
+def test_mapping_is_used_and_fallback_really_reads(saved, monkeypatch):
+    calls = []
+    real = checkpoints._map
+    monkeypatch.setattr(checkpoints, "_map", lambda *a: calls.append(a) or real(*a))
+    load_cpu_inference(saved)
+    assert len(calls) == 5  # one per LLM matrix written as blocks
+    _no_mapping(monkeypatch)
+    with open(saved, "rb") as f:
+        assert real(f, 0, 10) is None  # the fallback signal
+
+
+def test_pk_load_gives_the_same_tokens_and_params(saved, bf16):
+    config, params = bf16
+    model = pk.load(saved, verbose=False)
+    assert model._run_replaced  # loaded straight into the run layout: nothing left to lay out
+    _assert_trees_equal(model.params, params)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32)
+    text, mask = np.array([[5, 6, 7]], np.int32), np.ones((1, 3), bool)
+    a = model.generate_tokens(image, text, mask, max_new_tokens=4)
+    b = pk.Model(params, config).generate_tokens(image, text, mask, max_new_tokens=4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])  # the same program on the same values
+
+
+def _member_data_start(path, key):
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(key + ".npy")
+    data = path.read_bytes()
+    name_len, extra_len = np.frombuffer(data[info.header_offset + 26 :][:4], "<u2")
+    return info.header_offset + 30 + int(name_len) + int(extra_len), info
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+@pytest.mark.parametrize("crc_combine", [True, False])
+def test_flipped_byte_in_a_blocked_matrix_is_caught(
+    tmp_path, saved, monkeypatch, mapped, crc_combine
+):
+    if not mapped:
+        _no_mapping(monkeypatch)
+    if not crc_combine:
+        monkeypatch.setattr(checkpoints, "crc32_combine", None)
+    start, info = _member_data_start(saved, LINEAR)
+    data = bytearray(saved.read_bytes())
+    data[start + info.file_size - 3] ^= 0x01  # a value in the last layer's last block
+    bad = tmp_path / "flip.npz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"flip.npz: {LINEAR} is truncated or corrupt.*"
+                       "CRC-32 mismatch.*Download or copy the file again"):  # fmt: skip
+        load_cpu_inference(bad)
+
+
+def test_header_claiming_more_bytes_than_the_member_holds(tmp_path, saved, bf16):
+    """A mapped read past the file's end would kill the process (SIGBUS): sizes are
+    checked against the zip directory first."""
+    shape = bf16[1]["llm"]["layers"]["mlp"]["linear"].shape
+    start, info = _member_data_start(saved, LINEAR)
+    data = bytearray(saved.read_bytes())
+    old = f"'shape': {shape}".encode()
+    new = f"'shape': ({shape[0]}, {shape[1]}, {shape[2] + 1})".encode()
+    assert len(new) == len(old)
+    at = data.index(old, start)
+    data[at : at + len(old)] = new
+    bad = tmp_path / "grown.npz"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"grown.npz: {LINEAR} is truncated or corrupt"):
+        load_cpu_inference(bad)
+
+
+def test_truncated_file_is_a_checkpoint_error(tmp_path, saved):
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="cut.npz.*truncated download.*Download it again"):
+        load_cpu_inference(cut)
+
+
+def test_other_files_keep_the_streaming_reader(tmp_path, bf16, saved):
+    params = bf16[1]
+    f32 = save_params(jax.tree.map(lambda a: a.astype(jnp.float32), params), tmp_path / "f.npz")
+    assert load_cpu_inference(f32) is None  # float32: no (out, in) blocks
+    assert load_cpu_inference(saved, "float32") is None  # a cast while reading
+    assert load_cpu_inference(saved, "bfloat16") is not None  # no cast: fine
+    flat = {k: checkpoints._to_storable(v) for k, v in checkpoints.flatten(params).items()}
+    packed = tmp_path / "z.npz"
+    np.savez_compressed(packed, **flat)
+    assert load_cpu_inference(packed) is None  # compressed members: streamed as before
+    # and pk.load still reads these through load_params
+    model = pk.load(packed, verbose=False)
+    assert not model._run_replaced
+    _assert_trees_equal(model.params, params)
