@@ -758,7 +758,10 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
             params = quant.quantize_params(params, quantize) if quantize else params
         else:  # on CPU, half precision: straight into the inference layout (Model.run_params)
             loaded = None if quantize else checkpoints.load_cpu_inference(path, dtype)
-            params = loaded[0] if loaded else checkpoints.load_params(path, dtype, quantize=quantize)
+            if loaded is None:
+                params = checkpoints.load_params(path, dtype, quantize=quantize)
+            else:
+                params = loaded[0]
             config = checkpoints.infer_config(params, str(path))
             if name is not None:
                 config = registry_semantics(config, checkpoint_info(name).config)

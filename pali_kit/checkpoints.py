@@ -12,6 +12,10 @@ bfloat16 stored as 2-byte void (numpy has no bfloat16; we view the bits).
 Loading is leaf by leaf, largest first, each array streamed from the zip in
 small chunks (and cast chunk by chunk when a dtype is asked for), so host
 memory peaks near one copy of the weights. Nothing is ever unpickled.
+
+On CPU, ``load_cpu_inference`` reads a bfloat16/float16 file straight into the
+CPU inference layout (``pk.load`` uses it): the LLM matrices are transposed
+into their (out, in) blocks in one pass from the memory-mapped file.
 """
 
 from __future__ import annotations
@@ -367,7 +371,7 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
     from .model import cpu
 
     dtype = as_dtype(dtype)
-    if jax.default_backend() != "cpu" or len(jax.devices()) != 1:
+    if jax.default_backend() != "cpu":  # (to_device puts each array on the default device)
         return None
     with _open_zip(path) as zf:
         members = [m for m in zf.namelist() if m.endswith(".npy")]
