@@ -15,15 +15,13 @@ memory peaks near one copy of the weights. Nothing is ever unpickled.
 
 On CPU, ``load_cpu_inference`` reads a bfloat16/float16 file straight into the
 CPU inference layout (``pk.load`` uses it): the LLM matrices are transposed
-into their (out, in) blocks in one pass from the memory-mapped file.
+into their (out, in) blocks as they are read, in one pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import mmap
-import os
 import struct
 import zipfile
 from collections.abc import Callable, Iterator
@@ -53,6 +51,7 @@ except ImportError:  # a platform without an isal wheel: zlib's, slower (and no 
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
 QUANT_CHUNK_BYTES = 1 << 22  # 4 MiB slices when quantizing while reading
+OUT_IN_CHUNK_BYTES = 1 << 22  # rows read at a time when transposing while reading
 
 
 # --- dtypes ----------------------------------------------------------------------
@@ -360,9 +359,9 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
     matrices ``run`` holds as (out, in) blocks (``model.cpu.IN_PLACE_LEAVES``)
     replaced by their ``jax.ShapeDtypeStruct`` (``model.cpu.official_params(run,
     skeleton)`` rebuilds them). Those blocks are written in one pass over the
-    file's bytes, memory-mapped where the platform allows (else read one layer at
-    a time), and the zip's CRC-32 is checked on the way; the other arrays are read
-    as ``load_params`` reads them. Memory peaks near one copy of the weights.
+    file's bytes (read a few MB at a time and transposed from the cache), the
+    zip's CRC-32 checked on the way; the other arrays are read as
+    ``load_params`` reads them. Memory peaks near one copy of the weights.
 
     None (read with ``load_params``) unless the arrays go to the CPU, those
     matrices are stored uncompressed in C order as bfloat16 or float16 like the
@@ -435,90 +434,55 @@ def _stored_half(zf, by_key: dict, keys: list, path, dtype) -> bool:
 
 def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndarray:
     """One stacked LLM matrix ``(L, groups..., in..., out)`` read into a new array that
-    holds, layer after layer, its (out, in) blocks (``model.cpu.write_out_in``).
+    holds, layer after layer, its (out, in) blocks (``model.cpu.out_in_blocks``).
 
-    The member's bytes are memory-mapped and transposed straight into the new
-    array (each layer's mapped pages released once done), or, where mapping
-    fails, read one layer at a time into a buffer. The CRC-32 is summed over
-    the rows as they are transposed (per thread, combined), or, without
-    ``crc32_combine``, over each layer before.
+    The member's rows are read in order, ``OUT_IN_CHUNK_BYTES`` at a time, into a
+    small reused buffer, and transposed from there into their block while they
+    are in the cache; the CRC-32 is summed over each stripe of rows just before
+    it is transposed (per thread, then combined; without ``crc32_combine``, over
+    each chunk first). One pass over the bytes, no second copy of the matrix.
     """
     from .model import cpu
 
     f, _ = _open_member(None, info, path)
-    mapped = None
     try:
         member_start = f.tell()
         shape, _, stored, _, raw_dtype, crc = _start_member(f, True, path, key, None)
         value = crc.result()  # the CRC-32 of the .npy header
-        start = f.tell()
-        layer_shape = tuple(shape[1:])
-        layer_bytes = math.prod(layer_shape) * raw_dtype.itemsize
-        nbytes = shape[0] * layer_bytes
-        if info.file_size != start - member_start + nbytes:
+        nbytes = math.prod(shape) * raw_dtype.itemsize
+        if info.file_size != f.tell() - member_start + nbytes:
             raise EOFError(
                 f"the zip directory gives {info.file_size} bytes, the array's header "
-                f"{start - member_start + nbytes}"
+                f"{f.tell() - member_start + nbytes}"
             )
-        if start + nbytes > os.fstat(f.fileno()).st_size:
-            raise EOFError("file ends early")  # (mapped, it would crash the process)
-        mapped = _map(f, start, nbytes)
         out = aligned_empty(shape, stored)
         flat_out = out.reshape(-1).view(raw_dtype)
-        per_layer = layer_bytes // raw_dtype.itemsize
+        width = shape[-1]  # values per row
+        chunk_rows = max(cpu.STRIPE, OUT_IN_CHUNK_BYTES // (width * raw_dtype.itemsize))
+        chunk_rows -= chunk_rows % cpu.STRIPE
+        buffer = np.empty(chunk_rows * width, raw_dtype)
         combine = crc32_combine is not None
-        for i in range(shape[0]):
-            if mapped is not None:
-                src = np.ndarray(layer_shape, raw_dtype, mapped[0], mapped[1] + i * layer_bytes)
-            else:
-                src = np.empty(layer_shape, raw_dtype) if i == 0 else src
-                if f.readinto(memoryview(src).cast("B")) != layer_bytes:
+        for offset, rows in cpu.out_in_blocks(shape[1:], n_group, shape[0]):
+            block = flat_out[offset : offset + rows * width].reshape(width, rows)
+            for first in range(0, rows, chunk_rows):
+                n = min(chunk_rows, rows - first)
+                part = buffer[: n * width].reshape(n, width)
+                if f.readinto(memoryview(part).cast("B")) != part.nbytes:
                     raise EOFError("file ends early")
-            if not combine:
-                value = crc32(memoryview(src).cast("B"), value)
-            dst = flat_out[i * per_layer : (i + 1) * per_layer]
-            pieces = cpu.write_out_in(src, n_group, dst, crc32 if combine else None)
-            for piece, n in pieces if combine else ():
-                value = crc32_combine(value, piece, n)
-            if mapped is not None:
-                del src
-                _release(mapped, (i + 1) * layer_bytes)
+                if not combine:
+                    value = crc32(part, value)
+                pieces = cpu._transpose_into(
+                    part, block[:, first : first + n], crc32 if combine else None
+                )
+                for piece, size in pieces if combine else ():
+                    value = crc32_combine(value, piece, size)
         if value != info.CRC:
             raise zipfile.BadZipFile("CRC-32 mismatch")
     except _READ_ERRORS as e:
         raise _corrupt(path, key, e) from None
     finally:
-        if mapped is not None:
-            try:
-                mapped[0].close()
-            except BufferError:  # a view still alive (an error mid-way): the GC unmaps it
-                pass
         f.close()
     return out
-
-
-def _map(f, start: int, nbytes: int) -> list | None:
-    """``[read-only mmap, offset of start in it, bytes released]``, or None where the
-    platform or file system cannot map the file (the caller then reads)."""
-    base = start - start % mmap.ALLOCATIONGRANULARITY
-    try:
-        m = mmap.mmap(f.fileno(), start + nbytes - base, offset=base, access=mmap.ACCESS_READ)
-    except (OSError, ValueError, OverflowError):
-        return None
-    return [m, start - base, 0]
-
-
-def _release(mapped: list, done: int) -> None:
-    """Drop this process's pages of the mapping up to ``done`` bytes past the start
-    (they stay in the page cache; read again they would fault back in)."""
-    m, skip, released = mapped
-    upto = (skip + done) // mmap.PAGESIZE * mmap.PAGESIZE
-    if upto > released and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            m.madvise(mmap.MADV_DONTNEED, released, upto - released)
-        except OSError:
-            return
-        mapped[2] = upto
 
 
 def unflatten(flat: dict) -> dict:

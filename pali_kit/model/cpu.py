@@ -163,7 +163,7 @@ def cpu_layout(params, out_in: bool | None = None, in_place: bool | str = False)
     ``in_place`` written over the official arrays' own memory (no memory added;
     those official arrays then hold the blocks and must be dropped: see
     ``IN_PLACE_LEAVES`` and ``official_params``). ``in_place="written"``: those
-    arrays already hold the blocks (``write_out_in``; the .npz reader writes them
+    arrays already hold the blocks (``out_in_blocks``; the .npz reader writes them
     so, see ``checkpoints.load_cpu_inference``). Arrays that cannot be viewed (not
     on one CPU) are left as they are.
     """
@@ -256,7 +256,7 @@ def _out_in_matrix(w, n_group: int, in_place: bool | str = False):
     (one group at a time through a temporary copy): then ``w`` holds the blocks
     afterwards and must not be used as the official array any more. With
     ``in_place="written"`` ``w``'s buffer already holds them in that arrangement
-    (``write_out_in``, as the checkpoint reader writes it): they are only viewed.
+    (``out_in_blocks``, as the checkpoint reader writes it): they are only viewed.
     """
     host = np.asarray(w)  # a view for a CPU array; keeps w's buffer alive
     gshape = host.shape[:n_group]
@@ -288,26 +288,22 @@ def _split_rows(m: np.ndarray) -> list[np.ndarray]:
     return np.array_split(m, -(-m.shape[0] // BLOCK))
 
 
-def write_out_in(layer: np.ndarray, n_group: int, out: np.ndarray, checksum=None) -> list:
-    """Write one layer's official ``(groups..., in..., out)`` matrix as the (out, in)
-    blocks ``cpu_layout(..., in_place=True)`` would leave in its buffer: group by
-    group, block by block, each ``(out, rows)`` in C order, into the flat ``out``
-    (``layer.size`` values of the same dtype). ``layer`` may be a read-only,
-    unaligned view (e.g. of a memory-mapped file): it is read once.
-
-    ``checksum(bytes, value) -> value`` (e.g. ``zlib.crc32``), when given, runs over
-    the rows as they are transposed (while they are in the cache); returns
-    ``[(value, nbytes), ...]`` for consecutive byte ranges of ``layer``, in order.
+def out_in_blocks(layer_shape, n_group: int, layers: int = 1):
+    """``(offset, rows)`` of each (out, in) block in the order ``_out_in_matrix``
+    with ``in_place`` writes them over a stacked ``(layers, *layer_shape)`` buffer:
+    layer by layer, group by group, block by block. Each block holds the next
+    ``rows`` rows (in the file's order) of a layer's ``(in, out)`` group matrix,
+    transposed: ``(out, rows)`` in C order from ``offset`` (counted in values).
     """
-    flat = layer.reshape(math.prod(layer.shape[:n_group]), -1, layer.shape[-1])
-    pieces, offset = [], 0
-    for m in flat:
-        for part in _split_rows(m):
-            size = part.size
-            block = out[offset : offset + size].reshape(part.shape[::-1])
-            pieces += _transpose_into(part, block, checksum)
-            offset += size
-    return pieces
+    width = layer_shape[-1]
+    groups = math.prod(layer_shape[:n_group])
+    rows_per_group = math.prod(layer_shape[n_group:-1])
+    sizes = [len(p) for p in _split_rows(np.empty((rows_per_group, 0)))]
+    offset = 0
+    for _ in range(layers * groups):
+        for rows in sizes:
+            yield offset, rows
+            offset += rows * width
 
 
 STRIPE = 16  # input rows transposed at a time: 16 x 2 bytes = one 32-byte write per out row
@@ -324,8 +320,10 @@ def _transpose_into(part: np.ndarray, out: np.ndarray, checksum=None) -> list:
     are unchanged. numpy releases the GIL while it copies, so the stripes are
     shared among a few threads (disjoint columns of ``out``).
 
-    ``checksum``: see ``write_out_in`` (``part`` must then be C-contiguous); each
-    thread sums its own consecutive rows. Returns ``[(value, nbytes), ...]``.
+    ``checksum(bytes, value) -> value`` (e.g. a CRC-32; ``part`` must then be
+    C-contiguous) runs over each stripe just before it is copied (while it is in
+    the cache); each thread sums its own consecutive rows. Returns ``[(value,
+    nbytes), ...]`` for consecutive byte ranges of ``part``, in order.
     """
     as_bits = np.dtype(f"u{part.dtype.itemsize}")
     src, dst = part.view(as_bits), out.view(as_bits)
