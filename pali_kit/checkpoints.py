@@ -51,7 +51,7 @@ except ImportError:  # a platform without an isal wheel: zlib's, slower (and no 
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
 QUANT_CHUNK_BYTES = 1 << 22  # 4 MiB slices when quantizing while reading
-OUT_IN_CHUNK_BYTES = 1 << 22  # rows read at a time when transposing while reading
+OUT_IN_CHUNK_BYTES = 1 << 20  # rows read at a time when transposing while reading (L2-sized)
 
 
 # --- dtypes ----------------------------------------------------------------------
