@@ -20,9 +20,12 @@ into their (out, in) blocks as they are read, in one pass.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import mmap
 import struct
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +54,7 @@ except ImportError:  # a platform without an isal wheel: zlib's, slower (and no 
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
 QUANT_CHUNK_BYTES = 1 << 22  # 4 MiB slices when quantizing while reading
-OUT_IN_CHUNK_BYTES = 1 << 20  # rows read at a time when transposing while reading (L2-sized)
+OUT_IN_CHUNK_BYTES = 1 << 24  # rows read at a time when transposing while reading
 
 
 # --- dtypes ----------------------------------------------------------------------
@@ -359,7 +362,7 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
     matrices ``run`` holds as (out, in) blocks (``model.cpu.IN_PLACE_LEAVES``)
     replaced by their ``jax.ShapeDtypeStruct`` (``model.cpu.official_params(run,
     skeleton)`` rebuilds them). Those blocks are written in one pass over the
-    file's bytes (read a few MB at a time and transposed from the cache), the
+    file's bytes (read 16 MB at a time and transposed from that buffer), the
     zip's CRC-32 checked on the way; the other arrays are read as
     ``load_params`` reads them. Memory peaks near one copy of the weights.
 
@@ -455,7 +458,7 @@ def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndar
                 f"the zip directory gives {info.file_size} bytes, the array's header "
                 f"{f.tell() - member_start + nbytes}"
             )
-        out = aligned_empty(shape, stored)
+        out = _prefaulted(aligned_empty(shape, stored))
         flat_out = out.reshape(-1).view(raw_dtype)
         width = shape[-1]  # values per row
         chunk_rows = max(cpu.STRIPE, OUT_IN_CHUNK_BYTES // (width * raw_dtype.itemsize))
@@ -483,6 +486,28 @@ def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndar
     finally:
         f.close()
     return out
+
+
+PREFAULT = True  # back new arrays with memory in one call before they are transposed into
+
+
+def _prefaulted(array: np.ndarray) -> np.ndarray:
+    """``array`` with its pages allocated up front (Linux ``MADV_POPULATE_WRITE``).
+
+    The transposes write each (out, in) block in stripes across all its pages;
+    taking each page's first-touch fault there, from two threads at once, costs
+    more than having the kernel allocate them all in one call (as ``readinto``
+    does). Elsewhere, or where the kernel refuses, the pages come on first touch.
+    """
+    if PREFAULT and array.nbytes >= 1 << 22 and sys.platform == "linux":
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            start = array.ctypes.data - array.ctypes.data % mmap.PAGESIZE
+            libc.madvise(start, array.ctypes.data + array.nbytes - start, 23)
+        except (OSError, AttributeError):
+            pass
+    return array
 
 
 def unflatten(flat: dict) -> dict:

@@ -50,7 +50,7 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(_bits(x), _bits(y))
 
 
-@pytest.mark.parametrize("chunk", [1 << 22, 1000])  # rows read at a time: all, or 16
+@pytest.mark.parametrize("chunk", [1 << 24, 1000])  # rows read at a time: all, or 16
 @pytest.mark.parametrize("combine", [True, False])
 def test_same_run_tree_as_reading_then_laying_out(saved, bf16, monkeypatch, chunk, combine):
     monkeypatch.setattr(checkpoints, "OUT_IN_CHUNK_BYTES", chunk)
