@@ -5,6 +5,8 @@ read chunk and with or without ``crc32_combine``."""
 
 from __future__ import annotations
 
+import mmap
+import platform
 import zipfile
 
 import jax
@@ -142,3 +144,26 @@ def test_other_files_keep_the_streaming_reader(tmp_path, bf16, saved):
     model = pk.load(packed, verbose=False)
     assert not model._run_replaced
     _assert_trees_equal(model.params, params)
+
+
+def _linux_at_least(major: int, minor: int) -> bool:
+    if platform.system() != "Linux":
+        return False
+    return tuple(int(x) for x in platform.release().split(".")[:2]) >= (major, minor)
+
+
+@pytest.mark.skipif(not _linux_at_least(5, 14), reason="MADV_POPULATE_WRITE needs Linux 5.14")
+def test_prefaulted_arrays_are_resident_before_the_first_write():
+    from pali_kit.model.common import aligned_empty
+
+    def resident_bytes():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
+
+    before = resident_bytes()
+    a = aligned_empty((64 << 20,), np.uint8)  # 64 MB, untouched: not resident yet
+    assert resident_bytes() - before < 8 << 20
+    assert checkpoints._prefaulted(a) is a
+    assert resident_bytes() - before >= 60 << 20
+    a[::4096] = 1  # and still an ordinary writable array
+    assert int(a.sum()) == (64 << 20) // 4096
