@@ -100,8 +100,9 @@ class Model:
         ``pk.load`` or ``astype``) keeps the LLM matrices only in the CPU
         inference layout (see ``run_params``); this tree is then rebuilt from it
         on each access (a transient copy of those matrices: keep it only as long
-        as needed, e.g. for saving or training). Taking this tree before the
-        first inference keeps the arrays as they are (the layout then copies).
+        as needed, e.g. for saving or training). ``pk.load`` reads a bfloat16 or
+        float16 .npz straight into that layout; otherwise taking this tree before
+        the first inference keeps the arrays as they are (the layout then copies).
         """
         if self._run is not None and self._run_replaced:
             if accel.on_accelerators(self._run):
@@ -746,6 +747,7 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     else:
         path, info = resolve_checkpoint(source)
         name, text_len = (info.name, info.text_len) if info is not None else (None, None)
+        loaded = None
         if path.is_dir():
             from . import hf
 
@@ -754,8 +756,12 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
             _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
                                  str(path))  # fmt: skip
             params = quant.quantize_params(params, quantize) if quantize else params
-        else:
-            params = checkpoints.load_params(path, dtype, quantize=quantize)
+        else:  # on CPU, half precision: straight into the inference layout (Model.run_params)
+            loaded = None if quantize else checkpoints.load_cpu_inference(path, dtype)
+            if loaded is None:
+                params = checkpoints.load_params(path, dtype, quantize=quantize)
+            else:
+                params = loaded[0]
             config = checkpoints.infer_config(params, str(path))
             if name is not None:
                 config = registry_semantics(config, checkpoint_info(name).config)
@@ -766,6 +772,8 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
         tok = _as_tokenizer(tokenizer) or find_tokenizer(path.parent if path.is_file() else path,
                                                           config.llm.vocab_size)  # fmt: skip
         model = _owning(Model(params, config, tok, name=name or path.name, text_len=text_len))
+        if loaded:  # params: the official tree less the matrices the run tree holds as blocks
+            model._run, model._run_replaced = loaded[1], True
     if verbose:  # a status line: on stderr, so that printed answers can be redirected cleanly
         print(f"pali_kit: {model.summary()}", file=sys.stderr)
     return model
