@@ -5,6 +5,7 @@
     python bench/quantize.py --quality      # demo model: held-out scores f32 / bf16 / int8 / int4
     python bench/quantize.py --3b           # random 3B: logit error, greedy agreement vs bf16
     python bench/quantize.py --forms        # int4 one-row loop: the emitted form vs its bounds
+    python bench/quantize.py --native-decode  # 3B decode: bf16, int4, int4 via the probe kernel
 
 --kernels times, in one process and interleaved, the product of one token with
 each matrix of a PaliGemma-3B layer and with the output layer, in the forms
@@ -208,6 +209,73 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
     table(rows, f"int4 one-row product forms, median of {repeat} interleaved passes")
 
 
+def native_decode(rounds: int = 2, new_tokens: int = 16, name: str = "paligemma2-3b-pt-224"):
+    """Decode s/token, one process: bfloat16, int4 (the kit), int4 with the probe kernel.
+
+    Full-size random weights (``common.random_checkpoint``), both models in
+    memory (~9 GB: run it alone). The probe replaces the loop of
+    ``quant._reduce_matvec`` (``_int4_bytes``) by ``bench/int4_native.cc``
+    (its inputs rounded to bfloat16, the policy for these bfloat16 weights);
+    the forms alternate in ``rounds`` rounds (recompiling the int4 step each
+    time), so a change in the machine's load affects them alike.
+    """
+    import statistics
+
+    import jax
+    from common import random_checkpoint
+
+    import pali_kit as pk
+    from pali_kit import decode, quant
+
+    native = _native_int4()
+    if native is None:
+        return
+    kit_loop = quant._int4_bytes
+
+    def probe_loop(x_even, x_odd, v, scales):  # inputs arrive times LOW / HIGH (exact)
+        xe, xo = x_even[0] * (1 / quant.LOW), x_odd[0] * (1 / quant.HIGH)
+        return native(xe, xo, v, scales)[None]
+
+    path = random_checkpoint(name, "bfloat16")
+    models = {
+        "bfloat16": pk.load(path, dtype="bfloat16", verbose=False),
+        "int4": pk.load(path, dtype="bfloat16", quantize="int4", verbose=False),
+    }
+    tok = pk.Tokenizer.demo()
+    enc = tok.encode_prompts(["caption en"], bucket=None)
+    mask = np.ones(models["int4"].config.llm.vocab_size, bool)
+    mask[decode.EOS_ID] = False  # never stop early
+
+    def per_token(model, n):
+        res = model.resolution
+        image = np.random.default_rng(0).integers(0, 255, (res, res, 3), dtype=np.uint8)
+        pixels = model.preprocess(image)
+        stamps = [time.perf_counter() for _ in decode.iter_tokens(
+            model.config, model.run_params, pixels, enc["text"], enc["mask_input"],
+            max_new_tokens=n, logit_mask=mask)]  # fmt: skip
+        return list(np.diff(stamps))
+
+    forms = {"bfloat16": ("bfloat16", None), "int4 (kit)": ("int4", kit_loop),
+             "int4 (probe kernel)": ("int4", probe_loop)}  # fmt: skip
+    times = {f: [] for f in forms}
+    try:
+        for _ in range(rounds):
+            for form, (m, loop) in forms.items():
+                if loop is not None:  # retrace the step with this loop
+                    quant._int4_bytes = loop
+                    decode._jitted.cache_clear()
+                    jax.clear_caches()
+                per_token(models[m], 4)  # compile
+                times[form] += per_token(models[m], new_tokens)
+    finally:
+        quant._int4_bytes = kit_loop
+    bf16 = statistics.median(times["bfloat16"])
+    rows = [{"weights": f, "decode s/token": f"{statistics.median(t):.4f}",
+             "vs bfloat16": f"{statistics.median(t) / bf16:.2f}x", "tokens": str(len(t))}
+            for f, t in times.items()]  # fmt: skip
+    table(rows, f"{name}, random weights, decode, {rounds} interleaved rounds, one process")
+
+
 def hlo() -> None:
     import jax
     import jax.numpy as jnp
@@ -234,9 +302,12 @@ def main(argv=None) -> None:
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--3b", dest="big", action="store_true")
     ap.add_argument("--forms", action="store_true")
+    ap.add_argument("--native-decode", action="store_true")
     ap.add_argument("--n", type=int, default=100, help="held-out scenes per task (--quality)")
     args = ap.parse_args(argv)
-    if not (args.kernels or args.hlo or args.quality or args.big or args.forms):
+    if not (
+        args.kernels or args.hlo or args.quality or args.big or args.forms or args.native_decode
+    ):
         args.kernels = args.hlo = args.quality = True
     if args.kernels:
         kernels()
@@ -248,6 +319,8 @@ def main(argv=None) -> None:
         big()
     if args.forms:
         forms()
+    if args.native_decode:
+        native_decode()
 
 
 def quality(n: int) -> None:
