@@ -157,7 +157,8 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
     dims = (((1,), (0,)), ((), ()))
 
     def xla_loop(xe, xo, v, s):  # the kit's loop, as _reduce_matvec calls it
-        return quant._int4_bytes(xe[None] * quant.LOW, xo[None] * quant.HIGH, v, s)
+        m = quant._materialized  # as there: not fused into (recomputed in) the loop
+        return quant._int4_bytes(m(xe[None] * quant.LOW), m(xo[None] * quant.HIGH), v, s)
 
     def no_scale(xe, xo, v, s):
         b = v.astype(jnp.int32)
