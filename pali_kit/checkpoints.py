@@ -474,7 +474,7 @@ def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndar
                     raise EOFError("file ends early")
                 if not combine:
                     value = crc32(part, value)
-                pieces = cpu._transpose_into(
+                pieces = cpu.transpose_into(
                     part, block[:, first : first + n], crc32 if combine else None
                 )
                 for piece, size in pieces if combine else ():

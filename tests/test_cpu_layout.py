@@ -208,12 +208,12 @@ def test_taking_the_params_before_inference_keeps_them_intact(tmp_path):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("shape", [(1, 5), (37, 3), (100, 2304), (16, 16)])
 def test_striped_transpose_moves_every_value(dtype, shape):
-    from pali_kit.model.cpu import _transpose_into
+    from pali_kit.model.cpu import transpose_into
 
     rng = np.random.default_rng(0)
     part = np.asarray(jnp.asarray(rng.standard_normal(shape), dtype))
     out = np.empty(shape[::-1], part.dtype)
-    _transpose_into(part, out)
+    transpose_into(part, out)
     bits = f"u{part.dtype.itemsize}"
     np.testing.assert_array_equal(out.view(bits), np.ascontiguousarray(part.T).view(bits))
 

@@ -276,7 +276,7 @@ def _out_in_matrix(w, n_group: int, in_place: bool | str = False):
             for part in _split_rows(scratch if not written else m):
                 size = part.size
                 if not written:
-                    _transpose_into(part, target[offset : offset + size].reshape(part.shape[::-1]))
+                    transpose_into(part, target[offset : offset + size].reshape(part.shape[::-1]))
                 view = host.reshape(-1)[offset : offset + size].reshape(part.shape[::-1])
                 blocks.append(_alias(view))
                 offset += size
@@ -310,7 +310,7 @@ def out_in_blocks(layer_shape, n_group: int, layers: int = 1):
 STRIPE = 16  # input rows transposed at a time: 16 x 2 bytes = one 32-byte write per out row
 
 
-def _transpose_into(part: np.ndarray, out: np.ndarray, checksum=None) -> list:
+def transpose_into(part: np.ndarray, out: np.ndarray, checksum=None) -> list:
     """``out[...] = part.T`` for a 2-D ``part``, in stripes of ``STRIPE`` rows.
 
     numpy's plain strided transpose of a large matrix misses the cache on every
