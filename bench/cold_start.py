@@ -8,6 +8,12 @@ the end of every phase (import, load, CPU layout, first token, three more
 tokens), the peak RSS so far, and JAX's own compile timers summed over the
 process (tracing, lowering to MLIR, XLA compilation or cache retrieval).
 Both processes read the checkpoint from the page cache (it is read once before each).
+
+    python bench/cold_start.py --trees OLD_TREE NEW_TREE [--rounds 2]
+
+compares two source trees (folders holding ``pali_kit/``) in one run: per tree
+one process with an empty cache of its own, then ``--rounds`` rounds of warm
+processes, the trees alternating.
 """
 
 from __future__ import annotations
@@ -95,32 +101,54 @@ def _seconds(fn, data) -> float:
     return time.perf_counter() - t
 
 
+def run_child(code: str, path: Path, env: dict, cwd=None) -> dict:
+    warm_page_cache(path)  # the file from the page cache in every process
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=cwd)  # fmt: skip
+    line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    if not line:
+        raise RuntimeError(f"child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(line[0][len("RESULT ") :])
+
+
+def row_of(res: dict, **first) -> dict:
+    row, before = dict(first), 0.0
+    for name, (at, _rss) in res["phases"].items():
+        row[f"{name} s"] = f"{at - before:.1f}"
+        before = at
+    row["total s"] = f"{before:.1f}"
+    row["peak RSS GB"] = f"{max(r for _, r in res['phases'].values()):.2f}"
+    for key, label in TIMERS.items():
+        row[label] = f"{res['timers'].get(key, 0.0):.1f}"
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="paligemma-3b-pt-224")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--trees", nargs=2, help="compare two source trees (OLD NEW)")
+    ap.add_argument("--rounds", type=int, default=2, help="warm rounds with --trees")
     args = ap.parse_args()
     path = random_checkpoint(args.name, "bfloat16")
     print(json.dumps({"crc32 GB/s": crc_rates()}), flush=True)
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="pk_cache_"))
     code = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype)
     rows = []
+    if args.trees:
+        caches = {t: tempfile.mkdtemp(prefix="pk_cache_") for t in args.trees}
+        plan = [("empty", t) for t in args.trees]
+        plan += [(f"warm {r}", t) for r in range(1, args.rounds + 1) for t in args.trees]
+        for cache, tree in plan:
+            env = dict(os.environ, PYTHONPATH=tree, JAX_COMPILATION_CACHE_DIR=caches[tree])
+            res = run_child(code, path, env, cwd=tree)
+            rows.append(row_of(res, tree=Path(tree).name, cache=cache))
+            print(json.dumps({"tree": tree, "cache": cache, **res}), flush=True)
+        table(rows, f"{args.name}, {args.dtype}: seconds per phase of a cold process, two trees")
+        return
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="pk_cache_"))
     for cache in ("empty", "warm"):
-        warm_page_cache(path)  # the file from the page cache in both processes
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-        line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-        if not line:
-            raise RuntimeError(f"child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-        res = json.loads(line[0][len("RESULT ") :])
-        row, before = {"cache": cache}, 0.0
-        for name, (at, _rss) in res["phases"].items():
-            row[f"{name} s"] = f"{at - before:.1f}"
-            before = at
-        row["total s"] = f"{before:.1f}"
-        row["peak RSS GB"] = f"{max(r for _, r in res['phases'].values()):.2f}"
-        for key, label in TIMERS.items():
-            row[label] = f"{res['timers'].get(key, 0.0):.1f}"
-        rows.append(row)
+        res = run_child(code, path, env)
+        rows.append(row_of(res, cache=cache))
         print(json.dumps({"cache": cache, **res}), flush=True)
     table(rows, f"{args.name}, {args.dtype}: seconds per phase of a cold process")
 

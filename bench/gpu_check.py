@@ -15,6 +15,11 @@ results go to DIR/gpu_check.json, compiled programs to DIR/*.hlo.txt.
    256 rows: compiled temporaries against the float matrix's bytes (a float
    copy of the weight would show there), and the time per product as the
    bandwidth of the bytes the weight is stored in, against float16 and bfloat16.
+   int4 at 256 rows in three forms: "int4" (the group-scaled levels as the dot's
+   operand, ``quant._int4_product``), "int4-dequantize" (the float matrix
+   written first) and "int4-unscaled" (a diagnostic: the first without its
+   scales, wrong values); each quantized product's difference to the
+   dequantized weight's product.
 3. ``f32_matmul``: the fixture model's float32 logits under the device's
    default matmul precision and under "highest" (TF32 on Ampere and newer).
 4. ``decode``: the whole model per weight format (float16, bfloat16, int8,
@@ -142,7 +147,7 @@ def hlo_counts(text: str) -> dict:
         "custom_call_gemm": sum(
             "custom-call" in ln and "gemm" in ln.lower() for ln in text.splitlines()
         ),  # fmt: skip
-        "triton_gemm_fusions": text.count("__triton_gemm"),
+        "triton_gemm_fusions": text.count("__triton_gemm") + text.count("__triton_nested_gemm"),
         "fusions": sum(" fusion(" in ln for ln in text.splitlines()),
     }
 
@@ -187,10 +192,13 @@ def programs(config):
 @section
 def products(small: bool):
     """One quantized matrix times 1 and 256 rows: compiled temporaries and time."""
-    shapes = {"3B mlp (2304, 9216)": (2304, 9216), "10B mlp (3584, 14336)": (3584, 14336)}
+    shapes = {"3B mlp (2304, 9216)": (2304, 9216), "10B mlp (3584, 14336)": (3584, 14336),
+              "3B mlp linear (9216, 2304)": (9216, 2304)}  # fmt: skip  # int4: 2 column blocks
     if small:
         shapes = {"small (256, 512)": (256, 512)}
     rows_out = []
+    chosen = quant.INT4_PRODUCT
+    written = set()  # formats whose HLO file was begun
     for name, (k, n) in shapes.items():
         w16 = jax.jit(lambda key, k=k, n=n: jax.random.normal(key, (k, n)) * k**-0.5)(
             jax.random.key(0)
@@ -201,27 +209,51 @@ def products(small: bool):
             "int8": jax.jit(lambda w: quant.quantize(w, "int8", (-2,)))(w16.astype(jnp.float16)),
             "int4": jax.jit(lambda w: quant.quantize(w, "int4", (-2,)))(w16.astype(jnp.float16)),
         }
+        # int4 at many rows: each form of quant.INT4_PRODUCT ("int4": the default), and a
+        # diagnostic (values not the product's): the default with scales of 1.0, which
+        # XLA folds away: is the group scales' broadcast what a fusion refuses?
+        forms = {"int4": chosen, "int4-shifts": "shifts", "int4-s4": "s4",
+                 "int4-dequantize": "dequantize",
+                 "int4-unscaled": chosen}  # fmt: skip
+        for fmt in list(forms)[1:]:
+            weights[fmt] = weights["int4"]
         del w16
         float_bytes = k * n * 2
         for rows in (1, 256):
             x = jax.random.normal(jax.random.key(1), (rows, k), jnp.float32)
             for fmt, w in weights.items():
+                if fmt in forms and fmt != "int4" and rows <= quant.REDUCE_ROWS:
+                    continue  # the same reduction as "int4"
+                quant.INT4_PRODUCT = forms.get(fmt, chosen)
                 fn = jax.jit(lambda x, w: quant.einsum("bd,df->bf", x, w))
+                if fmt == "int4-unscaled":
+                    fn = jax.jit(lambda x, w: quant._int4_product(
+                        x, w._replace(w.values, jnp.ones_like(w.scales))))  # fmt: skip
                 compiled = fn.lower(x, w).compile()
                 hlo = compiled.as_text()
-                if rows == 1 and fmt in ("int8", "int4"):
-                    (OUT / f"product_{fmt}_{k}x{n}.hlo.txt").write_text(hlo)
+                if fmt.startswith(("int8", "int4")):  # one file per format (few files)
+                    mode = "a" if fmt in written else "w"
+                    written.add(fmt)
+                    with open(OUT / f"products_{fmt}.hlo.txt", mode) as f:
+                        f.write(f"// ===== {name}, {rows} rows, {fmt}\n{hlo}\n")
                 temp = compiled.memory_analysis().temp_size_in_bytes
                 sec = timed(compiled, x, w)
                 stored = nbytes(w)
+                err = None
+                if quant.is_quantized(w) and fmt != "int4-unscaled":  # vs the dequantized weight
+                    ref = quant.einsum("bd,df->bf", x, quant.dequantize(w))
+                    y = compiled(x, w)
+                    err = float(jnp.abs(y - ref).max() / jnp.abs(ref).max())
                 row = {
                     "matrix": name, "rows": rows, "weights": fmt, "stored MB": stored / 1e6,
                     "temp MB": temp / 1e6, "temp / float matrix": temp / float_bytes,
                     "us": sec * 1e6, "GB/s of stored bytes": stored / sec / 1e9,
+                    "max|y - y_dequantized| / max|y|": err,
                 } | hlo_counts(hlo)  # fmt: skip
                 rows_out.append(row)
                 print({a: (round(b, 3) if isinstance(b, float) else b) for a, b in row.items()},
                       flush=True)  # fmt: skip
+    quant.INT4_PRODUCT = chosen
     return rows_out
 
 

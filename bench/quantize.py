@@ -4,6 +4,8 @@
     python bench/quantize.py --hlo          # the program XLA:GPU is given for a quantized matmul
     python bench/quantize.py --quality      # demo model: held-out scores f32 / bf16 / int8 / int4
     python bench/quantize.py --3b           # random 3B: logit error, greedy agreement vs bf16
+    python bench/quantize.py --forms        # int4 one-row loop: the emitted form vs its bounds
+    python bench/quantize.py --native-decode  # 3B decode: bf16, int4, int4 via the probe kernel
 
 --kernels times, in one process and interleaved, the product of one token with
 each matrix of a PaliGemma-3B layer and with the output layer, in the forms
@@ -94,6 +96,187 @@ def kernels(repeat: int = 7, stream_mb: int = 256) -> None:
     table(rows, title)
 
 
+def _native_int4():
+    """The hand-written probe kernel (``bench/int4_native.cc``) as a jax function, or None.
+
+    Compiled with the system C++ compiler into a temporary folder; None without
+    one, without AVX-512 BF16 or where the build fails (the reason is printed).
+    """
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if cxx is None or "avx512_bf16" not in flags:
+        print("native int4 probe skipped: needs g++ and a CPU with avx512_bf16")
+        return None
+    lib = Path(tempfile.mkdtemp()) / "int4_native.so"
+    cmd = [cxx, "-O3", "-std=c++17", "-march=cooperlake", "-shared", "-fPIC",
+           f"-I{jax.ffi.include_dir()}", str(HERE / "int4_native.cc"), "-o", str(lib)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        print("native int4 probe skipped: build failed\n" + done.stderr[-2000:])
+        return None
+    handle = ctypes.cdll.LoadLibrary(str(lib))
+    jax.ffi.register_ffi_target("pk_int4_probe", jax.ffi.pycapsule(handle.Int4RowProduct), "cpu")
+
+    def product(x_even, x_odd, v, scales, threads=2):
+        out = jax.ShapeDtypeStruct((v.shape[0],), jnp.float32)
+        call = jax.ffi.ffi_call("pk_int4_probe", out)
+        bf = jnp.bfloat16
+        return call(x_even.astype(bf), x_odd.astype(bf), v, scales, threads=np.int64(threads))
+
+    return product
+
+
+def forms(repeat: int = 7, stream_mb: int = 256) -> None:
+    """The int4 one-row product of one 3B MLP matrix in several forms, timed interleaved.
+
+    ``xla loop``: what ``quant._reduce_matvec`` emits (sign-extend, ``b << 28`` and
+    ``b & -16`` converts, the group scale in the multiply-add). Two forms that are
+    not products of the stored levels bound what an XLA:CPU loop over the bytes
+    can reach: ``(bound) no scale`` leaves out the group scale, ``(bound) one
+    convert`` converts each byte once (as int8 does). ``native``: the hand-written
+    kernel of ``bench/int4_native.cc`` (bfloat16 inputs, the policy for a
+    bfloat16 weight), 1 and 2 threads. bfloat16 / int8: the kit's CPU forms of
+    the same matrix. Each form cycles through copies (>= ``stream_mb`` MB).
+    """
+    import jax
+    import jax.numpy as jnp
+    import ml_dtypes
+
+    from pali_kit import quant
+    from pali_kit.model import cpu
+
+    native = _native_int4()
+    dims = (((1,), (0,)), ((), ()))
+
+    def xla_loop(xe, xo, v, s):  # the kit's loop, as _reduce_matvec calls it
+        m = quant._materialized  # as there: not fused into (recomputed in) the loop
+        return quant._int4_bytes(m(xe[None] * quant.LOW), m(xo[None] * quant.HIGH), v, s)
+
+    def no_scale(xe, xo, v, s):
+        b = v.astype(jnp.int32)
+        f = xe * (b << 28).astype(jnp.float32) + xo * (b & -16).astype(jnp.float32)
+        return jax.lax.dot_general(jnp.ones((1, v.shape[1])), f.T, dims)
+
+    def one_convert(xe, xo, v, s):
+        f = xe * v.astype(jnp.float32) * quant._per_byte(s, v.shape)
+        return jax.lax.dot_general(jnp.ones((1, v.shape[1])), f.T, dims)
+
+    kit = jax.jit(lambda x, m: m.einsum("bk,ko->bo", x))  # the kit's CPU product of a form
+    rng = np.random.default_rng(0)
+    rows = []
+    for kind, (o, k) in {"gating half": (F, W), "linear block": (W, 2 * W)}.items():
+        w = (rng.standard_normal((k, o), dtype=np.float32) * k**-0.5).astype(ml_dtypes.bfloat16)
+        x = jnp.asarray(rng.standard_normal((1, k), dtype=np.float32))
+        q = quant.quantize(w, "int4", (-2,))  # values int8[o, k / 2], scales [o, k / 64]
+        nbytes = {"int4": q.nbytes, "int8": quant.quantize(w, "int8", (-2,)).nbytes,
+                  "bfloat16": w.nbytes}  # fmt: skip
+        copies = max(1, -(-stream_mb * 2**20 // q.nbytes))
+        ints = [(jnp.array(q.values), jnp.array(q.scales)) for _ in range(copies)]
+        xe, xo = x[0, 0::2], x[0, 1::2]
+        calls = {"xla loop": (jax.jit(xla_loop), ints), "(bound) no scale": (jax.jit(no_scale), ints),
+                 "(bound) one convert": (jax.jit(one_convert), ints)}  # fmt: skip
+        if native is not None:
+            for t in (1, 2):
+                calls[f"native, {t} thread(s)"] = (jax.jit(lambda *a, t=t: native(*a, t)), ints)
+        bf = [cpu._out_in_matrix(jnp.asarray(w), 0) for _ in range(max(1, copies // 4))]
+        i8 = [quant.for_cpu(quant.quantize_leaf(w, "int8", (-2,))) for _ in range(copies // 2)]
+        calls["bfloat16 (kit)"] = (lambda _e, _o, m, x=x: kit(x, m), [(m,) for m in bf])
+        calls["int8 (kit)"] = (lambda _e, _o, m, x=x: kit(x, m), [(m,) for m in i8])
+        times = {name: [] for name in calls}
+        for fn, data in calls.values():
+            fn(xe, xo, *data[0]).block_until_ready()
+        for _ in range(repeat):
+            for name, (fn, data) in calls.items():
+                start = time.perf_counter()
+                for d in data:
+                    fn(xe, xo, *d).block_until_ready()
+                times[name].append((time.perf_counter() - start) / len(data))
+        bf16 = float(np.median(times["bfloat16 (kit)"]))
+        for name, ts in times.items():
+            t = float(np.median(ts))
+            nb = nbytes["bfloat16" if "bfloat16" in name else "int8" if "int8" in name else "int4"]
+            rows.append({"matrix": f"{kind} {o}x{k}", "form": name, "MB": f"{nb / 1e6:.1f}",
+                         "ms": f"{t * 1e3:.3f}", "GB/s": f"{nb / t / 1e9:.1f}",
+                         "time vs bf16": f"{t / bf16:.2f}x"})  # fmt: skip
+        del calls, ints, bf, i8
+    table(rows, f"int4 one-row product forms, median of {repeat} interleaved passes")
+
+
+def native_decode(rounds: int = 2, new_tokens: int = 16, name: str = "paligemma2-3b-pt-224"):
+    """Decode s/token, one process: bfloat16, int4 (the kit), int4 with the probe kernel.
+
+    Full-size random weights (``common.random_checkpoint``), both models in
+    memory (~9 GB: run it alone). The probe replaces the loop of
+    ``quant._reduce_matvec`` (``_int4_bytes``) by ``bench/int4_native.cc``
+    (its inputs rounded to bfloat16, the policy for these bfloat16 weights);
+    the forms alternate in ``rounds`` rounds (recompiling the int4 step each
+    time), so a change in the machine's load affects them alike.
+    """
+    import statistics
+
+    import jax
+    from common import random_checkpoint
+
+    import pali_kit as pk
+    from pali_kit import decode, quant
+
+    native = _native_int4()
+    if native is None:
+        return
+    kit_loop = quant._int4_bytes
+
+    def probe_loop(x_even, x_odd, v, scales):  # inputs arrive times LOW / HIGH (exact)
+        xe, xo = x_even[0] * (1 / quant.LOW), x_odd[0] * (1 / quant.HIGH)
+        return native(xe, xo, v, scales)[None]
+
+    path = random_checkpoint(name, "bfloat16")
+    models = {
+        "bfloat16": pk.load(path, dtype="bfloat16", verbose=False),
+        "int4": pk.load(path, dtype="bfloat16", quantize="int4", verbose=False),
+    }
+    tok = pk.Tokenizer.demo()
+    enc = tok.encode_prompts(["caption en"], bucket=None)
+    mask = np.ones(models["int4"].config.llm.vocab_size, bool)
+    mask[decode.EOS_ID] = False  # never stop early
+
+    def per_token(model, n):
+        res = model.resolution
+        image = np.random.default_rng(0).integers(0, 255, (res, res, 3), dtype=np.uint8)
+        pixels = model.preprocess(image)
+        stamps = [time.perf_counter() for _ in decode.iter_tokens(
+            model.config, model.run_params, pixels, enc["text"], enc["mask_input"],
+            max_new_tokens=n, logit_mask=mask)]  # fmt: skip
+        return list(np.diff(stamps))
+
+    forms = {"bfloat16": ("bfloat16", None), "int4 (kit)": ("int4", kit_loop),
+             "int4 (probe kernel)": ("int4", probe_loop)}  # fmt: skip
+    times = {f: [] for f in forms}
+    try:
+        for _ in range(rounds):
+            for form, (m, loop) in forms.items():
+                if loop is not None:  # retrace the step with this loop
+                    quant._int4_bytes = loop
+                    decode._jitted.cache_clear()
+                    jax.clear_caches()
+                per_token(models[m], 4)  # compile
+                times[form] += per_token(models[m], new_tokens)
+    finally:
+        quant._int4_bytes = kit_loop
+    bf16 = statistics.median(times["bfloat16"])
+    rows = [{"weights": f, "decode s/token": f"{statistics.median(t):.4f}",
+             "vs bfloat16": f"{statistics.median(t) / bf16:.2f}x", "tokens": str(len(t))}
+            for f, t in times.items()]  # fmt: skip
+    table(rows, f"{name}, random weights, decode, {rounds} interleaved rounds, one process")
+
+
 def hlo() -> None:
     import jax
     import jax.numpy as jnp
@@ -119,9 +302,13 @@ def main(argv=None) -> None:
     ap.add_argument("--hlo", action="store_true")
     ap.add_argument("--quality", action="store_true")
     ap.add_argument("--3b", dest="big", action="store_true")
+    ap.add_argument("--forms", action="store_true")
+    ap.add_argument("--native-decode", action="store_true")
     ap.add_argument("--n", type=int, default=100, help="held-out scenes per task (--quality)")
     args = ap.parse_args(argv)
-    if not (args.kernels or args.hlo or args.quality or args.big):
+    if not (
+        args.kernels or args.hlo or args.quality or args.big or args.forms or args.native_decode
+    ):
         args.kernels = args.hlo = args.quality = True
     if args.kernels:
         kernels()
@@ -131,6 +318,10 @@ def main(argv=None) -> None:
         quality(args.n)
     if args.big:
         big()
+    if args.forms:
+        forms()
+    if args.native_decode:
+        native_decode()
 
 
 def quality(n: int) -> None:

@@ -101,11 +101,12 @@ class Model:
         ``pk.load`` or ``astype``) keeps the LLM matrices only in the CPU
         inference layout (see ``run_params``); this tree is then rebuilt from it
         on each access (a transient copy of those matrices: keep it only as long
-        as needed, e.g. for saving or training). Taking this tree before the
-        first inference keeps the arrays as they are (the layout then copies).
+        as needed, e.g. for saving or training). ``pk.load`` reads a bfloat16 or
+        float16 .npz straight into that layout; otherwise taking this tree before
+        the first inference keeps the arrays as they are (the layout then copies).
         """
         if self._run is not None and self._run_replaced:
-            if accel.on_one_accelerator(self._run):
+            if accel.on_accelerators(self._run):
                 return accel.official(self._run, self._params)
             return official_params(self._run, self._params)
         self._owns_params = False  # the caller now holds these arrays: never write over them
@@ -129,7 +130,7 @@ class Model:
         (``pali_kit.model.accel``: the stacks are split once, and freed when the
         model owns them); otherwise the official tree."""
         if self._run is None:
-            on_accelerator = accel.on_one_accelerator(self._params)
+            on_accelerator = accel.on_accelerators(self._params)
             self._run = inference_params(self._params, in_place=self._owns_params)
             if self._run_shapes is not None:  # compiled ahead for these (pk.load)
                 _check_run_shapes(self._run, self._run_shapes)
@@ -772,6 +773,7 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     else:
         path, info = resolve_checkpoint(source)
         name, text_len = (info.name, info.text_len) if info is not None else (None, None)
+        loaded = None
         if path.is_dir():
             from . import hf
 
@@ -787,7 +789,12 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
                 config = registry_semantics(config, checkpoint_info(name).config)
             config = _with_overrides(config, overrides, "pk.load")
             ahead = _compile_while_loading(path, header, dtype, quantize, config, text_len)
-            params = checkpoints.load_params(path, dtype, quantize=quantize)
+            # on CPU, half precision: straight into the inference layout (Model.run_params)
+            loaded = None if quantize else checkpoints.load_cpu_inference(path, dtype)
+            if loaded is None:
+                params = checkpoints.load_params(path, dtype, quantize=quantize)
+            else:
+                params = loaded[0]
             _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",
                                  str(path))  # fmt: skip
             checkpoints.check_params(params, config, str(path))
@@ -795,6 +802,11 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
                                                           config.llm.vocab_size)  # fmt: skip
         model = _owning(Model(params, config, tok, name=name or path.name, text_len=text_len))
         model._run_shapes, model._compiled_ahead = ahead or (None, None)
+        if loaded:  # params: the official tree less the matrices the run tree holds as blocks
+            model._run, model._run_replaced = loaded[1], True
+            if model._run_shapes is not None:  # compiled ahead for these
+                _check_run_shapes(model._run, model._run_shapes)
+                model._run_shapes = None
     if verbose:  # a status line: on stderr, so that printed answers can be redirected cleanly
         print(f"pali_kit: {model.summary()}", file=sys.stderr)
     return model

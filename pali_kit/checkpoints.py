@@ -12,12 +12,20 @@ bfloat16 stored as 2-byte void (numpy has no bfloat16; we view the bits).
 Loading is leaf by leaf, largest first, each array streamed from the zip in
 small chunks (and cast chunk by chunk when a dtype is asked for), so host
 memory peaks near one copy of the weights. Nothing is ever unpickled.
+
+On CPU, ``load_cpu_inference`` reads a bfloat16/float16 file straight into the
+CPU inference layout (``pk.load`` uses it): the LLM matrices are transposed
+into their (out, in) blocks as they are read, in one pass.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import math
+import mmap
 import struct
+import sys
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,12 +46,15 @@ from .errors import CheckpointError  # noqa: F401  (defined with the kit's other
 from .model.common import aligned_empty, to_device
 
 try:  # ISA-L's CRC-32 (the zip one): the same values, several times faster than zlib's
-    from isal.isal_zlib import crc32
-except ImportError:  # a platform without an isal wheel: zlib's, slower
+    from isal.isal_zlib import crc32, crc32_combine
+except ImportError:  # a platform without an isal wheel: zlib's, slower (and no combine)
     from zlib import crc32
+
+    crc32_combine = None
 
 CHUNK_BYTES = 1 << 24  # 16 MiB read at a time
 QUANT_CHUNK_BYTES = 1 << 22  # 4 MiB slices when quantizing while reading
+OUT_IN_CHUNK_BYTES = 1 << 24  # rows read at a time when transposing while reading
 
 
 # --- dtypes ----------------------------------------------------------------------
@@ -338,6 +349,165 @@ def iter_arrays(
             q = quant.quantize_rows_of(rows, merged, stands_for, quantize, axes)
             yield key, q._replace(q.values.reshape(*shape[:lead], *q.values.shape[1:]),
                                   q.scales.reshape(*shape[:lead], *q.scales.shape[1:]))  # fmt: skip
+
+
+# --- reading straight into the CPU inference layout -----------------------------------
+
+
+def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
+    """Read a .npz straight into the CPU inference layout: ``(skeleton, run)``, or None.
+
+    ``run`` is what ``model.cpu_layout(params, in_place=True)`` makes of the
+    official tree ``load_params`` reads; ``skeleton`` is that tree with the LLM
+    matrices ``run`` holds as (out, in) blocks (``model.cpu.IN_PLACE_LEAVES``)
+    replaced by their ``jax.ShapeDtypeStruct`` (``model.cpu.official_params(run,
+    skeleton)`` rebuilds them). Those blocks are written in one pass over the
+    file's bytes (read 16 MB at a time and transposed from that buffer), the
+    zip's CRC-32 checked on the way; the other arrays are read as
+    ``load_params`` reads them. Memory peaks near one copy of the weights.
+
+    None (read with ``load_params``) unless the arrays go to the CPU, those
+    matrices are stored uncompressed in C order as bfloat16 or float16 like the
+    final norm, and ``dtype`` is None or that dtype.
+    """
+    from .model import cpu
+
+    dtype = as_dtype(dtype)
+    if jax.default_backend() != "cpu":  # (to_device puts each array on the default device)
+        return None
+    with _open_zip(path) as zf:
+        members = [m for m in zf.namelist() if m.endswith(".npy")]
+        if any(m.startswith("params/") for m in members):
+            members = [m for m in members if m.startswith("params/")]  # skip optimizer state
+        by_key = {_canonical_key(m): m for m in members}
+        blocked = {f"llm/layers/{'/'.join(p)}": cpu.GROUP_AXES["/".join(p)]
+                   for p in cpu.IN_PLACE_LEAVES}  # fmt: skip
+        if not _stored_half(zf, by_key, [*blocked, "llm/final_norm/scale"], path, dtype):
+            return None
+        size = Path(path).stat().st_size
+        bar = (
+            _progress(size, Path(path).name)
+            if (progress or (progress is None and size > 2e8))
+            else None
+        )
+        flat = {}
+        for member in sorted(members, key=lambda m: -zf.getinfo(m).file_size):
+            key = _canonical_key(member)
+            info = zf.getinfo(member)
+            if key in blocked:
+                array = _read_out_in(info, path, key, blocked[key])
+            else:
+                array = _read_member(zf, info, path, key, dtype)
+            flat[key] = to_device(array)
+            if bar is not None:
+                bar.update(array.nbytes)
+            del array
+        if bar is not None:
+            bar.close()
+    params = unflatten(flat)
+    run = cpu.cpu_layout(params, out_in=True, in_place="written")
+    layers = run["llm"]["layers"]
+    for p in cpu.IN_PLACE_LEAVES:
+        node = layers
+        for k in p:
+            node = node[k]
+        if not (isinstance(node, tuple) and getattr(node[0], "transposed", False)):
+            return None  # per-layer views impossible (unusual shapes): read the official tree
+    for key in blocked:
+        a = flat[key]
+        flat[key] = jax.ShapeDtypeStruct(a.shape, a.dtype)
+    return unflatten(flat), run
+
+
+def _stored_half(zf, by_key: dict, keys: list, path, dtype) -> bool:
+    """Whether every key is a stored (uncompressed) C-order bfloat16/float16 member in
+    native byte order, all of one dtype, which ``dtype`` (if given) does not change."""
+    found = set()
+    for key in keys:
+        member = by_key.get(key)
+        if member is None or zf.getinfo(member).compress_type != zipfile.ZIP_STORED:
+            return False
+        shape, fortran, descr = _member_header(zf, member, path)
+        stored = _stored_dtype(descr, path, key)
+        if fortran or descr.byteorder == ">" or stored.name not in ("bfloat16", "float16"):
+            return False
+        found.add(stored)
+    return len(found) == 1 and (dtype is None or dtype in found)
+
+
+def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndarray:
+    """One stacked LLM matrix ``(L, groups..., in..., out)`` read into a new array that
+    holds, layer after layer, its (out, in) blocks (``model.cpu.out_in_blocks``).
+
+    The member's rows are read in order, ``OUT_IN_CHUNK_BYTES`` at a time, into a
+    small reused buffer, and transposed from there into their block while they
+    are in the cache; the CRC-32 is summed over each stripe of rows just before
+    it is transposed (per thread, then combined; without ``crc32_combine``, over
+    each chunk first). One pass over the bytes, no second copy of the matrix.
+    """
+    from .model import cpu
+
+    f, _ = _open_member(None, info, path)
+    try:
+        member_start = f.tell()
+        shape, _, stored, _, raw_dtype, crc = _start_member(f, True, path, key, None)
+        value = crc.result()  # the CRC-32 of the .npy header
+        nbytes = math.prod(shape) * raw_dtype.itemsize
+        if info.file_size != f.tell() - member_start + nbytes:
+            raise EOFError(
+                f"the zip directory gives {info.file_size} bytes, the array's header "
+                f"{f.tell() - member_start + nbytes}"
+            )
+        out = _prefaulted(aligned_empty(shape, stored))
+        flat_out = out.reshape(-1).view(raw_dtype)
+        width = shape[-1]  # values per row
+        chunk_rows = max(cpu.STRIPE, OUT_IN_CHUNK_BYTES // (width * raw_dtype.itemsize))
+        chunk_rows -= chunk_rows % cpu.STRIPE
+        buffer = np.empty(chunk_rows * width, raw_dtype)
+        combine = crc32_combine is not None
+        for offset, rows in cpu.out_in_blocks(shape[1:], n_group, shape[0]):
+            block = flat_out[offset : offset + rows * width].reshape(width, rows)
+            for first in range(0, rows, chunk_rows):
+                n = min(chunk_rows, rows - first)
+                part = buffer[: n * width].reshape(n, width)
+                if f.readinto(memoryview(part).cast("B")) != part.nbytes:
+                    raise EOFError("file ends early")
+                if not combine:
+                    value = crc32(part, value)
+                pieces = cpu.transpose_into(
+                    part, block[:, first : first + n], crc32 if combine else None
+                )
+                for piece, size in pieces if combine else ():
+                    value = crc32_combine(value, piece, size)
+        if value != info.CRC:
+            raise zipfile.BadZipFile("CRC-32 mismatch")
+    except _READ_ERRORS as e:
+        raise _corrupt(path, key, e) from None
+    finally:
+        f.close()
+    return out
+
+
+PREFAULT = True  # back new arrays with memory in one call before they are transposed into
+
+
+def _prefaulted(array: np.ndarray) -> np.ndarray:
+    """``array`` with its pages allocated up front (Linux ``MADV_POPULATE_WRITE``).
+
+    The transposes write each (out, in) block in stripes across all its pages;
+    taking each page's first-touch fault there, from two threads at once, costs
+    more than having the kernel allocate them all in one call (as ``readinto``
+    does). Elsewhere, or where the kernel refuses, the pages come on first touch.
+    """
+    if PREFAULT and array.nbytes >= 1 << 22 and sys.platform == "linux":
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            start = array.ctypes.data - array.ctypes.data % mmap.PAGESIZE
+            libc.madvise(start, array.ctypes.data + array.nbytes - start, 23)
+        except (OSError, AttributeError):
+            pass
+    return array
 
 
 def unflatten(flat: dict) -> dict:

@@ -34,9 +34,11 @@ weight that has the method (``pali_kit.model.common.mm``). On a GPU/TPU
 multiply-and-sum over the integers, a single reduction that reads each byte
 once (``_reduce_rows``); longer int8 products multiply a plain conversion of
 the integers and scale the result (``_int8_product``), which XLA:GPU's matmul
-reads in place; longer int4 products dequantize the matrix (to the dtype it
-stands for) once its input exists. A dot whose weight operand is scaled was
-compiled with the float matrix written out first (measured on an H200:
+reads in place; longer int4 products multiply the group-scaled levels as the
+dot's operand, per nibble (``_int4_product``; on XLA:CPU, a plain QArray when
+training, the matrix is dequantized to the dtype it stands for once its input
+exists). A dot whose weight operand was the dequantized matrix was compiled
+with the float matrix written out first (measured on an H200:
 ``bench/gpu_check.py``, ``docs/quantization.md``). The CPU layout
 (``pali_kit.model.cpu``) turns QArrays into :class:`CpuQArray`: products of at
 most ``REDUCE_ROWS`` rows (decoding) then read the integers in place (see
@@ -415,9 +417,11 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
     (``_reduce_rows``). More rows of an int8 QArray: the integers, converted
     exactly to the dtype the weight stands for, enter the product under the
     numerics policy and the channel scales multiply its result
-    (``_int8_product``). Otherwise the weight is dequantized to the dtype it
-    stands for (a chunk of rows at a time for the output layer) and multiplied
-    under the numerics policy (``pali_kit.model.common.policy_matmul``).
+    (``_int8_product``). More rows of an int4 QArray on GPU/TPU: the group-scaled
+    levels are the dot's operand, per nibble (``_int4_product``). Otherwise the
+    weight is dequantized to the dtype it stands for (a chunk of rows at a time
+    for the output layer) and multiplied under the numerics policy
+    (``pali_kit.model.common.policy_matmul``).
     """
     from .model.common import policy_einsum, policy_matmul
 
@@ -437,6 +441,17 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
         y = _reduce_rows(x2.astype(jnp.float32), q)
     elif q.scheme == "int8" and not isinstance(q, CpuQArray) and _chunks(q) == 1:
         y = _int8_product(x2, q, compute_dtype)
+    elif q.scheme == "int4" and not isinstance(q, CpuQArray) and INT4_PRODUCT != "dequantize":
+        # XLA:GPU/TPU: the dequantization inside the dot's operand; XLA:CPU (a plain
+        # QArray: training) multiplies library dots, which take no fused operand:
+        # the float matrix, written once, is its smallest temporary.
+        by_rows = _int4_rows if _chunks(q) == 1 else _int4_chunks
+        first = lambda x2, q: by_rows(x2, q, compute_dtype, product)  # noqa: E731
+        fused = lambda x2, q: by_rows(x2, q, compute_dtype, None)  # noqa: E731
+        if INT4_PRODUCT == "auto":  # measured on XLA:GPU only (bench/README.md, "On a GPU")
+            y = jax.lax.platform_dependent(x2, q, cuda=fused, default=first)
+        else:
+            y = jax.lax.platform_dependent(x2, q, cpu=first, default=fused)
     elif _chunks(q) == 1:
         # dequantized once x exists: layer by layer (see _after)
         w = dequantize_out_in(q._replace(q.values, _after(x2, q.scales)))
@@ -500,6 +515,95 @@ def _int8_product(x2, q: QArray, compute_dtype=None):
     levels = v.astype(operand_dtype(q.dtype, compute_dtype))
     y = policy_einsum("rk,ok->ro", x2, levels, compute_dtype)
     return y * q.scales.reshape(1, -1)
+
+
+# GPU/TPU, int4, more than REDUCE_ROWS rows: the group-scaled levels as the dot's
+# operand (_int4_product), unpacked by "shifts" or by a bitcast to XLA's int4 ("s4");
+# or "dequantize": the float matrix written first (the former form). "auto" (the
+# default): "s4" on CUDA, "dequantize" elsewhere. On an H200 (JAX 0.11.2, 256 rows;
+# bench/results/gpu_session3_int4/) XLA:GPU fused none of them into its matmul (the
+# grouped scales' broadcast is what it refuses: without them it fuses), but "s4" wrote
+# no more temporaries than "dequantize" and was as fast or faster for the 3B and 10B
+# MLP matrices; TPUs were not measured, so they keep the former form. The others are
+# kept for bench/gpu_check.py to compare.
+INT4_PRODUCT = "auto"
+
+
+def _int4_rows(x2, q: QArray, compute_dtype, product=None):
+    """float32[R, in] x int4 QArray -> float32[R, O]: ``_int4_product``, or with ``product``
+    (a 2-D ``x @ w.T``), the weight dequantized once ``x2`` exists."""
+    if product is None:
+        return _int4_product(x2, q, compute_dtype)
+    w = dequantize_out_in(q._replace(q.values, _after(x2, q.scales)))
+    return product(x2, w.reshape(-1, q.in_size))
+
+
+def _int4_chunks(x2, q: QArray, compute_dtype, product=None):
+    """``_int4_rows`` for the output layer, a chunk of rows at a time (lax.map)."""
+    chunk = jax.checkpoint(lambda c: _int4_rows(x2, c, compute_dtype, product))
+    y = jax.lax.map(chunk, _split(q, _chunks(q)))  # [n, R, O / n]
+    return jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], -1)
+
+
+def _int4_product(x2, q: QArray, compute_dtype=None, form: str | None = None):
+    """float32[R, in] x int4 QArray -> float32[R, O], the dequantization inside the dot's operand.
+
+    Per nibble and per column block (``blocks``; 1 for most matrices), one
+    product contracting the block's trailing ``(groups, 32)`` byte axes, which
+    are contiguous in memory: ``y = sum_b x_even[b] . W_low[b] + x_odd[b] .
+    W_high[b]`` with ``W_low[b][o, g, j] = low(v[o, b, g, j]) * s[o, b, g]``
+    (``high`` alike). Each operand is an elementwise function of the stored
+    bytes and of the group scales broadcast along their 32 bytes: no reshape,
+    concatenation or transpose of anything of the weight's size precedes a dot
+    (the interleaving of the nibbles, which the former form did on the float
+    matrix, is done on the activations: ``x[:, 0::2]``, ``x[:, 1::2]``), so a
+    matmul fusion can read the bytes in place, as it reads ``_int8_product``'s
+    converted int8 operand. The levels and the scales are rounded to the
+    operand dtype (the dtype the weight stands for, or ``compute_dtype``) before
+    their product: a half-precision operand may then differ from the
+    dequantized weight by one more rounding (``|dw| <= 3 u |w|``, ``u`` the
+    dtype's unit roundoff); float32 operands are exact. Products follow the
+    numerics policy (``policy_einsum``).
+
+    form: "shifts" (the above) or "s4", one product per block over the bytes
+    bitcast to XLA's packed int4 type (``s4[..., 32, 2]``, the low nibble first,
+    as stored: the same memory, read as it is); default ``INT4_PRODUCT`` ("auto": "s4").
+
+    Temporaries when each product is one fused matmul: the activations' two
+    halves (R * in * 4 bytes) and 2 * blocks [R, O] float32 results, none of the
+    weight's size. Where the matmul takes no fused operand (a GPU without
+    Triton matmuls, such as a T4), each scaled operand, half a float matrix, is
+    written before its product: no more than the former form's float matrix.
+    The form that keeps the group scales out of the operand, one product per
+    group into float32[R, groups, O] scaled and summed afterwards, writes
+    R * groups * O * 4 bytes, R / 32 times a float16 matrix (GROUP_SIZE 64):
+    8x at 256 rows; not chosen.
+    """
+    from .model.common import operand_dtype, policy_einsum
+
+    dtype = operand_dtype(q.dtype, compute_dtype)
+    n, w = q.blocks, q.values.shape[-1]
+    out_last, unit = q.out_shape[-1], GROUP_SIZE // 2
+    per = w // unit  # groups per block
+    v = q.values.reshape(-1, n, out_last, per, unit)  # [O', n, O_last, per, 32]
+    s = q.scales.reshape(-1, out_last, n, per)  # a row's groups run across its blocks
+    r = x2.shape[0]
+    x2 = jnp.pad(x2.astype(jnp.float32), ((0, 0), (0, 2 * n * w - x2.shape[1])))
+    parts = []
+    for b in range(n):
+        vb, sb = v[:, b], s[:, :, b, :, None].astype(dtype)  # [O', O_last, per, 32 | 1]
+        if (form or INT4_PRODUCT) in ("s4", "auto"):
+            levels = jax.lax.bitcast_convert_type(vb, jnp.int4)  # [..., 32, 2]
+            levels = levels.reshape(*vb.shape[:-1], GROUP_SIZE).astype(dtype) * sb
+            parts.append((x2.reshape(r, n, per, GROUP_SIZE)[:, b], levels))
+            continue
+        low = ((vb << 4) >> 4).astype(dtype) * sb  # arithmetic shifts sign-extend: even inputs
+        high = (vb >> 4).astype(dtype) * sb  # the odd inputs
+        parts.append((x2[:, 0::2].reshape(r, n, per, unit)[:, b], low))
+        parts.append((x2[:, 1::2].reshape(r, n, per, unit)[:, b], high))
+    # (labels g < j: the contracted axes in order, the weight's last two)
+    ys = [policy_einsum("rgj,abgj->rab", xb, wb, compute_dtype) for xb, wb in parts]
+    return sum(ys[1:], ys[0]).reshape(r, -1)
 
 
 CHUNK_ROWS = 1 << 16  # matrices with more output rows (the embedding table) dequantize in chunks

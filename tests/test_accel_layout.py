@@ -89,7 +89,7 @@ def test_a_loaded_model_on_an_accelerator_keeps_one_copy(monkeypatch):
     reference = pk.load("demo", verbose=False)
     image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     (expected,) = reference.generate(image, "caption en")
-    monkeypatch.setattr(accel, "on_one_accelerator", lambda params: True)
+    monkeypatch.setattr(accel, "is_accelerator", lambda device: True)
     model = pk.load("demo", verbose=False)
     gate = model.params["llm"]["layers"]["mlp"]["gating_einsum"]
     model = pk.load("demo", verbose=False)  # again: a model nobody took the tree of
@@ -130,8 +130,147 @@ def test_evaluation_on_an_accelerator_runs_the_split_layers(monkeypatch, demo_to
     expected = pt.evaluate(model.params, model.config, val, demo_tokenizer, **kw)
     calls = []
     split = accel.split_stacks
-    monkeypatch.setattr(accel, "on_one_accelerator", lambda params: True)
+    monkeypatch.setattr(accel, "is_accelerator", lambda device: True)
     monkeypatch.setattr(accel, "split_stacks", lambda p, **kw: calls.append(1) or split(p, **kw))
     got = pt.evaluate(model.params, model.config, val, demo_tokenizer, **kw)
     assert calls and got.predictions == expected.predictions and got.scores == expected.scores
     assert any(got.predictions)  # the demo model answers
+
+
+MESH_CHILD = r"""
+import sys
+sys.path.insert(0, {tests!r})
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from conftest import tiny_config
+from pali_kit import data as pdata, train as pt
+from pali_kit.model import PaliGemma, accel, inference_params, init_params
+from pali_kit.tokenizer import Tokenizer
+
+assert jax.device_count() == 2, jax.devices()
+config = tiny_config()
+params = jax.tree.map(np.asarray, init_params(config, 0))
+rng = np.random.default_rng(0)
+examples = [pdata.Example(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8), "caption en",
+                          "a shape") for _ in range(4)]
+tok = Tokenizer.demo()
+mesh = pt.make_mesh()
+# min_shard_bytes=0: the tiny weights are sharded as a 3B model's would be
+trainer = pt.Trainer(params, config, trainable="attention", num_steps=2, mesh=mesh,
+                     min_shard_bytes=0)
+evaluator = pt.Evaluator(examples, tok, metric="exact_match", batch_size=2, max_new_tokens=4)
+out = {{}}
+# CPU devices: the stacked tree (the reference)
+assert not accel.on_accelerators(trainer.params)
+stacked = trainer.evaluate(evaluator)
+image = jnp.asarray(rng.uniform(-1, 1, (2, 28, 28, 3)), jnp.float32)
+text = jnp.asarray(rng.integers(0, config.llm.vocab_size, (2, 8)), jnp.int32)
+forward = jax.jit(lambda p: PaliGemma(config).apply({{"params": p}}, image, text, text * 0))
+out["stacked_logits"] = np.asarray(forward(trainer.params))
+
+# the CPU devices stand in for 2 GPUs
+accel.is_accelerator = lambda device: True
+calls = []
+split = accel.split_stacks
+accel.split_stacks = lambda p, **kw: calls.append(1) or split(p, **kw)
+assert accel.on_accelerators(trainer.params) and not accel.on_one_accelerator(trainer.params)
+got = trainer.evaluate(evaluator)
+out["evaluations_split"] = np.asarray(len(calls))
+out["same_predictions"] = np.asarray(got.predictions == stacked.predictions
+                                     and got.scores == stacked.scores)
+full = trainer.params
+run = inference_params(full)
+out["split_logits"] = np.asarray(forward(run))
+# every layer keeps its stack's sharding less the layer axis
+checked = sharded = 0
+for path in accel.STACKS:
+    s, r = full, run
+    for key in path:
+        s, r = s[key], r[key]
+    layers = jax.tree.leaves(r, is_leaf=lambda x: isinstance(x, tuple))
+    for a, parts in zip(jax.tree.leaves(s), layers, strict=True):
+        assert isinstance(parts, tuple) and len(parts) == a.shape[0]
+        want = NamedSharding(mesh, P(*a.sharding.spec[1:]))
+        assert a.sharding.spec[0] is None, a.sharding.spec
+        for part in parts:
+            assert part.sharding.is_equivalent_to(want, part.ndim), (part.sharding, want)
+        np.testing.assert_array_equal(np.stack([np.asarray(p) for p in parts]), np.asarray(a))
+        assert not a.is_deleted()  # the trainer's own weights are kept (copies were split)
+        checked += 1
+        sharded += "data" in tuple(want.spec)
+out["checked"], out["sharded"] = np.asarray(checked), np.asarray(sharded)
+# a stack split along the layer axis: each layer is split along another axis instead
+w = jax.device_put(jnp.arange(2 * 4 * 6.0).reshape(2, 4, 6), NamedSharding(mesh, P("data")))
+parts = accel.split_stacks({{"img": {{"Transformer": {{"encoderblock": w}}}},
+                            "llm": {{"layers": w}}}})["llm"]["layers"]
+out["moved_spec"] = np.asarray(str(tuple(parts[0].sharding.spec)))
+out["moved_equal"] = np.asarray(all(np.array_equal(p, w[i]) for i, p in enumerate(parts)))
+# a Model whose weights are sharded over the mesh generates from per-layer arrays too
+import pali_kit as pk
+model = pk.load("demo", verbose=False)
+picture = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+(expected,) = model.generate(picture, "caption en")  # (before: CPU devices, as loaded)
+model.params = jax.device_put(model.params, pt.shardings_for(model.params, mesh, 0))
+model_run = model.run_params
+(answer,) = model.generate(picture, "caption en")
+out["model_split"] = np.asarray(isinstance(model_run["llm"]["layers"]["mlp"]["linear"], tuple))
+out["model_same"] = np.asarray(answer.text == expected.text
+                               and np.array_equal(answer.tokens, expected.tokens))
+# training is unchanged: still the stacked tree (lax.scan), and it steps
+batch = next(iter(pdata.Batcher(examples, tok, batch_size=2, text_len=12, image_size=28,
+                                seed=0, prefetch=0)))
+loss = trainer.step(batch)["loss"]
+out["stacked_training"] = np.asarray(not isinstance(
+    trainer.state.params["llm"]["layers"]["attn"]["q_einsum"]["w"], tuple) and np.isfinite(loss))
+# the exported CUDA program of the sharded split tree slices no weight argument
+try:
+    from jax import export
+    img = jax.ShapeDtypeStruct(image.shape, image.dtype)
+    txt = jax.ShapeDtypeStruct(text.shape, text.dtype)
+    fn = jax.jit(lambda p, i, t: PaliGemma(config).apply({{"params": p}}, i, t, t * 0))
+    def program(tree):
+        shapes = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+        ir = export.export(fn, platforms=("cuda",))(shapes, img, txt).mlir_module()
+        main = ir[ir.index("func.func public @main"):]
+        # slices of weight arguments; arguments split along "data"
+        return main.count("stablehlo.slice %arg"), main.split("\n")[0].count('{{"data"}}')
+
+    out["cuda_weight_slices"], out["cuda_sharded_args"] = program(run)
+    out["cuda_stacked_slices"], _ = program(full)  # the control
+except Exception as e:  # recorded: the parent test says why
+    out["cuda_error"] = np.asarray(repr(e)[:2000])
+np.savez({tmp!r} + "/results.npz", **out)
+"""
+
+
+def test_eval_on_a_two_device_mesh_runs_sharded_per_layer_arrays(tmp_path):
+    # Trainer.evaluate / pt.evaluate on a mesh of 2 devices (2 T4s; here 2 forced CPU
+    # devices standing in for GPUs): the stacks are split per layer, each layer with
+    # its stack's NamedSharding less the layer axis; the predictions are those of the
+    # stacked tree, the logits agree to float32 summation order (FORWARD_REL: the same
+    # products on the same operands); the trainer's stacked weights stay as they are.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["PALI_KIT_COMPILATION_CACHE"] = "0"
+    code = MESH_CHILD.format(tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    res = dict(np.load(tmp_path / "results.npz"))
+    assert int(res["evaluations_split"]) >= 1 and bool(res["same_predictions"])
+    assert_close_to_scale(res["split_logits"], res["stacked_logits"], FORWARD_REL)
+    assert int(res["checked"]) > 10 and int(res["sharded"]) > 0
+    assert res["moved_spec"].item() == "(None, 'data')" and bool(res["moved_equal"])
+    assert bool(res["stacked_training"])
+    assert bool(res["model_split"]) and bool(res["model_same"])
+    assert "cuda_error" not in res, res.get("cuda_error")
+    assert int(res["cuda_weight_slices"]) == 0 and int(res["cuda_sharded_args"]) > 0
+    assert int(res["cuda_stacked_slices"]) > 0  # the stacked tree's program slices its weights

@@ -151,15 +151,25 @@ def test_loaded_bf16_model_keeps_one_copy_and_still_gives_the_official_tree(tmp_
     config = tiny_config(llm_mlp_dim=BLOCK + 64)  # the down-projection needs 2 blocks
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
     path = pk.save(pk.Model(params, config), tmp_path / "m.npz")
-    model = pk.load(path, verbose=False)
-    stacked = model._params["llm"]["layers"]["mlp"]["linear"]  # (model.params: see below)
-    start, end = stacked.unsafe_buffer_pointer(), stacked.unsafe_buffer_pointer() + stacked.nbytes
+    model = pk.load(path, verbose=False)  # read straight into the CPU layout
     run = model.run_params
-    # the (out, in) blocks live in the official array's memory: nothing was added
+    # the (out, in) blocks of all layers share one buffer the size of the official
+    # array: nothing was added
     blocks = [b for m in run["llm"]["layers"]["mlp"]["linear"] for b in m.groups[0]]
     assert len(blocks) == 2 * config.llm.depth
+    start = min(b.unsafe_buffer_pointer() for b in blocks)
+    end = max(b.unsafe_buffer_pointer() + b.nbytes for b in blocks)
+    assert end - start == params["llm"]["layers"]["mlp"]["linear"].nbytes
+    # laid out in place from a tree read the usual way: the same, in its own memory
+    official = pk.checkpoints.load_params(path)
+    stacked = official["llm"]["layers"]["mlp"]["linear"]
+    start, end = stacked.unsafe_buffer_pointer(), stacked.unsafe_buffer_pointer() + stacked.nbytes
+    in_place = inference_params(official, in_place=True)
+    blocks = [b for m in in_place["llm"]["layers"]["mlp"]["linear"] for b in m.groups[0]]
     assert all(start <= b.unsafe_buffer_pointer() < end for b in blocks)
-    del stacked
+    for a, b in zip(jax.tree.leaves(in_place), jax.tree.leaves(run)):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+    del stacked, official
     # the official tree is rebuilt on request, bit for bit
     rebuilt = model.params
     for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(params)):
@@ -178,22 +188,32 @@ def test_loaded_bf16_model_keeps_one_copy_and_still_gives_the_official_tree(tmp_
 def test_taking_the_params_before_inference_keeps_them_intact(tmp_path):
     config = tiny_config()
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
-    model = pk.load(pk.save(pk.Model(params, config), tmp_path / "m.npz"), verbose=False)
+    model = pk.Model(params, config)  # the caller's arrays
     held = model.params  # e.g. handed to a Trainer before a first generate
     assert model.run_params is not None and not model._run_replaced  # the layout copied
-    for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+    loaded = pk.load(pk.save(model, tmp_path / "m.npz"), verbose=False)
+    held_too = loaded.params  # rebuilt from the blocks the loader wrote: a copy of its own
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32)
+    text, mask = np.array([[5, 6, 7]], np.int32), np.ones((1, 3), bool)
+    for m in (model, loaded):
+        m.generate_tokens(image, text, mask, max_new_tokens=2)
+    for tree in (held, held_too, loaded.params):
+        for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+            np.testing.assert_array_equal(
+                np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16)
+            )
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 @pytest.mark.parametrize("shape", [(1, 5), (37, 3), (100, 2304), (16, 16)])
 def test_striped_transpose_moves_every_value(dtype, shape):
-    from pali_kit.model.cpu import _transpose_into
+    from pali_kit.model.cpu import transpose_into
 
     rng = np.random.default_rng(0)
     part = np.asarray(jnp.asarray(rng.standard_normal(shape), dtype))
     out = np.empty(shape[::-1], part.dtype)
-    _transpose_into(part, out)
+    transpose_into(part, out)
     bits = f"u{part.dtype.itemsize}"
     np.testing.assert_array_equal(out.view(bits), np.ascontiguousarray(part.T).view(bits))
 

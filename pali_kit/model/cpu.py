@@ -144,17 +144,18 @@ class Matrix:
 
 def inference_params(params, out_in: bool | None = None, in_place: bool = False):
     """The run tree for compiled inference: ``cpu_layout`` where the arrays live on
-    one CPU, ``accel.split_stacks`` (one array per layer; with ``in_place`` each
-    stack is freed once split) where they live on one GPU/TPU, otherwise
-    ``params`` unchanged (sharded over several devices: the official tree)."""
-    if accel.on_one_accelerator(params):
+    one CPU, ``accel.split_stacks`` (one array per layer, each sharded as its
+    stack; with ``in_place`` each stack is freed once split) where they live on
+    GPU/TPU devices of this process (one, or a mesh), otherwise ``params``
+    unchanged."""
+    if accel.on_accelerators(params):
         return accel.split_stacks(params, release=in_place)
     if not all(_on_one_cpu(a) for a in jax.tree.leaves(params)):
         return params
     return cpu_layout(params, out_in, in_place)
 
 
-def cpu_layout(params, out_in: bool | None = None, in_place: bool = False):
+def cpu_layout(params, out_in: bool | None = None, in_place: bool | str = False):
     """Official tree -> CPU layout (same nesting; inference only).
 
     Layer stacks become per-layer views (leaves are tuples over layers), every
@@ -162,8 +163,10 @@ def cpu_layout(params, out_in: bool | None = None, in_place: bool = False):
     stores the LLM's matrices as (out, in) blocks: a copy of them, or with
     ``in_place`` written over the official arrays' own memory (no memory added;
     those official arrays then hold the blocks and must be dropped: see
-    ``IN_PLACE_LEAVES`` and ``official_params``). Arrays that cannot be viewed
-    (not on one CPU) are left as they are.
+    ``IN_PLACE_LEAVES`` and ``official_params``). ``in_place="written"``: those
+    arrays already hold the blocks (``out_in_blocks``; the .npz reader writes them
+    so, see ``checkpoints.load_cpu_inference``). Arrays that cannot be viewed (not
+    on one CPU) are left as they are.
     """
     img, llm = dict(params["img"]), dict(params["llm"])
     if out_in is None:
@@ -196,20 +199,33 @@ IN_PLACE_LEAVES = (
     ("mlp", "gating_einsum"),
     ("mlp", "linear"),
 )
+# How many leading axes of one layer's slice of each index groups (heads, key/value,
+# gate/up): (Nh | W, H), (2, K | W, H), (Nh, H, W) (no groups: in = Nh * H),
+# (2 | W, F), (F, W).
+GROUP_AXES = {
+    "attn/q_einsum/w": 1,
+    "attn/kv_einsum/w": 2,
+    "attn/attn_vec_einsum/w": 0,
+    "mlp/gating_einsum": 1,
+    "mlp/linear": 0,
+}
 
 
-def _llm_layer(layer, out_in: bool, in_place: bool = False):
+def _llm_layer(layer, out_in: bool, in_place: bool | str = False):
     """One LLM layer's matrices as Matrix grids (per head, per key/value, gate/up)."""
     attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
     if out_in:
         matrix = _own_form(lambda w, n: _out_in_matrix(w, n, in_place))
     else:
         matrix = _own_form(_view_matrix)
-    attn["q_einsum"] = {"w": matrix(attn["q_einsum"]["w"], 1)}  # (Nh | W, H)
-    attn["kv_einsum"] = {"w": matrix(attn["kv_einsum"]["w"], 2)}  # (2, K | W, H)
-    attn["attn_vec_einsum"] = {"w": matrix(attn["attn_vec_einsum"]["w"], 0)}  # (Nh, H, W)
-    mlp["gating_einsum"] = matrix(mlp["gating_einsum"], 1)  # (2 | W, F)
-    mlp["linear"] = matrix(mlp["linear"], 0)  # (F, W)
+    n = GROUP_AXES
+    attn["q_einsum"] = {"w": matrix(attn["q_einsum"]["w"], n["attn/q_einsum/w"])}
+    attn["kv_einsum"] = {"w": matrix(attn["kv_einsum"]["w"], n["attn/kv_einsum/w"])}
+    attn["attn_vec_einsum"] = {
+        "w": matrix(attn["attn_vec_einsum"]["w"], n["attn/attn_vec_einsum/w"])
+    }
+    mlp["gating_einsum"] = matrix(mlp["gating_einsum"], n["mlp/gating_einsum"])
+    mlp["linear"] = matrix(mlp["linear"], n["mlp/linear"])
     return {**layer, "attn": attn, "mlp": mlp}
 
 
@@ -232,31 +248,35 @@ def _view_matrix(w, n_group: int):
     return Matrix([[g] for g in groups], w.shape[:n_group])
 
 
-def _out_in_matrix(w, n_group: int, in_place: bool = False):
+def _out_in_matrix(w, n_group: int, in_place: bool | str = False):
     """Groups as (out, in) blocks of at most ``BLOCK`` columns.
 
     The group's axes after the groups are (in..., out) with a single out axis
     last (q, kv, gating: (W, H/F); attn_vec: (Nh, H, W) -> in = Nh * H). The
     blocks are copies, or with ``in_place`` written over ``w``'s own buffer
     (one group at a time through a temporary copy): then ``w`` holds the blocks
-    afterwards and must not be used as the official array any more.
+    afterwards and must not be used as the official array any more. With
+    ``in_place="written"`` ``w``'s buffer already holds them in that arrangement
+    (``out_in_blocks``, as the checkpoint reader writes it): they are only viewed.
     """
     host = np.asarray(w)  # a view for a CPU array; keeps w's buffer alive
     gshape = host.shape[:n_group]
     flat = host.reshape(math.prod(gshape), -1, host.shape[-1])  # (groups, in, out)
-    target = _writable(w) if in_place else None
+    written = in_place == "written"
+    target = _writable(w) if in_place and not written else None
     scratch = np.empty_like(flat[0]) if target is not None else None
     groups, offset = [], 0
     for m in flat:
-        n = -(-m.shape[0] // BLOCK)
-        if target is None:
-            blocks = [to_device(np.ascontiguousarray(p.T)) for p in np.array_split(m, n)]
+        if target is None and not written:
+            blocks = [to_device(np.ascontiguousarray(p.T)) for p in _split_rows(m)]
         else:
             blocks = []
-            np.copyto(scratch, m)  # one group, e.g. 64 MB: its memory is written over next
-            for part in np.array_split(scratch, n):
+            if not written:
+                np.copyto(scratch, m)  # one group, e.g. 64 MB: its memory is written over next
+            for part in _split_rows(scratch if not written else m):
                 size = part.size
-                _transpose_into(part, target[offset : offset + size].reshape(part.shape[::-1]))
+                if not written:
+                    transpose_into(part, target[offset : offset + size].reshape(part.shape[::-1]))
                 view = host.reshape(-1)[offset : offset + size].reshape(part.shape[::-1])
                 blocks.append(_alias(view))
                 offset += size
@@ -264,10 +284,33 @@ def _out_in_matrix(w, n_group: int, in_place: bool = False):
     return Matrix(groups, gshape, True, host.shape[-1:], host.shape)
 
 
+def _split_rows(m: np.ndarray) -> list[np.ndarray]:
+    """A group's (in, out) matrix as consecutive row ranges of at most ``BLOCK`` rows."""
+    return np.array_split(m, -(-m.shape[0] // BLOCK))
+
+
+def out_in_blocks(layer_shape, n_group: int, layers: int = 1):
+    """``(offset, rows)`` of each (out, in) block in the order ``_out_in_matrix``
+    with ``in_place`` writes them over a stacked ``(layers, *layer_shape)`` buffer:
+    layer by layer, group by group, block by block. Each block holds the next
+    ``rows`` rows (in the file's order) of a layer's ``(in, out)`` group matrix,
+    transposed: ``(out, rows)`` in C order from ``offset`` (counted in values).
+    """
+    width = layer_shape[-1]
+    groups = math.prod(layer_shape[:n_group])
+    rows_per_group = math.prod(layer_shape[n_group:-1])
+    sizes = [len(p) for p in _split_rows(np.empty((rows_per_group, 0)))]
+    offset = 0
+    for _ in range(layers * groups):
+        for rows in sizes:
+            yield offset, rows
+            offset += rows * width
+
+
 STRIPE = 16  # input rows transposed at a time: 16 x 2 bytes = one 32-byte write per out row
 
 
-def _transpose_into(part: np.ndarray, out: np.ndarray) -> None:
+def transpose_into(part: np.ndarray, out: np.ndarray, checksum=None) -> list:
     """``out[...] = part.T`` for a 2-D ``part``, in stripes of ``STRIPE`` rows.
 
     numpy's plain strided transpose of a large matrix misses the cache on every
@@ -277,18 +320,29 @@ def _transpose_into(part: np.ndarray, out: np.ndarray) -> None:
     own integer types faster than extension dtypes such as bfloat16): the bits
     are unchanged. numpy releases the GIL while it copies, so the stripes are
     shared among a few threads (disjoint columns of ``out``).
+
+    ``checksum(bytes, value) -> value`` (e.g. a CRC-32; ``part`` must then be
+    C-contiguous) runs over each stripe just before it is copied (while it is in
+    the cache); each thread sums its own consecutive rows. Returns ``[(value,
+    nbytes), ...]`` for consecutive byte ranges of ``part``, in order.
     """
     as_bits = np.dtype(f"u{part.dtype.itemsize}")
     src, dst = part.view(as_bits), out.view(as_bits)
     rows = src.shape[0]
+    row_bytes = src[:1].nbytes
 
     def stripes(lo, hi):
+        value = 0
         for i in range(lo, hi, STRIPE):
-            dst[:, i : min(i + STRIPE, hi)] = src[i : min(i + STRIPE, hi)].T
+            stripe = src[i : min(i + STRIPE, hi)]
+            if checksum is not None:  # the stripe is then in the cache for the copy
+                value = checksum(stripe.reshape(-1).view(np.uint8), value)
+            dst[:, i : min(i + STRIPE, hi)] = stripe.T
+        return value, (hi - lo) * row_bytes
 
     pool = _pool()
     step = -(-rows // (pool._max_workers * STRIPE)) * STRIPE  # a multiple of STRIPE
-    list(pool.map(lambda lo: stripes(lo, min(lo + step, rows)), range(0, rows, step)))
+    return list(pool.map(lambda lo: stripes(lo, min(lo + step, rows)), range(0, rows, step)))
 
 
 _POOL = None
@@ -323,7 +377,7 @@ def _alias(view):
 
 def official_params(run, skeleton):
     """The official tree again: ``skeleton`` (the official tree with the in-place
-    converted leaves set to None) completed from the (out, in) blocks of ``run``.
+    converted leaves set to None or to their ``jax.ShapeDtypeStruct``) completed from the (out, in) blocks of ``run``.
 
     The rebuilt leaves are new arrays (a copy of those matrices while they live).
     """
@@ -331,7 +385,7 @@ def official_params(run, skeleton):
     def fill(skel, r):
         if isinstance(skel, dict):
             return {k: fill(v, r[k]) for k, v in skel.items()}
-        if skel is not None:
+        if skel is not None and not isinstance(skel, jax.ShapeDtypeStruct):
             return skel
         return to_device(np.stack([_unblock(m) for m in r]))  # r: per-layer Matrices
 

@@ -334,6 +334,9 @@ class Trainer:
 
         With several processes the weights are first gathered to every host
         (a collective) and every process evaluates them (same result everywhere).
+        On GPU/TPU devices (one, or a mesh) ``pt.evaluate`` decodes with one array
+        per layer (``pali_kit.model.accel``): a copy of the stacks, each layer
+        sharded as its stack, dropped when it returns; training keeps the stacks.
         """
         params = self.params
         if jax.process_count() > 1:
