@@ -827,7 +827,7 @@ def _compile_while_loading(path, header, dtype, quantize, config, text_len):
         return None
 
     def as_loaded(stored):  # as load_params casts, and as JAX then holds it
-        cast = dtype if dtype is not None and checkpoints._is_float(stored) else stored
+        cast = dtype if dtype is not None and checkpoints.is_float(stored) else stored
         return jax.dtypes.canonicalize_dtype(cast)
 
     official = checkpoints.unflatten({

@@ -80,7 +80,7 @@ def as_dtype(dtype) -> np.dtype | None:
     return np.dtype(dtype)
 
 
-def _is_float(dtype: np.dtype) -> bool:
+def is_float(dtype: np.dtype) -> bool:
     """float16/32/64 or bfloat16 (whose numpy kind is "V", not "f")."""
     return dtype.kind == "f" or dtype == np.dtype(ml_dtypes.bfloat16)
 
@@ -203,7 +203,7 @@ def _start_member(f, raw_member: bool, path, key, dtype: np.dtype | None):
         header_len = f.tell() - start
         f.seek(start)
         crc = _Crc(f.read(header_len))
-    out_dtype = dtype if dtype is not None and _is_float(stored) else stored
+    out_dtype = dtype if dtype is not None and is_float(stored) else stored
     raw_dtype = np.dtype(np.uint16) if descr.kind == "V" else np.dtype(descr.str)
     return shape, fortran, stored, out_dtype, raw_dtype, crc
 
