@@ -234,14 +234,16 @@ def _own_form(fn):
     return lambda w, *args: quant.for_cpu(w) if isinstance(w, quant.QArray) else fn(w, *args)
 
 
-def _view_matrix(w, n_group: int):
+def _view_matrix(w, n_group: int, split=None):
     """Groups as views of ``w`` (no copy): w's first ``n_group`` axes index them.
 
     Where JAX cannot view a piece (misaligned), ``w`` stays a plain array.
+    ``split``: ``split_leading`` (default), or its shapes-only mirror for ``abstract_layout``.
     """
+    split = split or split_leading
     groups = [w]
     for _ in range(n_group):
-        parts = [split_leading(g) for g in groups]
+        parts = [split(g) for g in groups]
         if any(p is None for p in parts):
             return w
         groups = [piece for p in parts for piece in p]
@@ -540,13 +542,7 @@ def _abstract_layers(stacked):
 
 
 def _abstract_views(w, n_group: int):
-    groups = [w]
-    for _ in range(n_group):
-        parts = [_abstract_split(g) for g in groups]
-        if any(p is None for p in parts):
-            return w
-        groups = [piece for p in parts for piece in p]
-    return Matrix([[g] for g in groups], w.shape[:n_group])
+    return _view_matrix(w, n_group, split=_abstract_split)
 
 
 def _abstract_out_in(w, n_group: int):
