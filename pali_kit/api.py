@@ -773,7 +773,7 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     else:
         path, info = resolve_checkpoint(source)
         name, text_len = (info.name, info.text_len) if info is not None else (None, None)
-        loaded = None
+        loaded = ahead = None
         if path.is_dir():
             from . import hf
 
