@@ -132,9 +132,7 @@ class Model:
         if self._run is None:
             on_accelerator = accel.on_accelerators(self._params)
             self._run = inference_params(self._params, in_place=self._owns_params)
-            if self._run_shapes is not None:  # compiled ahead for these (pk.load)
-                _check_run_shapes(self._run, self._run_shapes)
-                self._run_shapes = None
+            self._check_compiled_ahead()
             if not self._owns_params:
                 skeleton = None
             elif on_accelerator:  # the stacks were freed once split
@@ -144,6 +142,12 @@ class Model:
             if skeleton is not None:  # the official arrays are gone or hold the blocks
                 self._params, self._run_replaced = skeleton, True
         return self._run
+
+    def _check_compiled_ahead(self) -> None:
+        """Once the run tree exists: warn if it is not what ``pk.load`` compiled ahead for."""
+        if self._run_shapes is not None:
+            _check_run_shapes(self._run, self._run_shapes)
+            self._run_shapes = None
 
     # --- facts -------------------------------------------------------------------------
     @property
@@ -647,9 +651,10 @@ def _without_replaced(official, run):
 def _check_run_shapes(run, shapes) -> None:
     """Warn if the run tree is not what its first generation was compiled for ahead."""
     like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), run)
-    if jax.tree.structure(like) != jax.tree.structure(shapes) or jax.tree.leaves(
-        like
-    ) != jax.tree.leaves(shapes):
+    same = jax.tree.structure(like) == jax.tree.structure(shapes) and (
+        jax.tree.leaves(like) == jax.tree.leaves(shapes)
+    )
+    if not same:
         warnings.warn(
             "pali_kit: the weights' inference layout differs from the one predicted from the "
             "checkpoint (pali_kit.model.cpu.abstract_layout), so the first generation is "
@@ -804,9 +809,7 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
         model._run_shapes, model._compiled_ahead = ahead or (None, None)
         if loaded:  # params: the official tree less the matrices the run tree holds as blocks
             model._run, model._run_replaced = loaded[1], True
-            if model._run_shapes is not None:  # compiled ahead for these
-                _check_run_shapes(model._run, model._run_shapes)
-                model._run_shapes = None
+            model._check_compiled_ahead()
     if verbose:  # a status line: on stderr, so that printed answers can be redirected cleanly
         print(f"pali_kit: {model.summary()}", file=sys.stderr)
     return model

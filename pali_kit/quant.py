@@ -453,10 +453,7 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
         else:
             y = jax.lax.platform_dependent(x2, q, cpu=first, default=fused)
     elif _chunks(q) == 1:
-        # dequantized once x exists: layer by layer (see _after)
-        w = dequantize_out_in(q._replace(q.values, _after(x2, q.scales)))
-        w = w.reshape(-1, q.in_size)  # [O, in] in the stood-for dtype
-        y = product(x2, w)
+        y = _dequantized_product(x2, q, product)
     else:  # the output layer: dequantize one chunk of rows at a time
         chunk = jax.checkpoint(lambda c: product(x2, dequantize_out_in(c)))
         y = jax.lax.map(chunk, _split(q, _chunks(q)))  # [n, R, O / n]
@@ -534,6 +531,12 @@ def _int4_rows(x2, q: QArray, compute_dtype, product=None):
     (a 2-D ``x @ w.T``), the weight dequantized once ``x2`` exists."""
     if product is None:
         return _int4_product(x2, q, compute_dtype)
+    return _dequantized_product(x2, q, product)
+
+
+def _dequantized_product(x2, q: QArray, product):
+    """``product(x2, w)`` with ``w`` [O, in] dequantized to the dtype it stands for once
+    ``x2`` exists: layer by layer, not all matrices first (see ``_after``)."""
     w = dequantize_out_in(q._replace(q.values, _after(x2, q.scales)))
     return product(x2, w.reshape(-1, q.in_size))
 

@@ -67,6 +67,21 @@ def assert_close_to_scale(actual, desired, rel: float, what: str = "") -> None:
     )
 
 
+def assert_generates_like_the_official_tree(model, params, config) -> None:
+    """``model`` (any weight layout) decodes 4 greedy tokens from a 28 px image exactly as
+    ``pk.Model(params, config)`` does: the same program on the same values, so the tokens
+    and their log-probabilities are equal, not just close."""
+    import pali_kit as pk
+
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32)
+    text, mask = np.array([[5, 6, 7]], np.int32), np.ones((1, 3), bool)
+    a = model.generate_tokens(image, text, mask, max_new_tokens=4)
+    b = pk.Model(params, config).generate_tokens(image, text, mask, max_new_tokens=4)
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+
+
 def reference(name: str):
     """(params path, expected outputs) of a big_vision reference fixture."""
     return FIXTURES / f"{name}.params.npz", dict(np.load(FIXTURES / f"{name}.expect.npz"))

@@ -20,7 +20,7 @@ from pali_kit.checkpoints import CheckpointError, load_cpu_inference, load_param
 from pali_kit.model import cpu_layout
 from pali_kit.model.cpu import BLOCK, official_params
 
-from .conftest import tiny_config
+from .conftest import assert_generates_like_the_official_tree, tiny_config
 
 LINEAR = "llm/layers/mlp/linear"
 
@@ -76,13 +76,7 @@ def test_pk_load_gives_the_same_tokens_and_params(saved, bf16):
     model = pk.load(saved, verbose=False)
     assert model._run_replaced  # loaded straight into the run layout: nothing left to lay out
     _assert_trees_equal(model.params, params)
-    rng = np.random.default_rng(0)
-    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32)
-    text, mask = np.array([[5, 6, 7]], np.int32), np.ones((1, 3), bool)
-    a = model.generate_tokens(image, text, mask, max_new_tokens=4)
-    b = pk.Model(params, config).generate_tokens(image, text, mask, max_new_tokens=4)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])  # the same program on the same values
+    assert_generates_like_the_official_tree(model, params, config)
 
 
 def _member_data_start(path, key):

@@ -29,7 +29,7 @@ from pali_kit import decode
 from pali_kit.model import PaliGemma, cpu_layout, inference_params
 from pali_kit.model.cpu import BLOCK, Matrix
 
-from .conftest import tiny_config
+from .conftest import assert_generates_like_the_official_tree, tiny_config
 
 
 def _shapes(tree):
@@ -176,13 +176,7 @@ def test_loaded_bf16_model_keeps_one_copy_and_still_gives_the_official_tree(tmp_
         np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
     assert model.num_params() == pk.model.count_params(params)
     # and the in-place layout computes what a copied layout computes
-    rng = np.random.default_rng(0)
-    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32)
-    text, mask = np.array([[5, 6, 7]], np.int32), np.ones((1, 3), bool)
-    a = model.generate_tokens(image, text, mask, max_new_tokens=4)
-    b = pk.Model(params, config).generate_tokens(image, text, mask, max_new_tokens=4)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])  # the same program on the same values
+    assert_generates_like_the_official_tree(model, params, config)
 
 
 def test_taking_the_params_before_inference_keeps_them_intact(tmp_path):

@@ -213,11 +213,16 @@ GROUP_AXES = {
 
 def _llm_layer(layer, out_in: bool, in_place: bool | str = False):
     """One LLM layer's matrices as Matrix grids (per head, per key/value, gate/up)."""
-    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
     if out_in:
         matrix = _own_form(lambda w, n: _out_in_matrix(w, n, in_place))
     else:
         matrix = _own_form(_view_matrix)
+    return _map_llm_matrices(layer, matrix)
+
+
+def _map_llm_matrices(layer, matrix):
+    """``layer`` with each LLM matrix ``w`` replaced by ``matrix(w, GROUP_AXES[its name])``."""
+    attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
     n = GROUP_AXES
     attn["q_einsum"] = {"w": matrix(attn["q_einsum"]["w"], n["attn/q_einsum/w"])}
     attn["kv_einsum"] = {"w": matrix(attn["kv_einsum"]["w"], n["attn/kv_einsum/w"])}
@@ -509,16 +514,7 @@ def abstract_layout(shapes):
     layers = _abstract_layers(llm["layers"])
     if layers is not None:
         matrix = _abstract_out_in if out_in else _abstract_views
-        stacked = []
-        for layer in layers:  # as _llm_layer
-            attn, mlp = dict(layer["attn"]), dict(layer["mlp"])
-            attn["q_einsum"] = {"w": matrix(attn["q_einsum"]["w"], 1)}
-            attn["kv_einsum"] = {"w": matrix(attn["kv_einsum"]["w"], 2)}
-            attn["attn_vec_einsum"] = {"w": matrix(attn["attn_vec_einsum"]["w"], 0)}
-            mlp["gating_einsum"] = matrix(mlp["gating_einsum"], 1)
-            mlp["linear"] = matrix(mlp["linear"], 0)
-            stacked.append({**layer, "attn": attn, "mlp": mlp})
-        llm["layers"] = _stack_of(stacked)
+        llm["layers"] = _stack_of([_map_llm_matrices(layer, matrix) for layer in layers])
     return {**shapes, "img": img, "llm": llm}
 
 
