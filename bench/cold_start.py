@@ -13,7 +13,10 @@ Both processes read the checkpoint from the page cache (it is read once before e
 
 compares two source trees (folders holding ``pali_kit/``) in one run: per tree
 one process with an empty cache of its own, then ``--rounds`` rounds of warm
-processes, the trees alternating.
+processes, the trees alternating. ``--hf`` adds, to every round, a cold
+process of transformers on the same weights (the folder bench/generate.py
+exports), with the same phases: import (torch, transformers), load
+(``from_pretrained``), first token (``generate``, one image, the same prompt).
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ run = model.run_params
 mark("layout")
 tok = pk.Tokenizer.demo()
 image = np.random.default_rng(0).integers(0, 255, (model.resolution,) * 2 + (3,), dtype=np.uint8)
-enc = tok.encode_prompts(["answer en what is in the picture"], bucket=None)
+enc = tok.encode_prompts([{prompt!r}], bucket=None)
 tokens = decode.iter_tokens(model.config, run, model.preprocess(image), enc["text"],
                             enc["mask_input"], max_new_tokens=4)
 next(tokens)
@@ -67,6 +70,37 @@ mark("3 more tokens")
 timers = {{k.rsplit("/", 1)[-1]: v for k, v in SECONDS.items()}}
 print("RESULT " + json.dumps(dict(phases=phases, timers=timers)))
 """
+
+HF_CHILD = r"""
+import json, sys, time
+T0 = time.perf_counter()
+sys.path.insert(0, {here!r})
+import numpy as np
+import torch
+from transformers import PaliGemmaForConditionalGeneration
+from common import peak_rss_gb
+
+phases = {{}}
+def mark(name):
+    phases[name] = (time.perf_counter() - T0, peak_rss_gb())
+
+mark("import")
+model = PaliGemmaForConditionalGeneration.from_pretrained({folder!r}, dtype=torch.{dtype}).eval()
+mark("load")
+cfg = model.config
+res = cfg.vision_config.image_size
+ids = [cfg.image_token_index] * (res // cfg.vision_config.patch_size) ** 2 + {prompt_ids!r}
+input_ids = torch.tensor([ids])
+image = np.random.default_rng(0).integers(0, 255, (1, 3, res, res)).astype(np.float32)
+pixels = torch.from_numpy(image / 127.5 - 1).to(torch.{dtype})
+with torch.inference_mode():
+    model.generate(input_ids=input_ids, pixel_values=pixels, token_type_ids=torch.zeros_like(input_ids),
+                   attention_mask=torch.ones_like(input_ids), max_new_tokens=1, do_sample=False)
+mark("first token")
+print("RESULT " + json.dumps(dict(phases=phases, timers={{}})))
+"""
+
+PROMPT = "answer en what is in the picture"  # as bench/generate.py's
 
 TIMERS = {
     "jaxpr_trace_duration": "trace s",
@@ -117,6 +151,7 @@ def row_of(res: dict, **first) -> dict:
         row[f"{name} s"] = f"{at - before:.1f}"
         before = at
     row["total s"] = f"{before:.1f}"
+    row["to 1st token s"] = f"{res['phases']['first token'][0]:.2f}"
     row["peak RSS GB"] = f"{max(r for _, r in res['phases'].values()):.2f}"
     for key, label in TIMERS.items():
         row[label] = f"{res['timers'].get(key, 0.0):.1f}"
@@ -129,20 +164,28 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--trees", nargs=2, help="compare two source trees (OLD NEW)")
     ap.add_argument("--rounds", type=int, default=2, help="warm rounds with --trees")
+    ap.add_argument("--hf", action="store_true", help="a transformers cold process per round")
     args = ap.parse_args()
     path = random_checkpoint(args.name, "bfloat16")
     print(json.dumps({"crc32 GB/s": crc_rates()}), flush=True)
-    code = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype)
+    code = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT)
+    hf_code = _hf_child(path, args.dtype) if args.hf else None
     rows = []
     if args.trees:
         caches = {t: tempfile.mkdtemp(prefix="pk_cache_") for t in args.trees}
         plan = [("empty", t) for t in args.trees]
         plan += [(f"warm {r}", t) for r in range(1, args.rounds + 1) for t in args.trees]
-        for cache, tree in plan:
+        for i, (cache, tree) in enumerate(plan):
             env = dict(os.environ, PYTHONPATH=tree, JAX_COMPILATION_CACHE_DIR=caches[tree])
             res = run_child(code, path, env, cwd=tree)
             rows.append(row_of(res, tree=Path(tree).name, cache=cache))
             print(json.dumps({"tree": tree, "cache": cache, **res}), flush=True)
+            if hf_code is not None and i % 2 == 1:  # after each pair of trees
+                res = run_child(hf_code, path.with_suffix(".hf"), dict(os.environ))
+                rows.append(row_of(res, tree="transformers", cache="-"))
+                print(json.dumps({"tree": "transformers", **res}), flush=True)
+        cols = {c: None for r in rows for c in r}  # transformers' rows have fewer phases
+        rows = [{c: r.get(c, "-") for c in cols} for r in rows]
         table(rows, f"{args.name}, {args.dtype}: seconds per phase of a cold process, two trees")
         return
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="pk_cache_"))
@@ -151,6 +194,19 @@ def main():
         rows.append(row_of(res, cache=cache))
         print(json.dumps({"cache": cache, **res}), flush=True)
     table(rows, f"{args.name}, {args.dtype}: seconds per phase of a cold process")
+
+
+def _hf_child(path: Path, dtype: str) -> str:
+    """The transformers cold process's code, on the folder bench/generate.py exports."""
+    import pali_kit as pk
+
+    folder = path.with_suffix(".hf")
+    if not folder.exists():
+        code = "import pali_kit as pk; pk.export_hf(pk.load({!r}, verbose=False), {!r})"
+        subprocess.run([sys.executable, "-c", code.format(str(path), str(folder))], check=True)
+    tok = pk.Tokenizer.demo()
+    prompt_ids = [tok.bos_id] + tok.encode(PROMPT) + list(tok.newline_ids)
+    return HF_CHILD.format(here=str(HERE), folder=str(folder), dtype=dtype, prompt_ids=prompt_ids)
 
 
 if __name__ == "__main__":

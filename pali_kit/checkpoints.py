@@ -26,6 +26,7 @@ import math
 import mmap
 import struct
 import sys
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -208,18 +209,22 @@ def _start_member(f, raw_member: bool, path, key, dtype: np.dtype | None):
     return shape, fortran, stored, out_dtype, raw_dtype, crc
 
 
-def _read_member(zf, info, path, key, dtype: np.dtype | None) -> np.ndarray:
+def _read_member(zf, info, path, key, dtype: np.dtype | None, out=None) -> np.ndarray:
     """Read one .npy member straight into a new page-aligned array, casting if asked.
 
     Stored (uncompressed) members are read with plain file reads into the final
     array and checked against the zip's CRC-32; compressed ones stream through zipfile.
+    ``out``: the array to read into (``_new_array``'s for this member), else a new one.
     """
     f, raw_member = _open_member(zf, info, path)
     try:
         shape, fortran, stored, out_dtype, raw_dtype, crc = _start_member(
             f, raw_member, path, key, dtype
         )
-        out = aligned_empty(shape[::-1] if fortran else shape, out_dtype)
+        if out is None:
+            out = aligned_empty(shape[::-1] if fortran else shape, out_dtype)
+        elif out.shape != tuple(shape[::-1] if fortran else shape) or out.dtype != out_dtype:
+            raise ValueError(f"the header changed while reading: {shape} {out_dtype}")
         flat = out.reshape(-1)
         per_chunk = max(1, CHUNK_BYTES // raw_dtype.itemsize)
         cast = out_dtype != stored or raw_dtype.byteorder not in "=|"
@@ -390,18 +395,23 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
             if (progress or (progress is None and size > 2e8))
             else None
         )
+        members.sort(key=lambda m: -zf.getinfo(m).file_size)
+        # every array allocated up front, its pages faulted in by a helper thread
+        # ahead of the reader (see _Prefaulter)
+        outs = {m: _new_array(zf, m, path, dtype) for m in members}
         flat = {}
-        for member in sorted(members, key=lambda m: -zf.getinfo(m).file_size):
-            key = _canonical_key(member)
-            info = zf.getinfo(member)
-            if key in blocked:
-                array = _read_out_in(info, path, key, blocked[key])
-            else:
-                array = _read_member(zf, info, path, key, dtype)
-            flat[key] = to_device(array)
-            if bar is not None:
-                bar.update(array.nbytes)
-            del array
+        with _Prefaulter(outs.values()):
+            for member in members:
+                key = _canonical_key(member)
+                info = zf.getinfo(member)
+                if key in blocked:
+                    array = _read_out_in(info, path, key, blocked[key], outs.pop(member))
+                else:
+                    array = _read_member(zf, info, path, key, dtype, outs.pop(member))
+                flat[key] = to_device(array)
+                if bar is not None:
+                    bar.update(array.nbytes)
+                del array
         if bar is not None:
             bar.close()
     params = unflatten(flat)
@@ -435,7 +445,7 @@ def _stored_half(zf, by_key: dict, keys: list, path, dtype) -> bool:
     return len(found) == 1 and (dtype is None or dtype in found)
 
 
-def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndarray:
+def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int, out=None) -> np.ndarray:
     """One stacked LLM matrix ``(L, groups..., in..., out)`` read into a new array that
     holds, layer after layer, its (out, in) blocks (``model.cpu.out_in_blocks``).
 
@@ -444,6 +454,7 @@ def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndar
     are in the cache; the CRC-32 is summed over each stripe of rows just before
     it is transposed (per thread, then combined; without ``crc32_combine``, over
     each chunk first). One pass over the bytes, no second copy of the matrix.
+    ``out``: the array to write into (``_new_array``'s for this member), else a new one.
     """
     from .model import cpu
 
@@ -458,7 +469,10 @@ def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndar
                 f"the zip directory gives {info.file_size} bytes, the array's header "
                 f"{f.tell() - member_start + nbytes}"
             )
-        out = _prefaulted(aligned_empty(shape, stored))
+        if out is None:
+            out = _prefaulted(aligned_empty(shape, stored))
+        elif out.shape != tuple(shape) or out.dtype != stored:
+            raise ValueError(f"the header changed while reading: {shape} {stored}")
         flat_out = out.reshape(-1).view(raw_dtype)
         width = shape[-1]  # values per row
         chunk_rows = max(cpu.STRIPE, OUT_IN_CHUNK_BYTES // (width * raw_dtype.itemsize))
@@ -467,6 +481,7 @@ def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndar
         combine = crc32_combine is not None
         for offset, rows in cpu.out_in_blocks(shape[1:], n_group, shape[0]):
             block = flat_out[offset : offset + rows * width].reshape(width, rows)
+            _prefaulted(block)  # usually there already (_Prefaulter): then a quick check
             for first in range(0, rows, chunk_rows):
                 n = min(chunk_rows, rows - first)
                 part = buffer[: n * width].reshape(n, width)
@@ -488,6 +503,67 @@ def _read_out_in(info: zipfile.ZipInfo, path, key: str, n_group: int) -> np.ndar
     return out
 
 
+def _new_array(zf, member: str, path, dtype: np.dtype | None) -> np.ndarray:
+    """The uninitialised array ``_read_member`` (or ``_read_out_in``) reads a member into."""
+    shape, fortran, descr = _member_header(zf, member, path)
+    stored = _stored_dtype(descr, path, _canonical_key(member))
+    out_dtype = dtype if dtype is not None and is_float(stored) else stored
+    return aligned_empty(shape[::-1] if fortran else shape, out_dtype)
+
+
+class _Prefaulter:
+    """Faults in the pages of new arrays on a helper thread, in order, ahead of the reader.
+
+    Writing into fresh memory costs a page fault per page; where the memory must
+    first come from a hypervisor (a VM whose free memory is handed back to the
+    host), about 1 GB/s, and the reader would wait for each fault in turn. Here
+    a thread asks the kernel for the pages (``MADV_POPULATE_WRITE``, in
+    ``PREFAULT_STEP`` pieces, releasing the GIL) while the reader copies and
+    transposes bytes into the pages already there. The reader never waits for
+    it: a page it reaches first it faults in itself. A context manager: leaving
+    it stops the thread (e.g. on a corrupt member) and waits for it.
+    """
+
+    def __init__(self, arrays):
+        self.arrays = [a for a in arrays if PREFAULT and a.nbytes >= PREFAULT_MIN_BYTES]
+        self.stop = threading.Event()
+        self.thread = None
+
+    def __enter__(self):
+        if self.arrays and sys.platform == "linux":
+            self.thread = threading.Thread(target=self._run, name="pali_kit prefault", daemon=True)
+            self.thread.start()
+        return self
+
+    def _run(self):
+        try:
+            madvise = _madvise()
+        except (OSError, AttributeError):
+            return
+        for a in self.arrays:
+            start = a.ctypes.data - a.ctypes.data % mmap.PAGESIZE
+            end = a.ctypes.data + a.nbytes
+            for lo in range(start, end, PREFAULT_STEP):
+                if self.stop.is_set() or madvise(lo, min(PREFAULT_STEP, end - lo), 23) != 0:
+                    return  # stopped, or a kernel without MADV_POPULATE_WRITE (Linux < 5.14)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join()
+        self.arrays = []
+
+
+PREFAULT_STEP = 1 << 25  # bytes faulted in per call by _Prefaulter
+PREFAULT_MIN_BYTES = 1 << 22  # smaller arrays: their pages come on first touch
+
+
+def _madvise():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc.madvise
+
+
 PREFAULT = True  # back new arrays with memory in one call before they are transposed into
 
 
@@ -499,12 +575,10 @@ def _prefaulted(array: np.ndarray) -> np.ndarray:
     more than having the kernel allocate them all in one call (as ``readinto``
     does). Elsewhere, or where the kernel refuses, the pages come on first touch.
     """
-    if PREFAULT and array.nbytes >= 1 << 22 and sys.platform == "linux":
+    if PREFAULT and array.nbytes >= PREFAULT_MIN_BYTES and sys.platform == "linux":
         try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
             start = array.ctypes.data - array.ctypes.data % mmap.PAGESIZE
-            libc.madvise(start, array.ctypes.data + array.nbytes - start, 23)
+            _madvise()(start, array.ctypes.data + array.nbytes - start, 23)
         except (OSError, AttributeError):
             pass
     return array

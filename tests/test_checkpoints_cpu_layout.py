@@ -161,3 +161,44 @@ def test_prefaulted_arrays_are_resident_before_the_first_write():
     assert resident_bytes() - before >= 60 << 20
     a[::4096] = 1  # and still an ordinary writable array
     assert int(a.sum()) == (64 << 20) // 4096
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE
+
+
+def test_same_run_tree_while_the_pages_are_faulted_in_alongside(saved, bf16, monkeypatch):
+    # every array, however small, faulted in by the helper thread a page at a time
+    # while the reader writes into the same arrays
+    monkeypatch.setattr(checkpoints, "PREFAULT_MIN_BYTES", 0)
+    monkeypatch.setattr(checkpoints, "PREFAULT_STEP", mmap.PAGESIZE)
+    started = []
+    enter = checkpoints._Prefaulter.__enter__
+    monkeypatch.setattr(checkpoints._Prefaulter, "__enter__",
+                        lambda self: started.append(len(self.arrays)) or enter(self))  # fmt: skip
+    skeleton, run = load_cpu_inference(saved)
+    assert started and started[0] == len(jax.tree.leaves(bf16[1]))  # all arrays, up front
+    _assert_trees_equal(run, cpu_layout(load_params(saved), in_place=True))
+    _assert_trees_equal(official_params(run, skeleton), bf16[1])
+
+
+@pytest.mark.skipif(not _linux_at_least(5, 14), reason="MADV_POPULATE_WRITE needs Linux 5.14")
+def test_the_prefaulter_makes_arrays_resident_in_order_and_stops_on_errors(monkeypatch):
+    from pali_kit.model.common import aligned_empty
+
+    before = _resident_bytes()
+    arrays = [aligned_empty((32 << 20,), np.uint8) for _ in range(2)]  # untouched
+    assert _resident_bytes() - before < 8 << 20
+    with checkpoints._Prefaulter(arrays) as p:
+        p.thread.join()  # it ends by itself once every array is in
+    assert _resident_bytes() - before >= 60 << 20
+    # an error in the reader stops the thread before the with-block is left
+    monkeypatch.setattr(checkpoints, "PREFAULT_STEP", mmap.PAGESIZE)  # a slow thread
+    more = [aligned_empty((64 << 20,), np.uint8)]
+    with pytest.raises(CheckpointError), checkpoints._Prefaulter(more) as p:
+        raise CheckpointError("a corrupt member")
+    assert p.thread is not None and not p.thread.is_alive()
+    for a in arrays + more:  # still ordinary writable arrays
+        a[::4096] = 1
+        assert int(a.sum()) == a.size // 4096
