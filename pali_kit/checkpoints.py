@@ -369,7 +369,10 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
     skeleton)`` rebuilds them). Those blocks are written in one pass over the
     file's bytes (read 16 MB at a time and transposed from that buffer), the
     zip's CRC-32 checked on the way; the other arrays are read as
-    ``load_params`` reads them. Memory peaks near one copy of the weights.
+    ``load_params`` reads them. Memory peaks near one copy of the weights. All
+    arrays are allocated first, and a helper thread faults their pages in ahead
+    of the reader (``_Prefaulter``): new memory that the OS must first obtain
+    (e.g. from a VM's host) then arrives while bytes are copied, not between copies.
 
     None (read with ``load_params``) unless the arrays go to the CPU, those
     matrices are stored uncompressed in C order as bfloat16 or float16 like the

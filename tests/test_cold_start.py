@@ -150,3 +150,23 @@ def test_a_failed_compile_ahead_warns_and_the_first_call_compiles(tmp_path, monk
     [want] = demo.generate(image, "caption en", max_new_tokens=4)
     np.testing.assert_array_equal(out.tokens, want.tokens)
     np.testing.assert_array_equal(out.logprobs, want.logprobs)
+
+
+LEAN = """
+import sys
+import pali_kit as pk
+from pali_kit import api, decode  # what pk.load and a first generate import
+heavy = ("matplotlib", "optax", "ipywidgets", "IPython", "torch", "transformers", "pandas",
+         "tensorflow", "kagglehub", "pali_kit.train", "pali_kit.widgets", "pali_kit.viz",
+         "pali_kit.hf")
+print(" ".join(sorted({m for m in sys.modules if m.split(".")[0] in heavy or m in heavy})))
+"""
+
+
+def test_what_a_cold_process_imports_before_its_first_token_stays_lean():
+    # plotting, training, widgets and the transformers bridge cost a cold process
+    # seconds of imports (torch alone ~1 s) and the first token needs none of them
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "PALI_KIT_"))}
+    out = subprocess.run([sys.executable, "-c", LEAN], env=base, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == []
