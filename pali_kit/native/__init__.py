@@ -107,11 +107,16 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+_registered: set[str] = set()  # FFI targets registered in this process (XLA keeps them)
+
+
 @functools.cache
 def _int4_registered() -> bool:
     """Build, load and register the int4 kernel once per process; False (warned) on failure."""
     import jax
 
+    if INT4_TARGET in _registered:
+        return True
     cxx = compiler()
     if cxx is None:
         _warn_once(
@@ -125,6 +130,7 @@ def _int4_registered() -> bool:
         handle = ctypes.cdll.LoadLibrary(str(lib))
         capsule = jax.ffi.pycapsule(handle.PkInt4RowProduct)
         jax.ffi.register_ffi_target(INT4_TARGET, capsule, platform="cpu")
+        _registered.add(INT4_TARGET)
     except Exception as e:  # noqa: BLE001  (any failure: the XLA loop still works)
         _warn_once(
             f"pali_kit: the native int4 CPU kernel could not be built or loaded ({e}); int4 "
