@@ -702,7 +702,7 @@ def _native_int4(x2, q: QArray, compute_dtype=None) -> bool:
     return (
         NATIVE_INT4
         and q.scheme == "int4"
-        and x2.shape[0] == 1
+        and x2.shape[0] == 1 <= REDUCE_ROWS  # REDUCE_ROWS = 0: no fused one-row products
         and getattr(q, "kernel", None) is not None
         and operand_dtype(q.dtype, compute_dtype) == jnp.bfloat16
         and jax.default_backend() == "cpu"
