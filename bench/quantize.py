@@ -5,7 +5,7 @@
     python bench/quantize.py --quality      # demo model: held-out scores f32 / bf16 / int8 / int4
     python bench/quantize.py --3b           # random 3B: logit error, greedy agreement vs bf16
     python bench/quantize.py --forms        # int4 one-row loop: the emitted form vs its bounds
-    python bench/quantize.py --native-decode  # 3B decode: bf16, int4, int4 via the probe kernel
+    python bench/quantize.py --native-decode  # 3B decode: bf16, int4 XLA loop, int4 native kernel
 
 --kernels times, in one process and interleaved, the product of one token with
 each matrix of a PaliGemma-3B layer and with the output layer, in the forms
@@ -141,10 +141,12 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
     ``b & -16`` converts, the group scale in the multiply-add). Two forms that are
     not products of the stored levels bound what an XLA:CPU loop over the bytes
     can reach: ``(bound) no scale`` leaves out the group scale, ``(bound) one
-    convert`` converts each byte once (as int8 does). ``native``: the hand-written
-    kernel of ``bench/int4_native.cc`` (bfloat16 inputs, the policy for a
-    bfloat16 weight), 1 and 2 threads. bfloat16 / int8: the kit's CPU forms of
-    the same matrix. Each form cycles through copies (>= ``stream_mb`` MB).
+    convert`` converts each byte once (as int8 does). ``native``: the first
+    hand-written probe, ``bench/int4_native.cc`` (bfloat16 inputs, the policy for
+    a bfloat16 weight), 1 and 2 threads; ``native (kit)``: the package's kernel
+    (``pali_kit/native/int4_cpu.cc``, what decoding uses where it builds), on XLA's
+    intra-op threads. bfloat16 / int8: the kit's CPU forms of the same matrix.
+    Each form cycles through copies (>= ``stream_mb`` MB).
     """
     import jax
     import jax.numpy as jnp
