@@ -44,7 +44,10 @@ with the float matrix written out first (measured on an H200:
 most ``REDUCE_ROWS`` rows (decoding) then read the integers in place (see
 ``_reduce_matvec``); longer ones (prefill) dequantize each matrix when its
 input exists, so one matrix at a time is float (``_after``); the 257152-row
-output layer is dequantized chunk by chunk.
+output layer is dequantized chunk by chunk. On x86-64 CPUs with AVX-512 BF16,
+one-row int4 products of weights standing for bfloat16 run a native kernel
+instead of XLA's loop (``pali_kit.native``, built on first use with the system
+C++ compiler; ``NATIVE_INT4 = False`` or ``PALI_KIT_NATIVE=0`` turn it off).
 """
 
 from __future__ import annotations
