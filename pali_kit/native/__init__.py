@@ -44,6 +44,7 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The instruction-set flags of this machine's CPU (Linux ``/proc/cpuinfo``; else empty)."""
     try:
