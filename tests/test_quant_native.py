@@ -41,7 +41,7 @@ def _product(x, q, native_on: bool, monkeypatch):
 
 def _terms(x, q):
     """float64[o, k] |x_k * level * scale| with x rounded to bfloat16, and the exact sums."""
-    levels = np.asarray(quant.unpack_values(q, np.float64))  # [o, k_padded]
+    levels = np.asarray(quant.unpack_values(q, np.float32), np.float64)  # [o, k_padded], exact
     scales = np.repeat(np.asarray(q.scales, np.float64).reshape(levels.shape[0], -1), 64, 1)
     xb = np.asarray(jnp.asarray(x[0]).astype(jnp.bfloat16), np.float64)
     xb = np.pad(xb, (0, levels.shape[1] - xb.size))
