@@ -5,7 +5,7 @@
     python bench/quantize.py --quality      # demo model: held-out scores f32 / bf16 / int8 / int4
     python bench/quantize.py --3b           # random 3B: logit error, greedy agreement vs bf16
     python bench/quantize.py --forms        # int4 one-row loop: the emitted form vs its bounds
-    python bench/quantize.py --native-decode  # 3B decode: bf16, int4, int4 via the probe kernel
+    python bench/quantize.py --native-decode  # 3B decode: bf16, int4 XLA loop, int4 native kernel
 
 --kernels times, in one process and interleaved, the product of one token with
 each matrix of a PaliGemma-3B layer and with the output layer, in the forms
@@ -141,15 +141,18 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
     ``b & -16`` converts, the group scale in the multiply-add). Two forms that are
     not products of the stored levels bound what an XLA:CPU loop over the bytes
     can reach: ``(bound) no scale`` leaves out the group scale, ``(bound) one
-    convert`` converts each byte once (as int8 does). ``native``: the hand-written
-    kernel of ``bench/int4_native.cc`` (bfloat16 inputs, the policy for a
-    bfloat16 weight), 1 and 2 threads. bfloat16 / int8: the kit's CPU forms of
-    the same matrix. Each form cycles through copies (>= ``stream_mb`` MB).
+    convert`` converts each byte once (as int8 does). ``native``: the first
+    hand-written probe, ``bench/int4_native.cc`` (bfloat16 inputs, the policy for
+    a bfloat16 weight), 1 and 2 threads; ``native (kit)``: the package's kernel
+    (``pali_kit/native/int4_cpu.cc``, what decoding uses where it builds), on XLA's
+    intra-op threads. bfloat16 / int8: the kit's CPU forms of the same matrix.
+    Each form cycles through copies (>= ``stream_mb`` MB).
     """
     import jax
     import jax.numpy as jnp
     import ml_dtypes
 
+    from pali_kit import native as native_kit
     from pali_kit import quant
     from pali_kit.model import cpu
 
@@ -186,6 +189,9 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
         if native is not None:
             for t in (1, 2):
                 calls[f"native, {t} thread(s)"] = (jax.jit(lambda *a, t=t: native(*a, t)), ints)
+        if native_kit.int4_available():  # the package's kernel (pali_kit/native/int4_cpu.cc)
+            calls["native (kit)"] = (jax.jit(lambda xe, xo, v, s: native_kit.int4_row_product(
+                xe.astype(jnp.bfloat16), xo.astype(jnp.bfloat16), v, s)), ints)  # fmt: skip
         bf = [cpu._out_in_matrix(jnp.asarray(w), 0) for _ in range(max(1, copies // 4))]
         i8 = [quant.for_cpu(quant.quantize_leaf(w, "int8", (-2,))) for _ in range(copies // 2)]
         calls["bfloat16 (kit)"] = (lambda _e, _o, m, x=x: kit(x, m), [(m,) for m in bf])
@@ -211,14 +217,14 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
 
 
 def native_decode(rounds: int = 2, new_tokens: int = 16, name: str = "paligemma2-3b-pt-224"):
-    """Decode s/token, one process: bfloat16, int4 (the kit), int4 with the probe kernel.
+    """Decode s/token, one process: bfloat16, int4 with XLA's loop, int4 with the native kernel.
 
     Full-size random weights (``common.random_checkpoint``), both models in
-    memory (~9 GB: run it alone). The probe replaces the loop of
-    ``quant._reduce_matvec`` (``_int4_bytes``) by ``bench/int4_native.cc``
-    (its inputs rounded to bfloat16, the policy for these bfloat16 weights);
-    the forms alternate in ``rounds`` rounds (recompiling the int4 step each
-    time), so a change in the machine's load affects them alike.
+    memory (~9 GB: run it alone). ``quant.NATIVE_INT4`` switches the one-row
+    int4 products between XLA's loop (``_reduce_matvec``) and the package's
+    kernel (``pali_kit/native/int4_cpu.cc``); the forms alternate in ``rounds``
+    rounds (recompiling the int4 step each time), so a change in the machine's
+    load affects them alike.
     """
     import statistics
 
@@ -226,17 +232,11 @@ def native_decode(rounds: int = 2, new_tokens: int = 16, name: str = "paligemma2
     from common import random_checkpoint
 
     import pali_kit as pk
-    from pali_kit import decode, quant
+    from pali_kit import decode, native, quant
 
-    native = _native_int4()
-    if native is None:
+    if not native.int4_available():
+        print("native int4 kernel not available here (see pali_kit.native)")
         return
-    kit_loop = quant._int4_bytes
-
-    def probe_loop(x_even, x_odd, v, scales):  # inputs arrive times LOW / HIGH (exact)
-        xe, xo = x_even[0] * (1 / quant.LOW), x_odd[0] * (1 / quant.HIGH)
-        return native(xe, xo, v, scales)[None]
-
     path = random_checkpoint(name, "bfloat16")
     models = {
         "bfloat16": pk.load(path, dtype="bfloat16", verbose=False),
@@ -251,30 +251,36 @@ def native_decode(rounds: int = 2, new_tokens: int = 16, name: str = "paligemma2
         res = model.resolution
         image = np.random.default_rng(0).integers(0, 255, (res, res, 3), dtype=np.uint8)
         pixels = model.preprocess(image)
-        stamps = [time.perf_counter() for _ in decode.iter_tokens(
-            model.config, model.run_params, pixels, enc["text"], enc["mask_input"],
-            max_new_tokens=n, logit_mask=mask)]  # fmt: skip
-        return list(np.diff(stamps))
+        stamps, tokens = [], []
+        for t in decode.iter_tokens(model.config, model.run_params, pixels, enc["text"],
+                                    enc["mask_input"], max_new_tokens=n, logit_mask=mask):  # fmt: skip
+            stamps.append(time.perf_counter())
+            tokens.append(int(np.asarray(t[0]).reshape(-1)[0]))
+        return list(np.diff(stamps)), tokens
 
-    forms = {"bfloat16": ("bfloat16", None), "int4 (kit)": ("int4", kit_loop),
-             "int4 (probe kernel)": ("int4", probe_loop)}  # fmt: skip
+    forms = {"bfloat16": ("bfloat16", None), "int4 (XLA loop)": ("int4", False),
+             "int4 (native kernel)": ("int4", True)}  # fmt: skip
     times = {f: [] for f in forms}
+    tokens = {}
     try:
         for _ in range(rounds):
-            for form, (m, loop) in forms.items():
-                if loop is not None:  # retrace the step with this loop
-                    quant._int4_bytes = loop
+            for form, (m, on) in forms.items():
+                if on is not None:  # retrace the step with this form
+                    quant.NATIVE_INT4 = on
                     decode._jitted.cache_clear()
                     jax.clear_caches()
                 per_token(models[m], 4)  # compile
-                times[form] += per_token(models[m], new_tokens)
+                dt, tokens[form] = per_token(models[m], new_tokens)
+                times[form] += dt
     finally:
-        quant._int4_bytes = kit_loop
+        quant.NATIVE_INT4 = True
     bf16 = statistics.median(times["bfloat16"])
     rows = [{"weights": f, "decode s/token": f"{statistics.median(t):.4f}",
              "vs bfloat16": f"{statistics.median(t) / bf16:.2f}x", "tokens": str(len(t))}
             for f, t in times.items()]  # fmt: skip
     table(rows, f"{name}, random weights, decode, {rounds} interleaved rounds, one process")
+    same = tokens["int4 (XLA loop)"] == tokens["int4 (native kernel)"]
+    print(f"greedy tokens, int4 native vs XLA loop: {'same' if same else 'DIFFERENT'}")
 
 
 def hlo() -> None:

@@ -44,7 +44,10 @@ with the float matrix written out first (measured on an H200:
 most ``REDUCE_ROWS`` rows (decoding) then read the integers in place (see
 ``_reduce_matvec``); longer ones (prefill) dequantize each matrix when its
 input exists, so one matrix at a time is float (``_after``); the 257152-row
-output layer is dequantized chunk by chunk.
+output layer is dequantized chunk by chunk. On x86-64 CPUs with AVX-512 BF16,
+one-row int4 products of weights standing for bfloat16 run a native kernel
+instead of XLA's loop (``pali_kit.native``, built on first use with the system
+C++ compiler; ``NATIVE_INT4 = False`` or ``PALI_KIT_NATIVE=0`` turn it off).
 """
 
 from __future__ import annotations
@@ -435,7 +438,9 @@ def matmul(x, q: QArray, compute_dtype=None) -> jax.Array:
         product = lambda x2, w: policy_matmul(x2, w, compute_dtype, contract_rhs=1)  # noqa: E731
     else:  # policy_einsum's gradient is range-safe too (training with frozen QArrays)
         product = lambda x2, w: policy_einsum("rk,ok->ro", x2, w, compute_dtype)  # noqa: E731
-    if isinstance(q, CpuQArray) and x2.shape[0] <= REDUCE_ROWS:
+    if isinstance(q, CpuQArray) and _native_int4(x2, q, compute_dtype):
+        y = _native_matvec(x2, q)
+    elif isinstance(q, CpuQArray) and x2.shape[0] <= REDUCE_ROWS:
         y = _reduce_matvec(x2.astype(jnp.float32), q)
     elif x2.shape[0] <= REDUCE_ROWS:
         y = _reduce_rows(x2.astype(jnp.float32), q)
@@ -679,6 +684,52 @@ def _reduce_matvec(x2, q: QArray):
         rows.append(sum(row[1:], row[0]))
     y = jnp.concatenate(rows)
     return y * scales[:, 0] if q.scheme == "int8" else y
+
+
+# CPU, int4, one row: the native kernel (pali_kit/native/int4_cpu.cc) where it runs; False:
+# always XLA's loop. The environment variable PALI_KIT_NATIVE=0 also turns it off.
+NATIVE_INT4 = True
+
+
+def _native_int4(x2, q: QArray, compute_dtype=None) -> bool:
+    """Whether this product takes the native int4 kernel (checked while tracing).
+
+    One row (decoding; longer products were not measured faster), an int4 CpuQArray
+    standing for bfloat16 weights (the numerics policy rounds the input to bfloat16;
+    float32 and float16 weights keep XLA's loop), XLA:CPU as the backend, and a CPU
+    and toolchain the kernel builds and runs on (``pali_kit.native.int4_available``).
+    """
+    from . import native
+    from .model.common import operand_dtype
+
+    return (
+        NATIVE_INT4
+        and q.scheme == "int4"
+        and x2.shape[0] == 1 <= REDUCE_ROWS  # REDUCE_ROWS = 0: no fused one-row products
+        and getattr(q, "kernel", None) is not None
+        and operand_dtype(q.dtype, compute_dtype) == jnp.bfloat16
+        and jax.default_backend() == "cpu"
+        and native.int4_available()
+    )
+
+
+def _native_matvec(x2, q: CpuQArray):
+    """float[1, in] x an int4 CpuQArray -> float32[1, O] by the native kernel.
+
+    The input is rounded to bfloat16 (the policy for bfloat16 weights), split into its
+    even and odd elements (the low and high nibbles' inputs), and each stored column
+    block is one call; the blocks' sums are added in float32.
+    """
+    from . import native
+
+    blocks, scales = q.kernel
+    row = sum(blk.shape[1] for blk in blocks)  # bytes per row
+    x = jnp.pad(x2[0].astype(jnp.bfloat16), (0, 2 * row - q.in_size))
+    x_even, x_odd = x[0::2], x[1::2]
+    edges = np.cumsum([0] + [blk.shape[1] for blk in blocks])
+    parts = [native.int4_row_product(x_even, x_odd, blk, scales, int(a))
+             for blk, a in zip(blocks, edges)]  # fmt: skip
+    return sum(parts[1:], parts[0])[None]
 
 
 # int4 levels as the loop reads them: sign-extended bytes b (int32), low nibble

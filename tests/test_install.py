@@ -92,6 +92,7 @@ def test_wheel_from_sdist_installs_the_demo_and_runs_from_anywhere(tmp_path):
     wheel = _build(tmp_path)
     names = set(zipfile.ZipFile(wheel).namelist())
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "pali_kit").rglob("*.py")}
+    modules |= {str(p.relative_to(ROOT)) for p in (ROOT / "pali_kit").rglob("*.cc")}
     assert modules <= names, f"modules missing from the wheel: {sorted(modules - names)}"
     assets = {"demo_model.npz", "vae.npz", "tokenizer.model"}
     assets |= {f"images/{p.name}" for p in (ROOT / "data/images").iterdir() if p.suffix != ".md"}
