@@ -18,8 +18,9 @@ from pali_kit import native, quant
 HAS_FLAGS = set(native.INT4_FLAGS) <= native.cpu_flags()
 needs_flags = pytest.mark.skipif(not HAS_FLAGS, reason="CPU without avx512f/bw/avx512_bf16")
 needs_kernel = pytest.mark.skipif(
-    not (HAS_FLAGS and native.compiler() and native.enabled()),
-    reason="needs a CPU with avx512_bf16 and a C++ compiler (c++ / g++ / $CXX)",
+    not (HAS_FLAGS and native.compiler() and native.enabled() and not native.xla_isa_capped()),
+    reason="needs a CPU with avx512_bf16, a C++ compiler (c++ / g++ / $CXX) and XLA not capped "
+    "below AVX-512",
 )
 EPS32 = 2.0**-24  # float32 unit roundoff
 EPS_BF16 = 2.0**-8  # bfloat16 unit roundoff (8-bit significand)
@@ -102,6 +103,21 @@ def test_native_kernel_is_used_only_for_one_row_of_bfloat16_weights_on_cpu(monke
         m.setenv(native.ENV, "0")
         assert not native.int4_available()
         assert native.INT4_TARGET not in lowered(x, q)
+    with monkeypatch.context() as m:  # XLA held below AVX-512: the kernel steps aside too
+        m.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1 --xla_cpu_max_isa=AVX2")
+        assert not native.int4_available()
+        assert native.INT4_TARGET not in lowered(x, q)
+
+
+@pytest.mark.parametrize(
+    "flags, capped",
+    [("", False), ("--xla_cpu_max_isa=AVX2", True), ("--xla_cpu_max_isa=SSE4_2", True),
+     ("--xla_cpu_max_isa=AVX512", False), ("--xla_cpu_max_isa=avx512_bf16", False),
+     ("--xla_cpu_use_thunk_runtime=true", False)],
+)  # fmt: skip
+def test_xla_isa_cap_is_read_from_xla_flags(flags, capped, monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", flags)
+    assert native.xla_isa_capped() is capped
 
 
 @needs_kernel
@@ -164,6 +180,7 @@ def fresh_native(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.delenv(native.ENV, raising=False)
+    monkeypatch.setattr(native, "xla_isa_capped", lambda: False)  # the fallback under test
     monkeypatch.setattr(native, "_registered", set())
     native._int4_registered.cache_clear()
     native._warn_once.cache_clear()

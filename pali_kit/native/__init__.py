@@ -11,7 +11,8 @@ the product as a JAX function; later processes load the cached library.
 
 It returns None, and ``pali_kit.quant`` keeps XLA's own loop, when the CPU
 lacks the instructions (``avx512f``, ``avx512bw``, ``avx512_bf16``), when
-``PALI_KIT_NATIVE=0`` is set (the opt-out) or when no compiler is found or
+``PALI_KIT_NATIVE=0`` is set (the opt-out), when ``XLA_FLAGS`` caps
+XLA:CPU below AVX-512 (``--xla_cpu_max_isa=AVX2``), or when no compiler is found or
 the build fails (then with one warning per process naming the reason).
 """
 
@@ -141,9 +142,24 @@ def _int4_registered() -> bool:
     return True
 
 
+def xla_isa_capped() -> bool:
+    """True when ``XLA_FLAGS`` holds XLA:CPU below AVX-512 (``--xla_cpu_max_isa=AVX2`` etc.).
+
+    Whoever caps XLA's instruction set (to match another CPU, or to avoid
+    AVX-512) gets the same from the native kernels: they then step aside.
+    """
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        name, _, value = flag.partition("=")
+        if name.lstrip("-") == "xla_cpu_max_isa":
+            return not value.strip().upper().startswith("AVX512")
+    return False
+
+
 def int4_available() -> bool:
     """Whether :func:`int4_row_product` can run here (builds the kernel on the first call)."""
-    return enabled() and set(INT4_FLAGS) <= cpu_flags() and _int4_registered()
+    return (
+        enabled() and set(INT4_FLAGS) <= cpu_flags() and not xla_isa_capped() and _int4_registered()
+    )
 
 
 def int4_row_product(x_even, x_odd, v, scales, start: int = 0):
