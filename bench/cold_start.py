@@ -17,6 +17,14 @@ processes, the trees alternating. ``--hf`` adds, to every round, a cold
 process of transformers on the same weights (the folder bench/generate.py
 exports), with the same phases: import (torch, transformers), load
 (``from_pretrained``), first token (``generate``, one image, the same prompt).
+
+    python bench/cold_start.py --fault-rate
+
+prints how fast a process gets fresh memory: 2 GiB mapped and touched once
+per 4 KiB page, in a new mapping after the previous one was freed and the
+machine left idle for 3 s (on a VM that hands freed memory back to its host,
+each page is then a fault the host serves), right after a free, and with
+transparent huge pages asked for (``MADV_HUGEPAGE``).
 """
 
 from __future__ import annotations
@@ -158,6 +166,36 @@ def row_of(res: dict, **first) -> dict:
     return row
 
 
+def fault_rates(gib: int = 2, rounds: int = 2) -> dict:
+    """GB/s of first touches of fresh anonymous memory: after an idle pause, at once, huge pages."""
+    import mmap
+
+    import numpy as np
+
+    n = gib << 30
+
+    def touch(huge: bool) -> float:
+        m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        if huge:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        a = np.frombuffer(m, np.uint8)
+        t = time.perf_counter()
+        a[::4096] = 1  # one write per 4 KiB page: the faults, not the copying
+        dt = time.perf_counter() - t
+        del a
+        m.close()
+        return n / dt / 1e9
+
+    rates = {"after 3 s idle": [], "right after a free": [], "huge pages, after 3 s idle": []}
+    for _ in range(rounds):
+        time.sleep(3)
+        rates["after 3 s idle"].append(touch(False))
+        rates["right after a free"].append(touch(False))
+        time.sleep(3)
+        rates["huge pages, after 3 s idle"].append(touch(True))
+    return {k: [round(v, 2) for v in vs] for k, vs in rates.items()}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="paligemma-3b-pt-224")
@@ -165,7 +203,11 @@ def main():
     ap.add_argument("--trees", nargs=2, help="compare two source trees (OLD NEW)")
     ap.add_argument("--rounds", type=int, default=2, help="warm rounds with --trees")
     ap.add_argument("--hf", action="store_true", help="a transformers cold process per round")
+    ap.add_argument("--fault-rate", action="store_true", help="only: how fast fresh memory comes")
     args = ap.parse_args()
+    if args.fault_rate:
+        print(json.dumps({"fresh memory, GB/s": fault_rates()}), flush=True)
+        return
     path = random_checkpoint(args.name, "bfloat16")
     print(json.dumps({"crc32 GB/s": crc_rates()}), flush=True)
     code = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT)
