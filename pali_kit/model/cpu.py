@@ -43,6 +43,7 @@ from .common import (
     einsum_labels,
     expand_ellipsis,
     narrow_range,
+    operand_dtype,
     scale_rows,
     to_device,
 )
@@ -105,6 +106,10 @@ class Matrix:
             # then the products cast without scaling again.
             x2, scale = scale_rows(x2.astype(jnp.float32), (1,))
             compute_dtype = jnp.dtype(self.dtype).name
+        # The input rounded to the products' operand dtype once, before the barriers:
+        # the groups share it, and XLA fuses the rounding into the op that makes x
+        # (a LayerNorm, the gelu) rather than making a pass over x per product.
+        x2 = x2.astype(operand_dtype(self.dtype, compute_dtype))
         # A barrier per group gives each product its own copy of the input as far
         # as XLA can tell; otherwise the dot merger concatenates the weights that
         # share it (heads, gate and up) on every call.
@@ -121,7 +126,7 @@ class Matrix:
 
     def _product(self, x2, blocks, compute_dtype):
         if not self.transposed:
-            return matmul(x2, blocks[0].reshape(x2.shape[1], -1), compute_dtype)
+            return _matmul(x2, blocks[0].reshape(x2.shape[1], -1), compute_dtype)
         parts, start = [], 0
         for block in blocks:
             part = x2[:, start : start + block.shape[1]]
@@ -129,14 +134,22 @@ class Matrix:
             # One row: x @ block.T is XLA:CPU's fast row-major matrix-vector kernel;
             # several rows: the direct contraction is the fast form.
             if x2.shape[0] == 1:
-                parts.append(matmul(part, block.T, compute_dtype))
+                parts.append(_matmul(part, block.T, compute_dtype))
             else:
-                parts.append(matmul(part, block, compute_dtype, contract_rhs=1))
+                parts.append(_matmul(part, block, compute_dtype, contract_rhs=1))
         if len(parts) == 1:
             return parts[0]
         # Summing behind a barrier keeps each product a separate matmul kernel
         # (an add fused into it would make XLA:CPU convert the block first).
         return sum(jax.lax.optimization_barrier(tuple(parts)))
+
+
+def _matmul(x2, w, compute_dtype, contract_rhs: int = 0):
+    """``policy_matmul`` for an input already rounded to the operand dtype (``Matrix.einsum``)."""
+    if x2.dtype == jnp.float32:
+        return matmul(x2, w, compute_dtype, contract_rhs)
+    dims = (((1,), (contract_rhs,)), ((), ()))
+    return jax.lax.dot_general(x2, w.astype(x2.dtype), dims, preferred_element_type=jnp.float32)
 
 
 # --- building the layout ---------------------------------------------------------------
@@ -163,7 +176,7 @@ def cpu_layout(params, out_in: bool | None = None, in_place: bool | str = False)
     stores the LLM's matrices as (out, in) blocks: a copy of them, or with
     ``in_place`` written over the official arrays' own memory (no memory added;
     those official arrays then hold the blocks and must be dropped: see
-    ``IN_PLACE_LEAVES`` and ``official_params``). ``in_place="written"``: those
+    ``BLOCKED`` and ``official_params``). ``in_place="written"``: those
     arrays already hold the blocks (``out_in_blocks``; the .npz reader writes them
     so, see ``checkpoints.load_cpu_inference``). Arrays that cannot be viewed (not
     on one CPU) are left as they are.
@@ -176,9 +189,8 @@ def cpu_layout(params, out_in: bool | None = None, in_place: bool | str = False)
     transformer = dict(img["Transformer"])
     layers = _split_layers(params["img"]["Transformer"]["encoderblock"])
     if layers is not None:
-        transformer["encoderblock"] = _stack_of(
-            [_map_kernels(layer, _own_form(lambda k: Matrix([[k]]))) for layer in layers]
-        )
+        blocks = (lambda w: _out_in_matrix(w, 0, in_place)) if out_in else None
+        transformer["encoderblock"] = _stack_of([_vision_layer(x, blocks) for x in layers])
     img["Transformer"] = transformer
 
     table = llm["embedder"]["input_embedding"]  # (V, W) is already (out, in)
@@ -209,6 +221,62 @@ GROUP_AXES = {
     "mlp/gating_einsum": 1,
     "mlp/linear": 0,
 }
+
+
+# The image encoder's MLP input matrix (D, M) of one layer. XLA:CPU multiplies 256
+# image tokens by a bfloat16 (1152, 4304) matrix (So400m) ~10% slower than by its
+# (4304, 1152) transpose, or by a matrix whose columns are a multiple of 64; its
+# other matrices run as fast either way. For half-precision weights this one is
+# held as (out, in) blocks like the LLM's (in place: no memory added).
+VISION_BLOCKED = ("MlpBlock_0", "Dense_0", "kernel")
+
+# The official arrays the half-precision layout holds as (out, in) blocks (written
+# over their own memory with ``in_place``): flat key -> group axes of one layer's slice.
+BLOCKED = {
+    **{f"llm/layers/{'/'.join(p)}": GROUP_AXES["/".join(p)] for p in IN_PLACE_LEAVES},
+    f"img/Transformer/encoderblock/{'/'.join(VISION_BLOCKED)}": 0,
+}
+
+
+def _vision_layer(layer, blocks=None):
+    """One encoder layer's kernels as Matrix; with ``blocks`` (``w -> Matrix``) the
+    MLP input matrix as that function makes it."""
+    run = _map_kernels(layer, _own_form(lambda k: Matrix([[k]])))
+    if blocks is None:
+        return run
+    return _replace(run, VISION_BLOCKED, _own_form(blocks)(_get(layer, VISION_BLOCKED)))
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _replace(tree, path, value):
+    """``tree`` with the leaf at ``path`` set to ``value`` (the dicts along it copied)."""
+    if not path:
+        return value
+    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
+
+
+def _holds_blocks(run, key: str) -> bool:
+    node = _get(run, key.split("/"))
+    return isinstance(node, tuple) and getattr(node[0], "transposed", False)
+
+
+def holds_blocks(run) -> bool:
+    """Whether ``run`` holds every ``BLOCKED`` array as per-layer (out, in) blocks."""
+    return all(_holds_blocks(run, key) for key in BLOCKED)
+
+
+def without_blocked(official, run):
+    """``official`` with each ``BLOCKED`` array that ``run`` holds as (out, in) blocks
+    set to None (``official_params`` rebuilds them), or None if ``run`` holds none."""
+    keys = [key for key in BLOCKED if _holds_blocks(run, key)]
+    for key in keys:
+        official = _replace(official, key.split("/"), None)
+    return official if keys else None
 
 
 def _llm_layer(layer, out_in: bool, in_place: bool | str = False):
@@ -505,9 +573,8 @@ def abstract_layout(shapes):
     transformer = dict(img["Transformer"])
     layers = _abstract_layers(shapes["img"]["Transformer"]["encoderblock"])
     if layers is not None:
-        transformer["encoderblock"] = _stack_of(
-            [_map_kernels(layer, lambda k: Matrix([[k]])) for layer in layers]
-        )
+        blocks = (lambda w: _abstract_out_in(w, 0)) if out_in else None
+        transformer["encoderblock"] = _stack_of([_vision_layer(x, blocks) for x in layers])
     img["Transformer"] = transformer
     table = llm["embedder"]["input_embedding"]
     llm["embedder"] = {"input_embedding": Matrix([[table]], (), True, table.shape[:1])}
