@@ -1,8 +1,8 @@
 """The image encoder in the CPU inference layout computes what the official tree computes.
 
 For half-precision weights the layout holds each encoder layer's MLP input matrix
-(D, M) as an (out, in) block written over its own memory (``cpu.BLOCKED``), and
-every product rounds its input to the weights' dtype once. Here: the image
+(D, M) as an (out, in) block written over its own memory (``cpu.BLOCKED``).
+Here: the image
 embeddings match the official tree's, the official tree is rebuilt bit for bit,
 the layout adds no memory, and ``abstract_layout`` predicts it from shapes.
 

@@ -45,7 +45,6 @@ from .common import (
     einsum_labels,
     expand_ellipsis,
     narrow_range,
-    operand_dtype,
     scale_rows,
     to_device,
 )
@@ -108,12 +107,6 @@ class Matrix:
             # then the products cast without scaling again.
             x2, scale = scale_rows(x2.astype(jnp.float32), (1,))
             compute_dtype = jnp.dtype(self.dtype).name
-        if x2.shape[0] > 1:
-            # Several rows (image tokens, a prompt): rounded to the products' operand
-            # dtype once, before the barriers; the groups share it, and XLA fuses the
-            # rounding into the op that makes x (a LayerNorm, the gelu) rather than
-            # making a pass over x per product. (One row: the decode step as tuned.)
-            x2 = x2.astype(operand_dtype(self.dtype, compute_dtype))
         # A barrier per group gives each product its own copy of the input as far
         # as XLA can tell; otherwise the dot merger concatenates the weights that
         # share it (heads, gate and up) on every call.
@@ -130,7 +123,7 @@ class Matrix:
 
     def _product(self, x2, blocks, compute_dtype):
         if not self.transposed:
-            return _matmul(x2, blocks[0].reshape(x2.shape[1], -1), compute_dtype)
+            return matmul(x2, blocks[0].reshape(x2.shape[1], -1), compute_dtype)
         parts, start = [], 0
         for block in blocks:
             part = x2[:, start : start + block.shape[1]]
@@ -138,22 +131,14 @@ class Matrix:
             # One row: x @ block.T is XLA:CPU's fast row-major matrix-vector kernel;
             # several rows: the direct contraction is the fast form.
             if x2.shape[0] == 1:
-                parts.append(_matmul(part, block.T, compute_dtype))
+                parts.append(matmul(part, block.T, compute_dtype))
             else:
-                parts.append(_matmul(part, block, compute_dtype, contract_rhs=1))
+                parts.append(matmul(part, block, compute_dtype, contract_rhs=1))
         if len(parts) == 1:
             return parts[0]
         # Summing behind a barrier keeps each product a separate matmul kernel
         # (an add fused into it would make XLA:CPU convert the block first).
         return sum(jax.lax.optimization_barrier(tuple(parts)))
-
-
-def _matmul(x2, w, compute_dtype, contract_rhs: int = 0):
-    """``policy_matmul`` for an input already rounded to the operand dtype (``Matrix.einsum``)."""
-    if x2.dtype == jnp.float32:
-        return matmul(x2, w, compute_dtype, contract_rhs)
-    dims = (((1,), (contract_rhs,)), ((), ()))
-    return jax.lax.dot_general(x2, w.astype(x2.dtype), dims, preferred_element_type=jnp.float32)
 
 
 # --- building the layout ---------------------------------------------------------------
