@@ -53,7 +53,7 @@ from .errors import (
 )
 from .images import preprocess
 from .model import PaliGemma, accel, count_params, inference_params, init_params, param_shapes
-from .model.cpu import abstract_layout, official_params, without_blocked
+from .model.cpu import IN_PLACE_LEAVES, abstract_layout, official_params
 from .tokenizer import Tokenizer, find_tokenizer
 
 
@@ -632,9 +632,20 @@ def _owning(model: Model) -> Model:
 
 
 def _without_replaced(official, run):
-    """``official`` with the matrices that ``run`` holds as (out, in) blocks set to
-    None (in place: their memory now holds the blocks), or None if there are none."""
-    return without_blocked(official, run)
+    """``official`` with the LLM matrices that ``run`` holds as (out, in) blocks set
+    to None (in place: their memory now holds the blocks), or None if there are none."""
+    linear = run["llm"]["layers"]["mlp"]["linear"]
+    if not (isinstance(linear, tuple) and getattr(linear[0], "transposed", False)):
+        return None
+    llm = dict(official["llm"])
+    layers = llm["layers"] = dict(llm["layers"])
+    for path in IN_PLACE_LEAVES:
+        node = layers
+        for key in path[:-1]:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[path[-1]] = None
+    return {**official, "llm": llm}
 
 
 def _check_run_shapes(run, shapes) -> None:

@@ -359,7 +359,7 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
 
     ``run`` is what ``model.cpu_layout(params, in_place=True)`` makes of the
     official tree ``load_params`` reads; ``skeleton`` is that tree with the LLM
-    matrices ``run`` holds as (out, in) blocks (``model.cpu.BLOCKED``)
+    matrices ``run`` holds as (out, in) blocks (``model.cpu.IN_PLACE_LEAVES``)
     replaced by their ``jax.ShapeDtypeStruct`` (``model.cpu.official_params(run,
     skeleton)`` rebuilds them). Those blocks are written in one pass over the
     file's bytes (read 16 MB at a time and transposed from that buffer), the
@@ -380,7 +380,8 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
         if any(m.startswith("params/") for m in members):
             members = [m for m in members if m.startswith("params/")]  # skip optimizer state
         by_key = {_canonical_key(m): m for m in members}
-        blocked = cpu.BLOCKED
+        blocked = {f"llm/layers/{'/'.join(p)}": cpu.GROUP_AXES["/".join(p)]
+                   for p in cpu.IN_PLACE_LEAVES}  # fmt: skip
         if not _stored_half(zf, by_key, [*blocked, "llm/final_norm/scale"], path, dtype):
             return None
         size = Path(path).stat().st_size
@@ -405,8 +406,13 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
             bar.close()
     params = unflatten(flat)
     run = cpu.cpu_layout(params, out_in=True, in_place="written")
-    if not cpu.holds_blocks(run):
-        return None  # per-layer views impossible (unusual shapes): read the official tree
+    layers = run["llm"]["layers"]
+    for p in cpu.IN_PLACE_LEAVES:
+        node = layers
+        for k in p:
+            node = node[k]
+        if not (isinstance(node, tuple) and getattr(node[0], "transposed", False)):
+            return None  # per-layer views impossible (unusual shapes): read the official tree
     for key in blocked:
         a = flat[key]
         flat[key] = jax.ShapeDtypeStruct(a.shape, a.dtype)

@@ -221,9 +221,8 @@ def test_misaligned_small_leaves_keep_the_layers_as_views():
     params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 0))
     run = inference_params(params)
     block = run["img"]["Transformer"]["encoderblock"]
-    # (the MLP's input matrix is held as (out, in) blocks in bfloat16: its output one here)
-    stacked = params["img"]["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_1"]["kernel"]
-    kernels = block["MlpBlock_0"]["Dense_1"]["kernel"]
+    stacked = params["img"]["Transformer"]["encoderblock"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    kernels = block["MlpBlock_0"]["Dense_0"]["kernel"]
     assert len(kernels) == config.vision.depth
     view = kernels[1].groups[0][0]  # layer 1 shares the stacked memory
     assert view.unsafe_buffer_pointer() == stacked.unsafe_buffer_pointer() + stacked[0].nbytes

@@ -17,9 +17,7 @@ slow on that form, and this module (only) works around them, for inference:
    a slow generic kernel, but reads an ``(out, in)`` one at full memory speed
    when ``in`` is at most ~3000. For half-precision weights the LLM matrices are
    therefore copied once as ``(out, in)`` blocks of at most ``BLOCK`` columns
-   (``out_in``), and the products of the blocks summed. The image encoder's MLP
-   input matrix is held so too (``VISION_BLOCKED``): XLA:CPU multiplies its 256
-   tokens by the (1152, 4304) matrix of So400m faster in that form.
+   (``out_in``), and the products of the blocks summed.
 
 The numbers come out as the official tree's (the same products, in the same
 numerics policy, see ``common.py``), up to float32 summation order.
@@ -165,7 +163,7 @@ def cpu_layout(params, out_in: bool | None = None, in_place: bool | str = False)
     stores the LLM's matrices as (out, in) blocks: a copy of them, or with
     ``in_place`` written over the official arrays' own memory (no memory added;
     those official arrays then hold the blocks and must be dropped: see
-    ``BLOCKED`` and ``official_params``). ``in_place="written"``: those
+    ``IN_PLACE_LEAVES`` and ``official_params``). ``in_place="written"``: those
     arrays already hold the blocks (``out_in_blocks``; the .npz reader writes them
     so, see ``checkpoints.load_cpu_inference``). Arrays that cannot be viewed (not
     on one CPU) are left as they are.
@@ -178,8 +176,9 @@ def cpu_layout(params, out_in: bool | None = None, in_place: bool | str = False)
     transformer = dict(img["Transformer"])
     layers = _split_layers(params["img"]["Transformer"]["encoderblock"])
     if layers is not None:
-        blocks = (lambda w: _out_in_matrix(w, 0, in_place)) if out_in else None
-        transformer["encoderblock"] = _stack_of([_vision_layer(x, blocks) for x in layers])
+        transformer["encoderblock"] = _stack_of(
+            [_map_kernels(layer, _own_form(lambda k: Matrix([[k]]))) for layer in layers]
+        )
     img["Transformer"] = transformer
 
     table = llm["embedder"]["input_embedding"]  # (V, W) is already (out, in)
@@ -210,62 +209,6 @@ GROUP_AXES = {
     "mlp/gating_einsum": 1,
     "mlp/linear": 0,
 }
-
-
-# The image encoder's MLP input matrix (D, M) of one layer. XLA:CPU multiplies 256
-# image tokens by a bfloat16 (1152, 4304) matrix (So400m) ~10% slower than by its
-# (4304, 1152) transpose, or by a matrix whose columns are a multiple of 64; its
-# other matrices run as fast either way. For half-precision weights this one is
-# held as (out, in) blocks like the LLM's (in place: no memory added).
-VISION_BLOCKED = ("MlpBlock_0", "Dense_0", "kernel")
-
-# The official arrays the half-precision layout holds as (out, in) blocks (written
-# over their own memory with ``in_place``): flat key -> group axes of one layer's slice.
-BLOCKED = {
-    **{f"llm/layers/{'/'.join(p)}": GROUP_AXES["/".join(p)] for p in IN_PLACE_LEAVES},
-    f"img/Transformer/encoderblock/{'/'.join(VISION_BLOCKED)}": 0,
-}
-
-
-def _vision_layer(layer, blocks=None):
-    """One encoder layer's kernels as Matrix; with ``blocks`` (``w -> Matrix``) the
-    MLP input matrix as that function makes it."""
-    run = _map_kernels(layer, _own_form(lambda k: Matrix([[k]])))
-    if blocks is None:
-        return run
-    return _replace(run, VISION_BLOCKED, _own_form(blocks)(_get(layer, VISION_BLOCKED)))
-
-
-def _get(tree, path):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _replace(tree, path, value):
-    """``tree`` with the leaf at ``path`` set to ``value`` (the dicts along it copied)."""
-    if not path:
-        return value
-    return {**tree, path[0]: _replace(tree[path[0]], path[1:], value)}
-
-
-def _holds_blocks(run, key: str) -> bool:
-    node = _get(run, key.split("/"))
-    return isinstance(node, tuple) and getattr(node[0], "transposed", False)
-
-
-def holds_blocks(run) -> bool:
-    """Whether ``run`` holds every ``BLOCKED`` array as per-layer (out, in) blocks."""
-    return all(_holds_blocks(run, key) for key in BLOCKED)
-
-
-def without_blocked(official, run):
-    """``official`` with each ``BLOCKED`` array that ``run`` holds as (out, in) blocks
-    set to None (``official_params`` rebuilds them), or None if ``run`` holds none."""
-    keys = [key for key in BLOCKED if _holds_blocks(run, key)]
-    for key in keys:
-        official = _replace(official, key.split("/"), None)
-    return official if keys else None
 
 
 def _llm_layer(layer, out_in: bool, in_place: bool | str = False):
@@ -562,8 +505,9 @@ def abstract_layout(shapes):
     transformer = dict(img["Transformer"])
     layers = _abstract_layers(shapes["img"]["Transformer"]["encoderblock"])
     if layers is not None:
-        blocks = (lambda w: _abstract_out_in(w, 0)) if out_in else None
-        transformer["encoderblock"] = _stack_of([_vision_layer(x, blocks) for x in layers])
+        transformer["encoderblock"] = _stack_of(
+            [_map_kernels(layer, lambda k: Matrix([[k]])) for layer in layers]
+        )
     img["Transformer"] = transformer
     table = llm["embedder"]["input_embedding"]
     llm["embedder"] = {"input_embedding": Matrix([[table]], (), True, table.shape[:1])}
