@@ -33,6 +33,7 @@ sys.path.insert(0, {here!r})
 import numpy as np, jax, jax.numpy as jnp
 from pali_kit import checkpoints
 from pali_kit.model import cpu
+from pali_kit.model.common import to_device
 from pali_kit.model.siglip import SigLIP
 from common import peak_rss_gb
 
@@ -40,18 +41,24 @@ args = json.loads({args!r})
 dtype = np.dtype(jnp.dtype(args["dtype"]))
 header = checkpoints.checkpoint_keys(args["path"])
 config = checkpoints.infer_config({{k: s for k, (s, _) in header.items()}}, args["path"])
-flat = {{}}
-with checkpoints._open_zip(args["path"]) as zf:
-    for m in zf.namelist():
-        key = checkpoints._canonical_key(m)
-        if key.startswith("img/"):
-            flat[key] = checkpoints.to_device(
-                checkpoints._read_member(zf, zf.getinfo(m), args["path"], key, dtype))
-img = checkpoints.unflatten(flat)["img"]
-stub = {{"final_norm": {{"scale": jnp.zeros((1,), dtype)}},
-         "embedder": {{"input_embedding": jnp.zeros((1, 1), dtype)}}, "layers": {{}}}}
-run = cpu.cpu_layout({{"img": img, "llm": stub}}, in_place=True)["img"]
-del img, flat
+if args["full"]:  # the whole model, as pk.load makes it
+    import pali_kit as pk
+    whole = pk.load(args["path"], dtype=args["dtype"], verbose=False)
+    run = whole.run_params["img"]
+else:
+    flat = {{}}
+    with checkpoints._open_zip(args["path"]) as zf:  # the image encoder's arrays only
+        for member in zf.namelist():
+            key = checkpoints._canonical_key(member)
+            if key.startswith("img/"):
+                info = zf.getinfo(member)
+                flat[key] = to_device(checkpoints._read_member(zf, info, args["path"], key, dtype))
+    img = checkpoints.unflatten(flat)["img"]
+    # its CPU layout as pk.load makes it (the LLM part: a stub without layers)
+    stub = {{"final_norm": {{"scale": jnp.zeros((1,), dtype)}},
+             "embedder": {{"input_embedding": jnp.zeros((1, 1), dtype)}}, "layers": {{}}}}
+    run = cpu.cpu_layout({{"img": img, "llm": stub}}, in_place=True)["img"]
+    del img, flat
 model = SigLIP(config.vision, config.llm.width)
 encode = jax.jit(lambda p, x: model.apply({{"params": p}}, x))
 res = config.vision.image_size
@@ -66,6 +73,7 @@ for line in sys.stdin:
 
 HF_CHILD = r"""
 import json, sys, time
+from pathlib import Path
 sys.path.insert(0, {here!r})
 import numpy as np, torch
 from safetensors import safe_open
@@ -79,12 +87,13 @@ cfg = PaliGemmaConfig.from_pretrained(args["folder"])
 tower = SiglipVisionModel(cfg.vision_config).to(dtype)
 proj = PaliGemmaMultiModalProjector(cfg).to(dtype)
 state = {{}}
-for f in sorted(__import__("pathlib").Path(args["folder"]).glob("*.safetensors")):
+for f in sorted(Path(args["folder"]).glob("*.safetensors")):
     with safe_open(str(f), "pt") as s:
         for k in s.keys():
             if k.startswith(("vision_tower.", "multi_modal_projector.")):
                 state[k] = s.get_tensor(k).to(dtype)
 mine = set(tower.state_dict())
+# the tower's own names start with or without "vision_model." (transformers versions differ)
 strip = "vision_tower." if any(k.startswith("vision_model.") for k in mine) else "vision_tower.vision_model."
 tower.load_state_dict({{k[len(strip):]: v for k, v in state.items() if k.startswith(strip)}})
 proj.load_state_dict({{k[len("multi_modal_projector."):]: v for k, v in state.items()
@@ -140,12 +149,15 @@ def main():
     ap.add_argument("--kit", action="append", default=[],
                     help="NAME=TREE: a kit from source tree TREE (default: this tree)")  # fmt: skip
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--full", action="store_true",
+                    help="kits load the whole model with pk.load (~6.5 GB each), not just "
+                         "the image encoder")  # fmt: skip
     args = ap.parse_args()
     source = random_checkpoint(args.name, "bfloat16")
     kits = [k.split("=", 1) for k in args.kit] or [["kit", str(HERE.parent)]]
     children = []
     for name, tree in kits:
-        spec = json.dumps(dict(path=str(source), dtype=args.dtype))
+        spec = json.dumps(dict(path=str(source), dtype=args.dtype, full=args.full))
         env = dict(os.environ, PYTHONPATH=str(Path(tree).resolve()))
         children.append(Child(name, KIT_CHILD.format(here=str(HERE), args=spec), env))
     if not args.skip_hf:
