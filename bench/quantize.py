@@ -96,44 +96,6 @@ def kernels(repeat: int = 7, stream_mb: int = 256) -> None:
     table(rows, title)
 
 
-def _native_int4():
-    """The hand-written probe kernel (``bench/int4_native.cc``) as a jax function, or None.
-
-    Compiled with the system C++ compiler into a temporary folder; None without
-    one, without AVX-512 BF16 or where the build fails (the reason is printed).
-    """
-    import ctypes
-    import shutil
-    import subprocess
-    import tempfile
-
-    import jax
-    import jax.numpy as jnp
-
-    cxx = shutil.which("g++") or shutil.which("c++")
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if cxx is None or "avx512_bf16" not in flags:
-        print("native int4 probe skipped: needs g++ and a CPU with avx512_bf16")
-        return None
-    lib = Path(tempfile.mkdtemp()) / "int4_native.so"
-    cmd = [cxx, "-O3", "-std=c++17", "-march=cooperlake", "-shared", "-fPIC",
-           f"-I{jax.ffi.include_dir()}", str(HERE / "int4_native.cc"), "-o", str(lib)]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        print("native int4 probe skipped: build failed\n" + done.stderr[-2000:])
-        return None
-    handle = ctypes.cdll.LoadLibrary(str(lib))
-    jax.ffi.register_ffi_target("pk_int4_probe", jax.ffi.pycapsule(handle.Int4RowProduct), "cpu")
-
-    def product(x_even, x_odd, v, scales, threads=2):
-        out = jax.ShapeDtypeStruct((v.shape[0],), jnp.float32)
-        call = jax.ffi.ffi_call("pk_int4_probe", out)
-        bf = jnp.bfloat16
-        return call(x_even.astype(bf), x_odd.astype(bf), v, scales, threads=np.int64(threads))
-
-    return product
-
-
 def forms(repeat: int = 7, stream_mb: int = 256) -> None:
     """The int4 one-row product of one 3B MLP matrix in several forms, timed interleaved.
 
@@ -141,9 +103,7 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
     ``b & -16`` converts, the group scale in the multiply-add). Two forms that are
     not products of the stored levels bound what an XLA:CPU loop over the bytes
     can reach: ``(bound) no scale`` leaves out the group scale, ``(bound) one
-    convert`` converts each byte once (as int8 does). ``native``: the first
-    hand-written probe, ``bench/int4_native.cc`` (bfloat16 inputs, the policy for
-    a bfloat16 weight), 1 and 2 threads; ``native (kit)``: the package's kernel
+    convert`` converts each byte once (as int8 does). ``native (kit)``: the package's kernel
     (``pali_kit/native/int4_cpu.cc``, what decoding uses where it builds), on XLA's
     intra-op threads. bfloat16 / int8: the kit's CPU forms of the same matrix.
     Each form cycles through copies (>= ``stream_mb`` MB).
@@ -156,7 +116,6 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
     from pali_kit import quant
     from pali_kit.model import cpu
 
-    native = _native_int4()
     dims = (((1,), (0,)), ((), ()))
 
     def xla_loop(xe, xo, v, s):  # the kit's loop, as _reduce_matvec calls it
@@ -186,9 +145,6 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
         xe, xo = x[0, 0::2], x[0, 1::2]
         calls = {"xla loop": (jax.jit(xla_loop), ints), "(bound) no scale": (jax.jit(no_scale), ints),
                  "(bound) one convert": (jax.jit(one_convert), ints)}  # fmt: skip
-        if native is not None:
-            for t in (1, 2):
-                calls[f"native, {t} thread(s)"] = (jax.jit(lambda *a, t=t: native(*a, t)), ints)
         if native_kit.int4_available():  # the package's kernel (pali_kit/native/int4_cpu.cc)
             calls["native (kit)"] = (jax.jit(lambda xe, xo, v, s: native_kit.int4_row_product(
                 xe.astype(jnp.bfloat16), xo.astype(jnp.bfloat16), v, s)), ints)  # fmt: skip
