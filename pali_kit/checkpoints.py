@@ -395,6 +395,7 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None, cache=
         mapped = weights_cache.read(cache, path, dtype)
         if mapped is not None:
             try:
+                _check_same_arrays(mapped, path)
                 done = _run_tree({k: to_device(a) for k, a in mapped.items()}, blocked)
             except (KeyError, TypeError, ValueError) as e:  # a manifest missing arrays
                 weights_cache.unusable(cache, path, e)
@@ -439,6 +440,19 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None, cache=
     if done is not None and cache is not None:  # the next process maps these instead
         weights_cache.write(cache, path, host, flat["llm/final_norm/scale"].dtype)
     return done
+
+
+def _check_same_arrays(arrays: dict, path) -> None:
+    """ValueError unless ``arrays`` holds every ``img/`` and ``llm/`` array of the .npz
+    at ``path`` in its shape (reversed for a Fortran-order member), reading headers only."""
+    want = {k: s for k, (s, _) in checkpoint_keys(path).items() if k.startswith(("img/", "llm/"))}
+    have = {k: a.shape for k, a in arrays.items() if k.startswith(("img/", "llm/"))}
+    if have.keys() != want.keys():
+        odd = sorted(have.keys() ^ want.keys())
+        raise ValueError(f"arrays differ from the checkpoint's: {odd[:3]}")
+    for key, shape in want.items():
+        if have[key] not in (shape, shape[::-1]):
+            raise ValueError(f"{key}: shape {have[key]}, the checkpoint's is {shape}")
 
 
 def _run_tree(flat: dict, blocked: dict):

@@ -59,8 +59,12 @@ LAYOUT = {
     "blocked": ["/".join(p) for p in cpu.IN_PLACE_LEAVES],
 }
 DISK_MARGIN = 1 << 28  # bytes left free on the disk after writing a cache
-VERIFY = True  # check every array's CRC-32 when mapping (ISA-L: ~0.2 s for 6 GB)
-POPULATE = True  # map the whole file at once (MAP_POPULATE) rather than page by page
+# Check every array's CRC-32 when mapping. With ISA-L this pass also faults the whole
+# mapping in from the page cache: 0.23 s for PaliGemma 3B bfloat16 (5.85 GB), 0.06 s
+# without it (the pages then come during the first forward pass). MAP_POPULATE is not
+# used: on a copy-on-write mapping it faults every page in for writing, i.e. copies the
+# whole file into new memory (3.5 s and 5.8 GB of it in the same measurement).
+VERIFY = True
 
 _DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -154,9 +158,7 @@ def read(folder: Path, source, dtype: np.dtype | None):
                 return None  # a cast was asked for: the .npz is read (and not cached)
             size = _data_start(f.tell() - len(MAGIC) - 8) + manifest["data_bytes"]
             _check(manifest, source, dtype, os.fstat(f.fileno()).st_size, size)
-            flags = mmap.MAP_PRIVATE | (getattr(mmap, "MAP_POPULATE", 0) if POPULATE else 0)
-            mapping = mmap.mmap(f.fileno(), size, flags=flags,
-                                prot=mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
+            mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # copy-on-write
         arrays = _arrays(mapping, manifest, size - manifest["data_bytes"])
         if VERIFY:
             _verify(arrays, manifest)
