@@ -138,8 +138,9 @@ class _Stale(Exception):
 
 def read(folder: Path, source, dtype: np.dtype | None):
     """``{key: array}`` of numpy arrays on a copy-on-write mapping of the cache of
-    ``source``, in the layout ``checkpoints.load_cpu_inference`` fills (the (out, in)
-    blocked LLM matrices already blocked), or None: no cache (quietly), or an
+    ``source``, as ``checkpoints.load_cpu_inference`` fills them: each in its official
+    shape (e.g. ``llm/layers/mlp/linear`` (L, F, W)), the ``cpu.IN_PLACE_LEAVES``
+    matrices holding their (out, in) blocks (``cpu.out_in_blocks``), or None: no cache (quietly), or an
     unusable one (with a ``CacheWarning``). ``dtype``: the dtype asked for (None:
     as stored); a cache of another dtype is not used.
     """
