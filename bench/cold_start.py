@@ -18,6 +18,17 @@ process of transformers on the same weights (the folder bench/generate.py
 exports), with the same phases: import (torch, transformers), load
 (``from_pretrained``), first token (``generate``, one image, the same prompt).
 
+    python bench/cold_start.py --weights-cache [--rounds 3] [--hf]
+
+measures the opt-in weights cache (``pk.load(..., weights_cache=...)``): one
+process with an empty compilation cache and no weights cache (the first-ever
+cold start), one with the compilation cache warm that reads the .npz and writes
+the weights cache (what the first load pays), then ``--rounds`` rounds of a warm
+process without the weights cache, one that maps it, and (``--hf``) a cold
+process of transformers, in that order. Each process finds its files in the
+page cache (the .npz, the weights cache, the transformers folder). The weights
+cache lives in a new folder beside the checkpoint, removed at the end.
+
     python bench/cold_start.py --fault-rate
 
 prints how fast a process gets fresh memory: 2 GiB mapped and touched once
@@ -32,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,7 +73,7 @@ def mark(name):
 import pali_kit as pk
 from pali_kit import decode
 mark("import")
-model = pk.load({path!r}, dtype={dtype!r}, verbose=False)
+model = pk.load({path!r}, dtype={dtype!r}, verbose=False, weights_cache={weights_cache!r})
 mark("load")
 run = model.run_params
 mark("layout")
@@ -76,7 +88,8 @@ for _ in tokens:
     pass
 mark("3 more tokens")
 timers = {{k.rsplit("/", 1)[-1]: v for k, v in SECONDS.items()}}
-print("RESULT " + json.dumps(dict(phases=phases, timers=timers)))
+anon = dict(line.split(":", 1) for line in open("/proc/self/status"))["RssAnon"].split()[0]
+print("RESULT " + json.dumps(dict(phases=phases, timers=timers, anon_gb=int(anon) * 1024 / 1e9)))
 """
 
 HF_CHILD = r"""
@@ -105,7 +118,8 @@ with torch.inference_mode():
     model.generate(input_ids=input_ids, pixel_values=pixels, token_type_ids=torch.zeros_like(input_ids),
                    attention_mask=torch.ones_like(input_ids), max_new_tokens=1, do_sample=False)
 mark("first token")
-print("RESULT " + json.dumps(dict(phases=phases, timers={{}})))
+anon = dict(line.split(":", 1) for line in open("/proc/self/status"))["RssAnon"].split()[0]
+print("RESULT " + json.dumps(dict(phases=phases, timers={{}}, anon_gb=int(anon) * 1024 / 1e9)))
 """
 
 PROMPT = "answer en what is in the picture"  # as bench/generate.py's
@@ -143,8 +157,9 @@ def _seconds(fn, data) -> float:
     return time.perf_counter() - t
 
 
-def run_child(code: str, path: Path, env: dict, cwd=None) -> dict:
-    warm_page_cache(path)  # the file from the page cache in every process
+def run_child(code: str, path: Path, env: dict, cwd=None, also_warm=()) -> dict:
+    for p in (path, *also_warm):
+        warm_page_cache(p)  # the files from the page cache in every process
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          cwd=cwd)  # fmt: skip
     line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
@@ -161,6 +176,8 @@ def row_of(res: dict, **first) -> dict:
     row["total s"] = f"{before:.1f}"
     row["to 1st token s"] = f"{res['phases']['first token'][0]:.2f}"
     row["peak RSS GB"] = f"{max(r for _, r in res['phases'].values()):.2f}"
+    if "anon_gb" in res:  # memory of the process's own (not mapped file pages), at its end
+        row["own memory GB"] = f"{res['anon_gb']:.2f}"
     for key, label in TIMERS.items():
         row[label] = f"{res['timers'].get(key, 0.0):.1f}"
     return row
@@ -204,14 +221,19 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="warm rounds with --trees")
     ap.add_argument("--hf", action="store_true", help="a transformers cold process per round")
     ap.add_argument("--fault-rate", action="store_true", help="only: how fast fresh memory comes")
+    ap.add_argument("--weights-cache", action="store_true",
+                    help="rounds with and without the weights cache (pk.load weights_cache=)")  # fmt: skip
     args = ap.parse_args()
     if args.fault_rate:
         print(json.dumps({"fresh memory, GB/s": fault_rates()}), flush=True)
         return
     path = random_checkpoint(args.name, "bfloat16")
     print(json.dumps({"crc32 GB/s": crc_rates()}), flush=True)
-    code = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT)
+    code = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT,
+                        weights_cache=False)  # fmt: skip
     hf_code = _hf_child(path, args.dtype) if args.hf else None
+    if args.weights_cache:
+        return weights_cache_rounds(args, path, hf_code)
     rows = []
     if args.trees:
         caches = {t: tempfile.mkdtemp(prefix="pk_cache_") for t in args.trees}
@@ -236,6 +258,50 @@ def main():
         rows.append(row_of(res, cache=cache))
         print(json.dumps({"cache": cache, **res}), flush=True)
     table(rows, f"{args.name}, {args.dtype}: seconds per phase of a cold process")
+
+
+def weights_cache_rounds(args, path: Path, hf_code: str | None) -> None:
+    """The ``--weights-cache`` runs (see the module's docstring)."""
+    import shutil
+
+    from pali_kit import weights_cache
+
+    folder = Path(tempfile.mkdtemp(prefix="weights_cache_", dir=path.parent))
+    env = {k: v for k, v in os.environ.items() if k != weights_cache.ENV}
+    env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pk_cache_")
+    plain = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT,
+                         weights_cache=False)  # fmt: skip
+    cached = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT,
+                          weights_cache=str(folder))  # fmt: skip
+    file = weights_cache.cache_file(folder, path)
+    plan = [("kit", "empty", "-", plain), ("kit", "warm", "written", cached)]
+    for r in range(1, args.rounds + 1):
+        plan += [("kit", f"warm {r}", "-", plain), ("kit", f"warm {r}", "mapped", cached)]
+        if hf_code is not None:
+            plan.append(("transformers", "-", "-", hf_code))
+    rows = []
+    try:
+        for who, cache, weights, code in plan:
+            if who == "transformers":
+                res = run_child(code, path.with_suffix(".hf"), dict(os.environ))
+            else:
+                if weights == "mapped" and not file.is_file():
+                    raise RuntimeError(f"no weights cache at {file} after the writing process")
+                res = run_child(code, path, env, also_warm=[file] if weights == "mapped" else [])
+            rows.append(row_of(res, who=who, cache=cache, weights_cache=weights))
+            print(json.dumps({"who": who, "cache": cache, "weights_cache": weights, **res}),
+                  flush=True)  # fmt: skip
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    cols = {c: None for r in rows for c in r}
+    rows = [{c: r.get(c, "-") for c in cols} for r in rows]
+    table(rows, f"{args.name}, {args.dtype}: cold processes with and without the weights cache")
+    for who, weights in (("kit", "-"), ("kit", "mapped"), ("transformers", "-")):
+        times = [float(r["to 1st token s"]) for r in rows
+                 if r["who"] == who and r["weights_cache"] == weights and r["cache"] != "empty"]  # fmt: skip
+        if times:
+            print(f"{who:<12} weights cache {weights:<6} to 1st token: "
+                  + " ".join(f"{t:.2f}" for t in times) + f"  (median {statistics.median(times):.2f} s)")  # fmt: skip
 
 
 def _hf_child(path: Path, dtype: str) -> str:

@@ -55,6 +55,7 @@ from .images import preprocess
 from .model import PaliGemma, accel, count_params, inference_params, init_params, param_shapes
 from .model.cpu import IN_PLACE_LEAVES, abstract_layout, official_params
 from .tokenizer import Tokenizer, find_tokenizer
+from .weights_cache import resolve_dir as weights_cache_dir
 
 
 @dataclass
@@ -753,7 +754,7 @@ def demo_config(vocab_size: int = 2176) -> PaliGemmaConfig:
 
 
 def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = True,
-         **overrides) -> Model:  # fmt: skip
+         weights_cache=None, **overrides) -> Model:  # fmt: skip
     """Load a PaliGemma from anywhere.
 
     source: ``"demo"`` (the embedded model, offline) | a name from ``pk.CHECKPOINTS``
@@ -763,6 +764,16 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
       (``pali_kit.quant``), done while a ``.npz`` streams in, so memory peaks near the
       quantized size (a transformers folder is loaded, then quantized).
     tokenizer: a path or Tokenizer; by default one found beside the checkpoint.
+    weights_cache: keep a copy of the weights in the CPU inference layout on disk, so
+      that later processes map it (page cache, no new memory) instead of reading the
+      ``.npz`` (``pali_kit.weights_cache``); it costs a second copy of the weights on
+      disk (5.85 GB for a 3B bfloat16 checkpoint), written by the first load. True: in
+      ``$XDG_CACHE_HOME/pali_kit/weights`` (``~/.cache/pali_kit/weights``); a path:
+      in that folder; False: off; None (default): the ``PALI_KIT_WEIGHTS_CACHE``
+      variable decides (unset or ``0``: off, ``1``: the default folder, else a folder).
+      Used only where the ``.npz`` is read straight into the CPU layout: on CPU, an
+      uncompressed bfloat16/float16 ``.npz``, no cast to another dtype, no
+      ``quantize``; ignored elsewhere (``"demo"``, transformers folders, GPU/TPU).
     overrides: config fields by their big_vision names, e.g. ``final_logits_softcap=0.0``.
 
     On CPU, while a large float ``.npz`` is read, a background thread compiles (or
@@ -772,6 +783,7 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     """
     dtype = _check_load_args(source, dtype, verbose)
     quant.check_scheme(quantize)
+    cache_dir = weights_cache_dir(weights_cache)
     enable_compilation_cache()
     if source == "demo":
         model = _demo(dtype, overrides, quantize)
@@ -795,7 +807,8 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
             config = _with_overrides(config, overrides, "pk.load")
             ahead = _compile_while_loading(path, header, dtype, quantize, config, text_len)
             # on CPU, half precision: straight into the inference layout (Model.run_params)
-            loaded = None if quantize else checkpoints.load_cpu_inference(path, dtype)
+            loaded = (None if quantize
+                      else checkpoints.load_cpu_inference(path, dtype, cache=cache_dir))  # fmt: skip
             if loaded is None:
                 params = checkpoints.load_params(path, dtype, quantize=quantize)
             else:

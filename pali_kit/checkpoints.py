@@ -359,7 +359,7 @@ def iter_arrays(
 # --- reading straight into the CPU inference layout -----------------------------------
 
 
-def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
+def load_cpu_inference(path, dtype=None, *, progress: bool | None = None, cache=None):
     """Read a .npz straight into the CPU inference layout: ``(skeleton, run)``, or None.
 
     ``run`` is what ``model.cpu_layout(params, in_place=True)`` makes of the
@@ -377,19 +377,36 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
     None (read with ``load_params``) unless the arrays go to the CPU, those
     matrices are stored uncompressed in C order as bfloat16 or float16 like the
     final norm, and ``dtype`` is None or that dtype.
+
+    ``cache``: a folder for the opt-in weights cache (``pali_kit.weights_cache``):
+    when it holds a valid cache of this file, its arrays are mapped instead of
+    reading the file (no new memory); otherwise, after reading, the filled arrays
+    are written there for the next process.
     """
+    from . import weights_cache
     from .model import cpu
 
     dtype = as_dtype(dtype)
     if jax.default_backend() != "cpu":  # (to_device puts each array on the default device)
         return None
+    blocked = {f"llm/layers/{'/'.join(p)}": cpu.GROUP_AXES["/".join(p)]
+               for p in cpu.IN_PLACE_LEAVES}  # fmt: skip
+    if cache is not None:
+        mapped = weights_cache.read(cache, path, dtype)
+        if mapped is not None:
+            try:
+                _check_same_arrays(mapped, path)
+                done = _run_tree({k: to_device(a) for k, a in mapped.items()}, blocked)
+            except (KeyError, TypeError, ValueError) as e:  # a manifest missing arrays
+                weights_cache.unusable(cache, path, e)
+                done = None
+            if done is not None:
+                return done
     with _open_zip(path) as zf:
         members = [m for m in zf.namelist() if m.endswith(".npy")]
         if any(m.startswith("params/") for m in members):
             members = [m for m in members if m.startswith("params/")]  # skip optimizer state
         by_key = {_canonical_key(m): m for m in members}
-        blocked = {f"llm/layers/{'/'.join(p)}": cpu.GROUP_AXES["/".join(p)]
-                   for p in cpu.IN_PLACE_LEAVES}  # fmt: skip
         if not _stored_half(zf, by_key, [*blocked, "llm/final_norm/scale"], path, dtype):
             return None
         size = Path(path).stat().st_size
@@ -402,7 +419,7 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
         # every array allocated up front, its pages faulted in by a helper thread
         # ahead of the reader (see _Prefaulter)
         outs = {m: _new_array(zf, m, path, dtype) for m in members}
-        flat = {}
+        flat, host = {}, {}
         with _Prefaulter(outs.values()):
             for member in members:
                 key = _canonical_key(member)
@@ -412,13 +429,38 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
                 else:
                     array = _read_member(zf, info, path, key, dtype, outs.pop(member))
                 flat[key] = to_device(array)
+                if cache is not None:
+                    host[key] = array
                 if bar is not None:
                     bar.update(array.nbytes)
                 del array
         if bar is not None:
             bar.close()
-    params = unflatten(flat)
-    run = cpu.cpu_layout(params, out_in=True, in_place="written")
+    done = _run_tree(flat, blocked)
+    if done is not None and cache is not None:  # the next process maps these instead
+        weights_cache.write(cache, path, host, flat["llm/final_norm/scale"].dtype)
+    return done
+
+
+def _check_same_arrays(arrays: dict, path) -> None:
+    """ValueError unless ``arrays`` holds every ``img/`` and ``llm/`` array of the .npz
+    at ``path`` in its shape (reversed for a Fortran-order member), reading headers only."""
+    want = {k: s for k, (s, _) in checkpoint_keys(path).items() if k.startswith(("img/", "llm/"))}
+    have = {k: a.shape for k, a in arrays.items() if k.startswith(("img/", "llm/"))}
+    if have.keys() != want.keys():
+        odd = sorted(have.keys() ^ want.keys())
+        raise ValueError(f"arrays differ from the checkpoint's: {odd[:3]}")
+    for key, shape in want.items():
+        if have[key] not in (shape, shape[::-1]):
+            raise ValueError(f"{key}: shape {have[key]}, the checkpoint's is {shape}")
+
+
+def _run_tree(flat: dict, blocked: dict):
+    """``(skeleton, run)`` from the filled arrays ``{key: jax array}`` (the ``blocked``
+    keys holding (out, in) blocks), or None where per-layer views are impossible."""
+    from .model import cpu
+
+    run = cpu.cpu_layout(unflatten(flat), out_in=True, in_place="written")
     layers = run["llm"]["layers"]
     for p in cpu.IN_PLACE_LEAVES:
         node = layers
@@ -426,6 +468,7 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None):
             node = node[k]
         if not (isinstance(node, tuple) and getattr(node[0], "transposed", False)):
             return None  # per-layer views impossible (unusual shapes): read the official tree
+    flat = dict(flat)
     for key in blocked:
         a = flat[key]
         flat[key] = jax.ShapeDtypeStruct(a.shape, a.dtype)

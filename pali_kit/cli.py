@@ -107,16 +107,17 @@ def _status(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
-def _load(source, dtype=None, quantize=None):
+def _load(source, dtype=None, quantize=None, weights_cache=None):
     import pali_kit as pk
 
-    model = pk.load(source, dtype=dtype, quantize=quantize, verbose=False)
+    model = pk.load(source, dtype=dtype, quantize=quantize, verbose=False,
+                    weights_cache=weights_cache)  # fmt: skip
     _status(f"pali_kit: {model.summary()}")
     return model
 
 
 def _generate(args) -> int:
-    model = _load(args.model, args.dtype, args.quantize)
+    model = _load(args.model, args.dtype, args.quantize, args.weights_cache)
     if args.stream:
         for piece in model.stream(args.image, args.prompt, max_new_tokens=args.max_new_tokens,
                                   sampler=args.sampler, seed=args.seed):  # fmt: skip
@@ -257,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--model", default="demo", help="'demo', a pk.CHECKPOINTS name, .npz or folder")
     add_weight_args(g)
+    g.add_argument("--weights-cache", nargs="?", const=True, default=None, metavar="DIR",
+                   help="map the weights from a CPU-layout copy on disk (written by the first "
+                        "run: a second copy of the weights), in DIR or ~/.cache/pali_kit/weights "
+                        "(default: the PALI_KIT_WEIGHTS_CACHE variable decides)")  # fmt: skip
     g.add_argument("--sampler", default="greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-new-tokens", type=int, default=64)

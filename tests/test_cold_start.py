@@ -73,14 +73,17 @@ loading = list(EVENTS)
 EVENTS.clear()
 image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
 [out] = model.generate(image, "caption en", max_new_tokens=6)
+maps = open("/proc/self/maps").read() if sys.platform == "linux" else ""
 print(json.dumps(dict(loading=loading, generating=EVENTS, tokens=out.tokens.tolist(),
-                      logprobs=out.logprobs.tolist())))
+                      logprobs=out.logprobs.tolist(), mapped=".weights" in maps)))
 """
 
 
-def _run_ahead(path, ahead: bool, cache) -> dict:
+def _run_ahead(path, ahead: bool, cache, weights_cache=None) -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "PALI_KIT_"))}
     env = {**base, "PALI_KIT_COMPILATION_CACHE": "1", "JAX_COMPILATION_CACHE_DIR": str(cache)}
+    if weights_cache is not None:
+        env["PALI_KIT_WEIGHTS_CACHE"] = str(weights_cache)
     out = subprocess.run([sys.executable, "-c", AHEAD, str(path), "1" if ahead else "0"],
                          env=env, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -107,6 +110,21 @@ def test_a_loaded_models_first_token_compiles_nothing_after_the_compile_ahead(tm
     # the same program on the same inputs: the same answer, bit for bit
     assert ahead["tokens"] == plain["tokens"]
     assert ahead["logprobs"] == plain["logprobs"]
+
+
+def test_a_process_mapping_the_weights_cache_compiles_ahead_and_answers_the_same(tmp_path):
+    from pali_kit.weights_cache import cache_file
+
+    path = pk.save(pk.load("demo", dtype="bfloat16", verbose=False), tmp_path / "m.npz")
+    plain = _run_ahead(path, False, tmp_path / "cache")  # fills the compilation cache
+    assert not plain["mapped"]
+    first = _run_ahead(path, True, tmp_path / "cache", tmp_path / "weights")  # writes it
+    assert cache_file(tmp_path / "weights", path).is_file() and not first["mapped"]
+    mapped = _run_ahead(path, True, tmp_path / "cache", tmp_path / "weights")
+    assert mapped["mapped"] or sys.platform != "linux"
+    # the run tree from the mapping is the one compiled ahead for: only the step compiles
+    assert _compiled(mapped["generating"]) == {"jit(step)"}
+    assert mapped["tokens"] == plain["tokens"] and mapped["logprobs"] == plain["logprobs"]
 
 
 ODD = {

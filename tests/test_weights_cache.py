@@ -1,0 +1,400 @@
+"""The opt-in weights cache (``pali_kit.weights_cache``): a later load maps the CPU
+layout from disk instead of reading the .npz, with the same bits; a stale, broken or
+unwritable cache is never trusted and never fails a load."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import struct
+import sys
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pali_kit as pk
+from pali_kit import checkpoints, weights_cache
+from pali_kit.checkpoints import load_cpu_inference, save_params
+from pali_kit.errors import ArgumentTypeError
+from pali_kit.model.cpu import BLOCK, Matrix
+from pali_kit.weights_cache import CacheWarning, cache_file, resolve_dir
+
+from .conftest import assert_generates_like_the_official_tree, tiny_config
+
+
+@pytest.fixture(scope="module")
+def bf16():
+    # the down-projection's in axis needs 2 blocks; every other LLM matrix one or more groups
+    config = tiny_config(llm_mlp_dim=BLOCK + 64)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 3))
+    return config, params
+
+
+@pytest.fixture
+def saved(tmp_path, bf16):
+    return save_params(bf16[1], tmp_path / "m.npz")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def no_npz_reads(monkeypatch):
+    """Make reading any member of a .npz fail: what still works came from the cache."""
+
+    def refuse(*args, **kw):
+        raise AssertionError("the .npz was read")
+
+    def arm():
+        monkeypatch.setattr(checkpoints, "_read_member", refuse)
+        monkeypatch.setattr(checkpoints, "_read_out_in", refuse)
+
+    return arm
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view(f"u{a.dtype.itemsize}")
+
+
+def _assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert x.shape == y.shape and x.dtype == y.dtype
+        if isinstance(x, jax.Array):
+            np.testing.assert_array_equal(_bits(x), _bits(y))
+
+
+@contextlib.contextmanager
+def _no_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheWarning)
+        yield
+
+
+def _mapping_of(path: Path) -> list[tuple[int, int]]:
+    """The address ranges where this process maps ``path`` (/proc/self/maps)."""
+    ranges = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if line.rstrip().endswith(str(path)):
+                lo, hi = line.split()[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    return ranges
+
+
+def _inside(a: jax.Array, ranges) -> bool:
+    start = a.unsafe_buffer_pointer()
+    return any(lo <= start and start + a.nbytes <= hi for lo, hi in ranges)
+
+
+# --- the cache gives the same weights, mapped ------------------------------------------
+
+
+def test_a_second_load_maps_the_same_bits_without_reading_the_npz(saved, folder, no_npz_reads):
+    want = load_cpu_inference(saved)
+    with _no_warnings():
+        first = load_cpu_inference(saved, cache=folder)  # reads the .npz, writes the cache
+    _assert_trees_equal(first, want)
+    path = cache_file(folder, saved)
+    assert path.is_file() and [p.name for p in folder.iterdir()] == [path.name]  # no temp left
+    no_npz_reads()
+    with _no_warnings():
+        skeleton, run = load_cpu_inference(saved, cache=folder)
+    _assert_trees_equal((skeleton, run), want)
+    # every array is the mapped file's memory, handed to JAX without a copy
+    if sys.platform == "linux":
+        ranges = _mapping_of(path)
+        assert ranges
+        mapped = [a for a in jax.tree.leaves(skeleton) if isinstance(a, jax.Array)]
+        matrices = [m for m in jax.tree.leaves(run["llm"]["layers"], is_leaf=_is_matrix)
+                    if isinstance(m, Matrix)]  # fmt: skip
+        assert len(matrices) == 2 * 5 and all(m.transposed for m in matrices)  # 2 layers
+        mapped += [b for m in matrices for g in m.groups for b in g]
+        assert len(mapped) > 20 and all(_inside(a, ranges) for a in mapped)
+
+
+def _is_matrix(x):
+    return isinstance(x, Matrix)
+
+
+def test_pk_load_with_the_cache_generates_the_same_tokens_and_params(
+    saved, folder, bf16, no_npz_reads
+):
+    config, params = bf16
+    with _no_warnings():
+        pk.load(saved, verbose=False, weights_cache=folder)
+    no_npz_reads()
+    with _no_warnings():
+        model = pk.load(saved, verbose=False, weights_cache=folder)
+    assert model._run_replaced  # the run tree came from the cache, laid out already
+    # the same program on the same values: logits equal bit for bit
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32)
+    text, mask_ar = np.array([[5, 6, 7, 8]], np.int32), np.array([[0, 0, 1, 1]], np.int32)
+    reference = pk.Model(params, config)
+    np.testing.assert_array_equal(
+        np.asarray(model.logits(image, text, mask_ar)),
+        np.asarray(reference.logits(image, text, mask_ar)),
+    )
+    assert_generates_like_the_official_tree(model, params, config)
+    _assert_trees_equal(model.params, params)  # the official tree, rebuilt from the blocks
+
+
+def test_training_and_saving_never_write_into_the_cache_file(saved, folder, bf16, tmp_path):
+    from pali_kit import train as pt
+
+    config, params = bf16
+    pk.load(saved, verbose=False, weights_cache=folder)
+    model = pk.load(saved, verbose=False, weights_cache=folder)  # mapped
+    path = cache_file(folder, saved)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    out = pk.save(model, tmp_path / "again.npz")
+    _assert_trees_equal(checkpoints.load_params(out), params)
+    # a train step whose donated state holds the mapped arrays themselves (its output
+    # may reuse their memory: a private copy of those pages, never the file)
+    official = model.params
+    mask, _ = pt.trainable_mask(official, "all")
+    trainable, frozen = pt.split_params(official, mask)
+    tx, _ = pt.make_optimizer("sgd", num_steps=1, lr=1e-2, warmup_percent=0)
+    state = pt.init_state(trainable, tx)
+    text = np.array([[5, 6, 7, 8]], np.int32)
+    batch = {
+        "image": np.zeros((1, 28, 28, 3), np.float32),
+        "text": text,
+        "mask_ar": np.array([[0, 0, 1, 1]], np.int32),
+        "mask_loss": np.array([[0, 0, 1, 1]], np.int32),
+        "mask_input": np.ones(text.shape, bool),
+    }
+    new, metrics = pt.make_train_step(config, tx)(state, frozen, batch)
+    assert bool(metrics["ok"])
+    jax.block_until_ready(new)
+    # whatever writes into the mapped memory writes into a private copy of the page
+    arrays = weights_cache.read(folder, saved, None)
+    arrays["llm/layers/mlp/linear"][...] = 1
+    assert np.all(_bits(arrays["llm/layers/mlp/linear"]) == _bits(np.ones(1, jnp.bfloat16)))
+    del arrays
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    # (the donated arrays are gone from ``model``); a new mapping holds the checkpoint's weights
+    again = pk.load(saved, verbose=False, weights_cache=folder)
+    assert_generates_like_the_official_tree(again, params, config)
+
+
+# --- a stale or broken cache: a warning, the .npz read, the cache written again ---------------
+
+
+def _assert_rebuilt(saved, folder, want, no_npz_reads, match):
+    with pytest.warns(CacheWarning, match=match):
+        got = load_cpu_inference(saved, cache=folder)
+    _assert_trees_equal(got, want)
+    no_npz_reads()  # the cache written again is good
+    with _no_warnings():
+        _assert_trees_equal(load_cpu_inference(saved, cache=folder), want)
+
+
+def test_a_changed_checkpoint_invalidates_the_cache(saved, folder, bf16, no_npz_reads):
+    load_cpu_inference(saved, cache=folder)
+    # other weights of the same shapes (same file size) written over the checkpoint
+    other = jax.tree.map(lambda a: (a.astype(jnp.float32) + 1).astype(a.dtype), bf16[1])
+    save_params(other, saved)
+    st = saved.stat()
+    os.utime(saved, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # coarse clocks: surely later
+    want = load_cpu_inference(saved)
+    assert not np.array_equal(
+        _bits(want[0]["llm"]["final_norm"]["scale"]), _bits(bf16[1]["llm"]["final_norm"]["scale"])
+    )
+    _assert_rebuilt(saved, folder, want, no_npz_reads, "checkpoint changed since")
+
+
+def test_a_touched_checkpoint_invalidates_the_cache(saved, folder, no_npz_reads):
+    load_cpu_inference(saved, cache=folder)
+    st = saved.stat()
+    os.utime(saved, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    _assert_rebuilt(saved, folder, load_cpu_inference(saved), no_npz_reads,
+                    "checkpoint changed since")  # fmt: skip
+
+
+def _header_length(path: Path) -> int:
+    return struct.unpack("<Q", path.read_bytes()[8:16])[0]
+
+
+def _truncate_data(p: Path):
+    p.write_bytes(p.read_bytes()[:-100])
+
+
+def _flip_data_byte(p: Path):
+    data = bytearray(p.read_bytes())
+    data[-len(data) // 3] ^= 0x10  # inside one of the arrays
+    p.write_bytes(bytes(data))
+
+
+def _garble_manifest(p: Path):
+    data = bytearray(p.read_bytes())
+    data[16:26] = b"#" * 10  # the JSON's first bytes
+    p.write_bytes(bytes(data))
+
+
+def _cut_manifest(p: Path):
+    p.write_bytes(p.read_bytes()[: 16 + _header_length(p) // 2])
+
+
+def _bad_magic(p: Path):
+    data = bytearray(p.read_bytes())
+    data[:8] = b"NOTACACH"
+    p.write_bytes(bytes(data))
+
+
+def _empty(p: Path):
+    p.write_bytes(b"")
+
+
+def _edit_manifest(p: Path, edit):
+    """Rewrite the JSON manifest through ``edit(dict)``, compacted and padded with
+    spaces to its old length (so the arrays stay where they are)."""
+    import json
+
+    data = p.read_bytes()
+    n = _header_length(p)
+    manifest = json.loads(data[16 : 16 + n])
+    edit(manifest)
+    text = json.dumps(manifest, separators=(",", ":")).encode()
+    assert len(text) <= n
+    p.write_bytes(data[:16] + text + b" " * (n - len(text)) + data[16 + n :])
+
+
+def _shifted_offset(p: Path):  # valid JSON that points an array outside the data
+    _edit_manifest(p, lambda m: m["arrays"][0].update(offset=m["data_bytes"]))
+
+
+def _dropped_array(p: Path):  # valid JSON without the final norm: no run tree from it
+    def drop(m):
+        m["arrays"] = [a for a in m["arrays"] if a["key"] != "llm/final_norm/scale"]
+
+    _edit_manifest(p, drop)
+
+
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (_truncate_data, "truncated"),
+        (_flip_data_byte, "CRC-32 mismatch"),
+        (_garble_manifest, "bad manifest"),
+        (_cut_manifest, "truncated manifest"),
+        (_bad_magic, "not a pali_kit weights cache"),
+        (_empty, "not a pali_kit weights cache"),
+        (_shifted_offset, "out of place"),
+        (_dropped_array, "does not fit its checkpoint.*final_norm"),
+    ],
+)
+def test_a_broken_cache_is_ignored_and_written_again(saved, folder, no_npz_reads, damage, match):
+    want = load_cpu_inference(saved)
+    load_cpu_inference(saved, cache=folder)
+    damage(cache_file(folder, saved))
+    _assert_rebuilt(saved, folder, want, no_npz_reads, match)
+
+
+def test_a_failed_write_leaves_no_file_and_the_load_succeeds(saved, folder, monkeypatch):
+    real = weights_cache.atomic_write
+
+    class Full:  # a disk that fills up after 64 KiB
+        def __init__(self, f):
+            self.f, self.left = f, 1 << 16
+
+        def write(self, data):
+            if len(data) > self.left:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.left -= len(data)
+            return self.f.write(data)
+
+    @contextlib.contextmanager
+    def failing(path, *args, **kw):
+        with real(path, *args, **kw) as f:
+            yield Full(f)
+
+    monkeypatch.setattr(weights_cache, "atomic_write", failing)
+    with pytest.warns(CacheWarning, match="could not write the weights cache.*No space left"):
+        got = load_cpu_inference(saved, cache=folder)
+    _assert_trees_equal(got, load_cpu_inference(saved))
+    assert list(folder.iterdir()) == []  # no partial cache, no temporary file
+
+
+def test_too_little_free_disk_writes_no_cache(saved, folder, monkeypatch):
+    import shutil
+
+    usage = shutil.disk_usage(saved.parent)
+    monkeypatch.setattr(weights_cache.shutil, "disk_usage",
+                        lambda p: usage._replace(free=1 << 20))  # fmt: skip
+    with pytest.warns(CacheWarning, match="not enough free disk") as caught:
+        got = load_cpu_inference(saved, cache=folder)
+    assert len(caught) == 1
+    _assert_trees_equal(got, load_cpu_inference(saved))
+    assert not cache_file(folder, saved).exists()
+
+
+# --- where the cache applies, and how it is turned on -------------------------------------
+
+
+def test_only_where_the_npz_is_read_into_the_cpu_layout(tmp_path, saved, folder, bf16):
+    config, params = bf16
+    f32 = save_params(jax.tree.map(lambda a: a.astype(jnp.float32), params), tmp_path / "f.npz")
+    with _no_warnings():
+        pk.load(f32, verbose=False, weights_cache=folder)  # float32: no CPU-layout read
+        pk.load(saved, dtype="float32", verbose=False, weights_cache=folder)  # a cast
+        pk.load(saved, quantize="int8", verbose=False, weights_cache=folder)
+        pk.load("demo", verbose=False, weights_cache=folder)
+    assert not folder.exists() or list(folder.iterdir()) == []
+    # a cache of the stored dtype does not serve a cast either
+    pk.load(saved, verbose=False, weights_cache=folder)
+    with _no_warnings():
+        model = pk.load(saved, dtype="float32", verbose=False, weights_cache=folder)
+    assert model.dtype == jnp.float32
+
+
+def test_the_argument_and_the_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    default = tmp_path / "xdg" / "pali_kit" / "weights"
+    for value, want in [(None, None), ("", None), ("0", None), ("1", default),
+                        (str(tmp_path / "env"), tmp_path / "env")]:  # fmt: skip
+        if value is None:
+            monkeypatch.delenv(weights_cache.ENV, raising=False)
+        else:
+            monkeypatch.setenv(weights_cache.ENV, value)
+        assert resolve_dir(None) == want, value
+    monkeypatch.setenv(weights_cache.ENV, "1")
+    assert resolve_dir(False) is None  # the argument wins over the variable
+    assert resolve_dir(True) == default
+    assert resolve_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert resolve_dir(str(tmp_path / "arg")) == tmp_path / "arg"
+    monkeypatch.delenv(weights_cache.ENV)
+    assert resolve_dir(True) == default
+    for bad in (1, "", ["x"]):
+        with pytest.raises(ArgumentTypeError, match=r"pk.load: weights_cache=.*pass True"):
+            resolve_dir(bad)
+
+
+def test_pk_load_follows_the_environment_variable(saved, tmp_path, monkeypatch):
+    monkeypatch.setenv(weights_cache.ENV, str(tmp_path / "env"))
+    pk.load(saved, verbose=False, weights_cache=False)  # off, whatever the variable says
+    assert not (tmp_path / "env").exists()
+    pk.load(saved, verbose=False)
+    assert cache_file(tmp_path / "env", saved).is_file()
+    with pytest.raises(ArgumentTypeError, match="weights_cache=3"):
+        pk.load(saved, verbose=False, weights_cache=3)
+
+
+def test_cli_flag():
+    from pali_kit.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["generate", "im.png", "caption en"]).weights_cache is None
+    assert parse(["generate", "im.png", "caption en", "--weights-cache"]).weights_cache is True
+    args = parse(["generate", "im.png", "caption en", "--weights-cache", "/c"])
+    assert args.weights_cache == "/c"
