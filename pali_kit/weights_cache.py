@@ -219,7 +219,7 @@ def _arrays(mapping: mmap.mmap, manifest: dict, start: int) -> dict:
 
 def _verify(arrays: dict, manifest: dict) -> None:
     want = {e["key"]: e["crc32"] for e in manifest["arrays"]}
-    got = dict(zip(arrays, cpu._pool().map(lambda a: crc32(_bytes(a)), arrays.values())))
+    got = dict(zip(arrays, cpu.thread_pool().map(lambda a: crc32(_bytes(a)), arrays.values())))
     bad = [k for k in arrays if got[k] != want[k]]
     if bad:
         raise _Stale(f"CRC-32 mismatch in {bad[:3]}{' ...' if len(bad) > 3 else ''} (corrupt data)")
@@ -246,7 +246,7 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype) -> Path | None:
     """
     path = cache_file(folder, source)
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
-    crcs = dict(zip(arrays, cpu._pool().map(lambda a: crc32(_bytes(a)), arrays.values())))
+    crcs = dict(zip(arrays, cpu.thread_pool().map(lambda a: crc32(_bytes(a)), arrays.values())))
     entries, data_bytes = [], 0
     for key, a in arrays.items():
         entries.append({"key": key, "shape": list(a.shape), "dtype": a.dtype.name,

@@ -347,7 +347,7 @@ def transpose_into(part: np.ndarray, out: np.ndarray, checksum=None) -> list:
             dst[:, i : min(i + STRIPE, hi)] = stripe.T
         return value, (hi - lo) * row_bytes
 
-    pool = _pool()
+    pool = thread_pool()
     step = -(-rows // (pool._max_workers * STRIPE)) * STRIPE  # a multiple of STRIPE
     return list(pool.map(lambda lo: stripes(lo, min(lo + step, rows)), range(0, rows, step)))
 
@@ -355,7 +355,7 @@ def transpose_into(part: np.ndarray, out: np.ndarray, checksum=None) -> list:
 _POOL = None
 
 
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
+def thread_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
         _POOL = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1))
