@@ -29,8 +29,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 ENV = "PALI_KIT_NATIVE"  # "0": never use the native kernels
 INT4_SOURCE = HERE / "int4_cpu.cc"
