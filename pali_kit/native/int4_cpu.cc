@@ -127,30 +127,26 @@ inline float row(const Block& b, const int8_t* v, const float* s) {
   return _mm512_reduce_add_ps(acc);
 }
 
-// Rows [a, b) of every block, block by block (each block's rows are one sequential stream).
-void row_range(const Product& p, int64_t a, int64_t b) {
-  for (size_t k = 0; k < p.blocks.size(); ++k) {
-    const Block& blk = p.blocks[k];
-    for (int64_t o = a; o < b; ++o) {
-      const float r = row(blk, blk.v + o * blk.bytes, p.s + o * p.groups + blk.g0);
-      p.y[o] = k == 0 ? r : p.y[o] + r;
-    }
-  }
+// Rows [a, b) of one block into out (y for block 0, a partial sum for the others).
+void row_range(const Product& p, const Block& blk, float* out, int64_t a, int64_t b) {
+  for (int64_t o = a; o < b; ++o) out[o] = row(blk, blk.v + o * blk.bytes, p.s + o * p.groups + blk.g0);
 }
 
-// The rows are cut in chunks of ~64 KB, and the chunks in one contiguous segment per thread
-// (the caller and threads - 1 tasks of XLA's intra-op pool), so that each thread streams
-// through memory in order. A thread takes chunks from the front of its own segment, then
-// from the back of the others' (a task that starts late, or runs slower, loses its chunks
-// to the others): every chunk is computed once and the caller returns when all are done,
-// never waiting for a task that has not started.
+// Each block's rows are cut in chunks of ~64 KB, the chunks (block by block) in one
+// contiguous segment per thread (the caller and threads - 1 tasks of XLA's intra-op pool),
+// so that each thread streams through memory in order. A thread takes chunks from the front
+// of its own segment, then from the back of the others' (a task that starts late, or runs
+// slower, loses its chunks to the others): every chunk is computed once and the caller
+// returns when all are done, never waiting for a task that has not started. Blocks after
+// the first write partial sums, added to y in block order at the end.
 constexpr int64_t kChunkBytes = 65536;
 constexpr int kMaxThreads = 64;
 
 struct Split {
   Product p;
   std::unique_ptr<uint16_t[], decltype(&std::free)> x{nullptr, &std::free};
-  int64_t rows, chunk, threads;
+  std::vector<float> partial;  // float32[blocks - 1, rows]
+  int64_t rows, chunk, per_block, threads;
   // per segment: (front << 32) | back, chunk indices; the segment is empty when front >= back
   std::atomic<uint64_t> segment[kMaxThreads];
   std::atomic<int64_t> done{0};
@@ -169,7 +165,9 @@ struct Split {
     }
   }
   void run(int64_t c) {
-    row_range(p, c * chunk, std::min(rows, (c + 1) * chunk));
+    const int64_t k = c / per_block, a = (c % per_block) * chunk;
+    float* out = k == 0 ? p.y : partial.data() + (k - 1) * rows;
+    row_range(p, p.blocks[k], out, a, std::min(rows, a + chunk));
     done.fetch_add(1, std::memory_order_release);
   }
   void work(int t) {
@@ -215,8 +213,14 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
   st->p.groups = groups;
   st->p.y = y->typed_data();
   st->rows = rows;
-  st->chunk = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(total_bytes, 1));
-  st->total = (rows + st->chunk - 1) / st->chunk;
+  const int64_t widest = std::max_element(st->p.blocks.begin(), st->p.blocks.end(),
+                                          [](const Block& a, const Block& b) {
+                                            return a.bytes < b.bytes;
+                                          })->bytes;
+  st->chunk = std::max<int64_t>(1, kChunkBytes / widest);
+  st->per_block = (rows + st->chunk - 1) / st->chunk;
+  st->total = st->per_block * static_cast<int64_t>(st->p.blocks.size());
+  st->partial.resize((st->p.blocks.size() - 1) * rows);
   if (st->total >= (int64_t{1} << 31)) return bad("too many rows");
   if (st->total == 0) return ffi::Error::Success();
   st->threads = std::max<int64_t>(1, std::min<int64_t>({pool.num_threads(), st->total,
@@ -228,6 +232,8 @@ ffi::Error Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi:
   for (int64_t t = 1; t < st->threads; ++t) pool.Schedule([st, t] { st->work(static_cast<int>(t)); });
   st->work(0);
   while (st->done.load(std::memory_order_acquire) < st->total) _mm_pause();
+  for (size_t k = 1; k < st->p.blocks.size(); ++k)
+    for (int64_t o = 0; o < rows; ++o) st->p.y[o] += st->partial[(k - 1) * rows + o];
   return ffi::Error::Success();
 }
 
