@@ -160,6 +160,13 @@ def test_native_kernel_rejects_inconsistent_shapes():
     with pytest.raises(Exception, match="inconsistent shapes"):  # 48 bytes: not whole groups
         jax.block_until_ready(native.int4_row_product(x, [jnp.zeros((4, 48), jnp.int8)],
                                                       jnp.ones((4, 2), jnp.float32)))  # fmt: skip
+    with pytest.raises(Exception, match="inconsistent shapes"):  # 64 bytes want 128 inputs
+        jax.block_until_ready(native.int4_row_product(x, [jnp.zeros((4, 64), jnp.int8)],
+                                                      jnp.ones((4, 2), jnp.float32)))  # fmt: skip
+    with pytest.raises(Exception, match="inconsistent shapes"):  # blocks of other row counts
+        blocks = [jnp.zeros((4, 32), jnp.int8), jnp.zeros((3, 32), jnp.int8)]
+        jax.block_until_ready(native.int4_row_product(jnp.zeros((128,), jnp.bfloat16), blocks,
+                                                      jnp.ones((4, 2))))  # fmt: skip
 
 
 @needs_kernel

@@ -19,9 +19,10 @@
 // per 128 inputs (stream m holds inputs 4 k + m). Words 0-15 are the first group (sum lanes
 // 0-7), words 16-31 the second (lanes 8-15): one multiply-add with both scales. A row whose
 // block ends in a single group takes it with 256-bit vectors. The rows are read ahead with
-// software prefetches: a Zen 4 core then streams ~20 GB/s of packed bytes instead of ~14.
+// software prefetches (the hardware's prefetchers alone leave the loop waiting on memory).
 // Rows are split in chunks between the calling thread and XLA's intra-op thread pool: one
-// core is bound by its vector instructions, two reach about the memory's rate.
+// core is bound by its vector instructions, two reach about the memory's rate
+// (bench/quantize.py --forms times the kernel against bfloat16's rate).
 #include <immintrin.h>
 
 #include <algorithm>
@@ -38,7 +39,7 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPrefetch = 4096;  // bytes ahead of the packed stream (measured 2-6 KB alike)
+constexpr int64_t kPrefetch = 4096;  // bytes ahead of the packed stream (2-8 KB measured alike)
 
 struct Block {
   const int8_t* v;  // int8[O, bytes]
