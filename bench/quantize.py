@@ -147,7 +147,7 @@ def forms(repeat: int = 7, stream_mb: int = 256) -> None:
                  "(bound) one convert": (jax.jit(one_convert), ints)}  # fmt: skip
         if native_kit.int4_available():  # the package's kernel (pali_kit/native/int4_cpu.cc)
             calls["native (kit)"] = (jax.jit(lambda xe, xo, v, s: native_kit.int4_row_product(
-                xe.astype(jnp.bfloat16), xo.astype(jnp.bfloat16), v, s)), ints)  # fmt: skip
+                jnp.stack([xe, xo], 1).reshape(-1).astype(jnp.bfloat16), [v], s)), ints)  # fmt: skip
         bf = [cpu._out_in_matrix(jnp.asarray(w), 0) for _ in range(max(1, copies // 4))]
         i8 = [quant.for_cpu(quant.quantize_leaf(w, "int8", (-2,))) for _ in range(copies // 2)]
         calls["bfloat16 (kit)"] = (lambda _e, _o, m, x=x: kit(x, m), [(m,) for m in bf])

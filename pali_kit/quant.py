@@ -716,20 +716,16 @@ def _native_int4(x2, q: QArray, compute_dtype=None) -> bool:
 def _native_matvec(x2, q: CpuQArray):
     """float[1, in] x an int4 CpuQArray -> float32[1, O] by the native kernel.
 
-    The input is rounded to bfloat16 (the policy for bfloat16 weights), split into its
-    even and odd elements (the low and high nibbles' inputs), and each stored column
-    block is one call; the blocks' sums are added in float32.
+    The input is rounded to bfloat16 (the policy for bfloat16 weights) and padded to
+    the stored row; all stored column blocks are one call, which adds their sums in
+    float32, block by block.
     """
     from . import native
 
     blocks, scales = q.kernel
     row = sum(blk.shape[1] for blk in blocks)  # bytes per row
     x = jnp.pad(x2[0].astype(jnp.bfloat16), (0, 2 * row - q.in_size))
-    x_even, x_odd = x[0::2], x[1::2]
-    edges = np.cumsum([0] + [blk.shape[1] for blk in blocks])
-    parts = [native.int4_row_product(x_even, x_odd, blk, scales, int(a))
-             for blk, a in zip(blocks, edges)]  # fmt: skip
-    return sum(parts[1:], parts[0])[None]
+    return native.int4_row_product(x, blocks, scales)[None]
 
 
 # int4 levels as the loop reads them: sign-extended bytes b (int32), low nibble

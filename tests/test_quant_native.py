@@ -121,12 +121,52 @@ def test_xla_isa_cap_is_read_from_xla_flags(flags, capped, monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    "widths, o",
+    [((64,), 5), ((32,), 3), ((96, 32, 160, 64), 37), ((2304, 2304), 40), ((352,), 3000),
+     ((1152, 32, 1184), 700)],
+)  # fmt: skip
+def test_native_kernel_on_column_blocks_against_a_float64_sum(widths, o):
+    # Hand-made blocks (int8[o, B] each, B bytes a multiple of 32): single groups (a
+    # block's last 32 bytes take the 256-bit path), blocks starting at an odd group,
+    # several blocks in one call, and enough rows (>= 64 KB) to be split in chunks over
+    # the caller and the intra-op pool's threads. The semantics: products of the bfloat16
+    # inputs and the levels are exact, each group's sum times its scale, all in float32:
+    # against a float64 sum of the same terms the error is float32 re-association over
+    # K = 2 sum(B) terms, <= K * eps32 * sum|terms| per row.
+    assert native.int4_available()
+    rng = np.random.default_rng(sum(widths) + o)
+    row = sum(widths)
+    x = rng.standard_normal(2 * row).astype(ml_dtypes.bfloat16)
+    packed = rng.integers(-128, 128, (o, row), dtype=np.int8)
+    scales = rng.uniform(0.5, 2.0, (o, row // 32)).astype(np.float32)
+    blocks = np.split(packed, np.cumsum(widths)[:-1], axis=1)
+    got = np.asarray(native.int4_row_product(jnp.asarray(x), [jnp.asarray(b) for b in blocks],
+                                             jnp.asarray(scales)))  # fmt: skip
+    low = ((packed.astype(np.int16) << 12) >> 12).astype(np.float64)  # sign-extended nibbles
+    high = (packed.astype(np.int16) >> 4).astype(np.float64)
+    levels = np.stack([low, high], -1).reshape(o, 2 * row)  # input 2j: low nibble of byte j
+    terms = x.astype(np.float64)[None] * levels * np.repeat(scales.astype(np.float64), 64, 1)
+    exact, size = terms.sum(1), np.abs(terms).sum(1)
+    assert got.shape == (o,) and got.dtype == np.float32
+    assert np.all(np.abs(got - exact) <= 2 * row * EPS32 * size)
+    assert np.abs(got - exact).max() > 0 or row <= 64  # float32 sums, not a float64 path
+
+
+@needs_kernel
 def test_native_kernel_rejects_inconsistent_shapes():
     assert native.int4_available()
-    x = jnp.zeros((64,), jnp.bfloat16)
+    x = jnp.zeros((96,), jnp.bfloat16)
     with pytest.raises(Exception, match="inconsistent shapes"):  # 48 bytes: not whole groups
-        jax.block_until_ready(native.int4_row_product(x, x, jnp.zeros((4, 48), jnp.int8),
+        jax.block_until_ready(native.int4_row_product(x, [jnp.zeros((4, 48), jnp.int8)],
                                                       jnp.ones((4, 2), jnp.float32)))  # fmt: skip
+    with pytest.raises(Exception, match="inconsistent shapes"):  # 64 bytes want 128 inputs
+        jax.block_until_ready(native.int4_row_product(x, [jnp.zeros((4, 64), jnp.int8)],
+                                                      jnp.ones((4, 2), jnp.float32)))  # fmt: skip
+    with pytest.raises(Exception, match="inconsistent shapes"):  # blocks of other row counts
+        blocks = [jnp.zeros((4, 32), jnp.int8), jnp.zeros((3, 32), jnp.int8)]
+        jax.block_until_ready(native.int4_row_product(jnp.zeros((128,), jnp.bfloat16), blocks,
+                                                      jnp.ones((4, 2))))  # fmt: skip
 
 
 @needs_kernel

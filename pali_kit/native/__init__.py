@@ -29,8 +29,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 HERE = Path(__file__).resolve().parent
 ENV = "PALI_KIT_NATIVE"  # "0": never use the native kernels
 INT4_SOURCE = HERE / "int4_cpu.cc"
@@ -162,20 +160,19 @@ def int4_available() -> bool:
     )
 
 
-def int4_row_product(x_even, x_odd, v, scales, start: int = 0):
-    """The int4 product of one row, one column block: -> float32[O].
+def int4_row_product(x, blocks, scales):
+    """The int4 product of one row with a matrix stored in column blocks: -> float32[O].
 
-    x_even, x_odd: bfloat16[N] a row's even and odd inputs (N = bytes per row of all
-    blocks); v: int8[O, B] the block's packed levels (low nibble: even input), B a
-    multiple of 32; scales: float32[O, N / 32] the group scales of all blocks;
-    start: the block's first byte in the row, a multiple of 32.
-    ``y[o] = sum_g s[o, g] sum_j (x_even[j] lo(v[o, j]) + x_odd[j] hi(v[o, j]))`` over
-    the block's groups, products exact, sums float32. Call only where
-    :func:`int4_available` is True, on CPU.
+    x: bfloat16[2 R] the input row (R = packed bytes per row over all blocks; padded
+    with zeros past the matrix's inputs); blocks: a sequence of int8[O, B_b], the row's
+    column blocks in order (low nibble: even input), each B_b a multiple of 32 and
+    sum B_b = R; scales: float32[O, R / 32] the group scales of all blocks.
+    ``y[o] = sum_g s[o, g] sum_j (x[64 g + 2 j] lo(v[o, 32 g + j]) + x[64 g + 2 j + 1]
+    hi(v[o, 32 g + j]))``, products exact, sums float32, the blocks' sums added in
+    order. One call for all blocks. Call only where :func:`int4_available` is True, on CPU.
     """
     import jax
     import jax.numpy as jnp
 
-    out = jax.ShapeDtypeStruct((v.shape[0],), jnp.float32)
-    call = jax.ffi.ffi_call(INT4_TARGET, out)
-    return call(x_even, x_odd, v, scales, start=np.int64(start))
+    out = jax.ShapeDtypeStruct((scales.shape[0],), jnp.float32)
+    return jax.ffi.ffi_call(INT4_TARGET, out)(x, scales, *blocks)
