@@ -48,6 +48,7 @@ from .errors import (
     short_repr,
 )
 from .model import PaliGemma
+from .model.cpu import cache_form
 
 EOS_ID = 1
 PAD_ID = 0
@@ -248,14 +249,15 @@ def _choose(logits, rng, sampler, logit_mask):
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str):
-    """Compiled prefill and one-token step for one model config and cache size."""
+def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, form: type):
+    """Compiled prefill and one-token step for one model config, cache size and
+    cache class (``form``: ``model.cpu.cache_form`` of the run tree)."""
     module = PaliGemma(config)
     dtype = jnp.dtype(cache_dtype)
 
     def prefill(params, images, text, mask_input):
         return module.apply(
-            {"params": params}, images, text, mask_input, cache_size, dtype,
+            {"params": params}, images, text, mask_input, cache_size, dtype, form,
             method=PaliGemma.prefill,
         )  # fmt: skip
 
@@ -357,7 +359,8 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
     sampler = parse_sampler(sampler, config.llm.vocab_size)
     bb, tt = bucket_batch(batch), bucket_length(text_len)
     cache_size = bucket_cache(config.vision.num_tokens, tt, max_new_tokens)
-    prefill, step_fn = _jitted(config, cache_size, jnp.dtype(cache_dtype or jnp.float32).name)
+    dtype = jnp.dtype(cache_dtype or jnp.float32).name
+    prefill, step_fn = _jitted(config, cache_size, dtype, cache_form(params))
     choose = _sampler_fn(sampler)
     fns = (prefill, choose, step_fn) if step else (prefill, choose)
     stages = [(fn, concurrent.futures.Future()) for fn in fns]
@@ -486,7 +489,7 @@ def iter_tokens(
     n_img = config.vision.num_tokens * (images.shape[1] if np.ndim(images) == 5 else 1)
     cache_size = bucket_cache(n_img, tt, max_new_tokens)
     cache_dtype = jnp.dtype(cache_dtype or jnp.float32).name
-    prefill, step = _jitted(config, cache_size, cache_dtype)
+    prefill, step = _jitted(config, cache_size, cache_dtype, cache_form(params))
     choose = _sampler_fn(sampler)
 
     text = np.pad(pad_rows(text, bb), ((0, 0), (0, tt - t)))
@@ -590,7 +593,8 @@ def sequence_scores(tokens, logprobs) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, width: int):
+def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, width: int,
+                 form: type):  # fmt: skip
     """Prefill/step that return each beam's top ``width`` log-probs (not all V of them).
 
     ``mask`` (bool[V], the user's logit_mask, all True by default) and a
@@ -611,7 +615,7 @@ def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, wid
 
     def prefill(params, images, text, mask_input, mask, tables=None, cstate=None):
         logits, cache, valid, pos = module.apply(
-            {"params": params}, images, text, mask_input, cache_size, dtype,
+            {"params": params}, images, text, mask_input, cache_size, dtype, form,
             method=PaliGemma.prefill,
         )  # fmt: skip
         return top(logits, mask, jnp.int32(0), tables, cstate), cache, valid, pos
@@ -665,7 +669,7 @@ def beam_search(
     cache_size = bucket_cache(n_img, tt, max_new_tokens)
     cache_dt = jnp.dtype(cache_dtype or jnp.float32).name
     width = min(2 * n, config.llm.vocab_size)  # candidates kept per beam and step
-    prefill, step = _beam_jitted(config, cache_size, cache_dt, width)
+    prefill, step = _beam_jitted(config, cache_size, cache_dt, width, cache_form(params))
     # Always a mask (all True by default): one compiled search serves masked and free calls.
     v = config.llm.vocab_size
     mask = jnp.ones(v, bool) if logit_mask is None else jnp.asarray(logit_mask, bool)
