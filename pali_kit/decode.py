@@ -251,7 +251,10 @@ def _choose(logits, rng, sampler, logit_mask):
 @functools.lru_cache(maxsize=64)
 def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, form: type):
     """Compiled prefill and one-token step for one model config, cache size and
-    cache class (``form``: ``model.cpu.cache_form`` of the run tree)."""
+    cache class (``form``: ``model.cpu.cache_form`` of the run tree), and
+    ``step_and_sample(sampler)``: the step and the sampler as one compiled call
+    (``params, tok, cache, valid, pos, slot, rng, t, done, logit_mask -> tok,
+    logp, done, cache, valid``), which spares the loop a second call per token."""
     module = PaliGemma(config)
     dtype = jnp.dtype(cache_dtype)
 
@@ -266,9 +269,21 @@ def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, form: ty
             {"params": params}, tok, cache, valid, pos, slot, method=PaliGemma.decode_step
         )
 
+    @functools.lru_cache(maxsize=16)
+    def step_and_sample(sampler: Sampler):
+        def step(params, tok, cache, valid, pos, slot, rng, t, done, logit_mask):
+            logits, cache, valid = module.apply(
+                {"params": params}, tok, cache, valid, pos, slot, method=PaliGemma.decode_step
+            )
+            tok, logp = _choose(logits, jax.random.fold_in(rng, t), sampler, logit_mask)
+            return (*_finish(tok, logp, done), cache, valid)
+
+        return count_traces(jax.jit(step, donate_argnums=(2,)), "step")
+
     return (
         count_traces(jax.jit(prefill), "prefill"),
         count_traces(jax.jit(step, donate_argnums=(2,)), "step"),
+        step_and_sample,
     )
 
 
@@ -360,7 +375,8 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
     bb, tt = bucket_batch(batch), bucket_length(text_len)
     cache_size = bucket_cache(config.vision.num_tokens, tt, max_new_tokens)
     dtype = jnp.dtype(cache_dtype or jnp.float32).name
-    prefill, step_fn = _jitted(config, cache_size, dtype, cache_form(params))
+    prefill, _, step_and_sample = _jitted(config, cache_size, dtype, cache_form(params))
+    step_fn = step_and_sample(sampler)
     choose = _sampler_fn(sampler)
     fns = (prefill, choose, step_fn) if step else (prefill, choose)
     stages = [(fn, concurrent.futures.Future()) for fn in fns]
@@ -405,8 +421,9 @@ def _compile_stages(stages, inputs, bb, done):
             traced.lower().compile()
             f_choose.set_result(None)
             if len(stages) > 2:
-                (step, f_step), tok = stages[2], traced.out_info[0]
-                step.jitted.trace(inputs[0], tok, cache, valid, pos, t).lower().compile()
+                (step, f_step), (tok, _, done_rows) = stages[2], traced.out_info
+                step.jitted.trace(inputs[0], tok, cache, valid, pos, t, rng, t, done_rows,
+                                  None).lower().compile()  # fmt: skip
                 f_step.set_result(None)
             done.set_result(None)
         except BaseException as e:  # handed to each function's first call, which warns
@@ -489,7 +506,7 @@ def iter_tokens(
     n_img = config.vision.num_tokens * (images.shape[1] if np.ndim(images) == 5 else 1)
     cache_size = bucket_cache(n_img, tt, max_new_tokens)
     cache_dtype = jnp.dtype(cache_dtype or jnp.float32).name
-    prefill, step = _jitted(config, cache_size, cache_dtype, cache_form(params))
+    prefill, step, step_and_sample = _jitted(config, cache_size, cache_dtype, cache_form(params))
     choose = _sampler_fn(sampler)
 
     text = np.pad(pad_rows(text, bb), ((0, 0), (0, tt - t)))
@@ -507,15 +524,20 @@ def iter_tokens(
 
     logits, cache, valid, pos = prefill(params, images, text, mask_input)
     slot, tok = n_img + tt, None
+    if constraint is None:  # then the step samples too: one compiled call per token
+        step_and_choose = step_and_sample(sampler)
     for i in range(max_new_tokens):
-        if i > 0:
-            logits, cache, valid = step(
-                params, tok, cache, valid, pos + (i - 1), jnp.int32(slot + i - 1)
+        t, now = jnp.int32(i), jnp.int32(slot + i - 1)
+        if i == 0 and constraint is None:
+            tok, logp, done = choose(logits, rng, t, done, mask)
+        elif constraint is None:
+            tok, logp, done, cache, valid = step_and_choose(
+                params, tok, cache, valid, pos + (i - 1), now, rng, t, done, mask
             )
-        if constraint is None:
-            tok, logp, done = choose(logits, rng, jnp.int32(i), done, mask)
         else:
-            tok, logp, done, cstate = choose(logits, rng, jnp.int32(i), done, tables, cstate)
+            if i > 0:
+                logits, cache, valid = step(params, tok, cache, valid, pos + (i - 1), now)
+            tok, logp, done, cstate = choose(logits, rng, t, done, tables, cstate)
         yield np.asarray(tok)[:b], np.asarray(logp)[:b]
         if bool(np.all(np.asarray(done))):
             return

@@ -117,7 +117,7 @@ def test_demo_model_logits_are_the_official_caches(quantize):
     text, mask = np.array([[5, 6, 7, 8]], np.int32), np.ones((1, 4), bool)
     logits = {}
     for form in (KVCache, HeadMajorCache):
-        prefill, step = decode._jitted(cfg, cfg.vision.num_tokens + 128, "float32", form)
+        prefill, step, _ = decode._jitted(cfg, cfg.vision.num_tokens + 128, "float32", form)
         out, cache, valid, pos = prefill(run, image, text, mask)
         seen = [out]
         for i in range(3):
@@ -161,7 +161,7 @@ def _cache_sized_copies(hlo: str, n: int) -> list[str]:
 
 
 def _compiled_step(config, run, form, batch):
-    prefill, step = decode._jitted(config, S, "float32", form)
+    prefill, step, _ = decode._jitted(config, S, "float32", form)
     image, text, mask = _inputs(batch)
     _, cache, valid, pos = prefill(run, image, text, mask)
     lowered = step.jitted.lower(run, jnp.zeros((batch,), jnp.int32), cache, valid, pos,
@@ -192,7 +192,7 @@ def test_accelerator_step_uses_the_official_cache_and_no_barrier(platform):
     shapes = _shapes(pk.init_params(config, 0))  # the official tree: what GPU/TPU run
     form = cache_form(shapes)
     assert form is KVCache
-    prefill, step = decode._jitted(config, 64, "float32", form)
+    prefill, step, _ = decode._jitted(config, 64, "float32", form)
     cache = _shapes(KVCache.zeros(config.llm, 1, 64))
     args = (shapes, jax.ShapeDtypeStruct((1,), jnp.int32), cache,
             jax.ShapeDtypeStruct((1, 64), bool), jax.ShapeDtypeStruct((1,), jnp.int32),
