@@ -21,9 +21,11 @@ slow on that form, and this module (only) works around them, for inference:
 4. The attention products read a layer's keys as ``[B, K, S, H]`` and its
    values as ``[B, K, H, S]``; from the official ``[B, S, K, H]`` cache XLA:CPU
    copies every layer's whole cache into that order on every decode step.
-   ``HeadMajorCache`` stores the cache in the products' order instead; its
-   ``read`` hands the Attention the official order as a transpose, which XLA
-   folds into the products (``cache_form`` picks it for the CPU layout).
+   ``HeadMajorCache`` stores the cache in the products' order instead (axes of
+   size 1 left out); its ``read`` hands the Attention the official order as a
+   transpose, which XLA folds into the products (``cache_form`` picks it for
+   the CPU layout). With ``cache_dtype="bfloat16"`` XLA still copies each
+   layer's cache once before converting it to float32, in either form.
 
 The numbers come out as the official tree's (the same products, in the same
 numerics policy, see ``common.py``), up to float32 summation order.
