@@ -25,7 +25,7 @@ slow on that form, and this module (only) works around them, for inference:
    size 1 left out); its ``read`` hands the Attention the official order as a
    transpose, which XLA folds into the products (``cache_form`` picks it for
    the CPU layout). With ``cache_dtype="bfloat16"`` XLA still copies each
-   layer's cache once before converting it to float32, in either form.
+   layer's cache once before converting it to float32.
 
 The numbers come out as the official tree's (the same products, in the same
 numerics policy, see ``common.py``), up to float32 summation order.
