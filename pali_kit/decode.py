@@ -48,6 +48,7 @@ from .errors import (
     short_repr,
 )
 from .model import PaliGemma
+from .model.cpu import cache_form
 
 EOS_ID = 1
 PAD_ID = 0
@@ -248,14 +249,18 @@ def _choose(logits, rng, sampler, logit_mask):
 
 
 @functools.lru_cache(maxsize=64)
-def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str):
-    """Compiled prefill and one-token step for one model config and cache size."""
+def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, form: type):
+    """Compiled prefill and one-token step for one model config, cache size and
+    cache class (``form``: ``model.cpu.cache_form`` of the run tree), and
+    ``step_and_sample(sampler)``: the step and the sampler as one compiled call
+    (``params, tok, cache, valid, pos, slot, rng, t, done, logit_mask -> tok,
+    logp, done, cache, valid``), which spares the loop a second call per token."""
     module = PaliGemma(config)
     dtype = jnp.dtype(cache_dtype)
 
     def prefill(params, images, text, mask_input):
         return module.apply(
-            {"params": params}, images, text, mask_input, cache_size, dtype,
+            {"params": params}, images, text, mask_input, cache_size, dtype, form,
             method=PaliGemma.prefill,
         )  # fmt: skip
 
@@ -264,9 +269,21 @@ def _jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str):
             {"params": params}, tok, cache, valid, pos, slot, method=PaliGemma.decode_step
         )
 
+    @functools.lru_cache(maxsize=16)
+    def step_and_sample(sampler: Sampler):
+        def step(params, tok, cache, valid, pos, slot, rng, t, done, logit_mask):
+            logits, cache, valid = module.apply(
+                {"params": params}, tok, cache, valid, pos, slot, method=PaliGemma.decode_step
+            )
+            tok, logp = _choose(logits, jax.random.fold_in(rng, t), sampler, logit_mask)
+            return (*_finish(tok, logp, done), cache, valid)
+
+        return count_traces(jax.jit(step, donate_argnums=(2,)), "step")
+
     return (
         count_traces(jax.jit(prefill), "prefill"),
         count_traces(jax.jit(step, donate_argnums=(2,)), "step"),
+        step_and_sample,
     )
 
 
@@ -293,6 +310,13 @@ def _constrained_fn(sampler: Sampler):
         return tok, logp, done, constrain.advance(tables, state, tok)
 
     return count_traces(jax.jit(choose), "sample")
+
+
+def _step_params(params):
+    """What the one-token step reads: the language model's weights. Every call
+    flattens its arguments (about a thousand arrays for a 3B model); the image
+    encoder's, which the step never reads, would add a third more."""
+    return {"llm": params["llm"]}
 
 
 def _finish(tok, logp, done):
@@ -357,7 +381,9 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
     sampler = parse_sampler(sampler, config.llm.vocab_size)
     bb, tt = bucket_batch(batch), bucket_length(text_len)
     cache_size = bucket_cache(config.vision.num_tokens, tt, max_new_tokens)
-    prefill, step_fn = _jitted(config, cache_size, jnp.dtype(cache_dtype or jnp.float32).name)
+    dtype = jnp.dtype(cache_dtype or jnp.float32).name
+    prefill, _, step_and_sample = _jitted(config, cache_size, dtype, cache_form(params))
+    step_fn = step_and_sample(sampler)
     choose = _sampler_fn(sampler)
     fns = (prefill, choose, step_fn) if step else (prefill, choose)
     stages = [(fn, concurrent.futures.Future()) for fn in fns]
@@ -402,8 +428,9 @@ def _compile_stages(stages, inputs, bb, done):
             traced.lower().compile()
             f_choose.set_result(None)
             if len(stages) > 2:
-                (step, f_step), tok = stages[2], traced.out_info[0]
-                step.jitted.trace(inputs[0], tok, cache, valid, pos, t).lower().compile()
+                (step, f_step), (tok, _, done_rows) = stages[2], traced.out_info
+                step.jitted.trace(_step_params(inputs[0]), tok, cache, valid, pos, t, rng, t,
+                                  done_rows, None).lower().compile()  # fmt: skip
                 f_step.set_result(None)
             done.set_result(None)
         except BaseException as e:  # handed to each function's first call, which warns
@@ -486,7 +513,7 @@ def iter_tokens(
     n_img = config.vision.num_tokens * (images.shape[1] if np.ndim(images) == 5 else 1)
     cache_size = bucket_cache(n_img, tt, max_new_tokens)
     cache_dtype = jnp.dtype(cache_dtype or jnp.float32).name
-    prefill, step = _jitted(config, cache_size, cache_dtype)
+    prefill, step, step_and_sample = _jitted(config, cache_size, cache_dtype, cache_form(params))
     choose = _sampler_fn(sampler)
 
     text = np.pad(pad_rows(text, bb), ((0, 0), (0, tt - t)))
@@ -503,16 +530,21 @@ def iter_tokens(
         )
 
     logits, cache, valid, pos = prefill(params, images, text, mask_input)
-    slot, tok = n_img + tt, None
+    slot, tok, llm = n_img + tt, None, _step_params(params)
+    if constraint is None:  # then the step samples too: one compiled call per token
+        step_and_choose = step_and_sample(sampler)
     for i in range(max_new_tokens):
-        if i > 0:
-            logits, cache, valid = step(
-                params, tok, cache, valid, pos + (i - 1), jnp.int32(slot + i - 1)
+        t, now = jnp.int32(i), jnp.int32(slot + i - 1)
+        if i == 0 and constraint is None:
+            tok, logp, done = choose(logits, rng, t, done, mask)
+        elif constraint is None:
+            tok, logp, done, cache, valid = step_and_choose(
+                llm, tok, cache, valid, pos + (i - 1), now, rng, t, done, mask
             )
-        if constraint is None:
-            tok, logp, done = choose(logits, rng, jnp.int32(i), done, mask)
         else:
-            tok, logp, done, cstate = choose(logits, rng, jnp.int32(i), done, tables, cstate)
+            if i > 0:
+                logits, cache, valid = step(llm, tok, cache, valid, pos + (i - 1), now)
+            tok, logp, done, cstate = choose(logits, rng, t, done, tables, cstate)
         yield np.asarray(tok)[:b], np.asarray(logp)[:b]
         if bool(np.all(np.asarray(done))):
             return
@@ -590,7 +622,8 @@ def sequence_scores(tokens, logprobs) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=16)
-def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, width: int):
+def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, width: int,
+                 form: type):  # fmt: skip
     """Prefill/step that return each beam's top ``width`` log-probs (not all V of them).
 
     ``mask`` (bool[V], the user's logit_mask, all True by default) and a
@@ -611,7 +644,7 @@ def _beam_jitted(config: PaliGemmaConfig, cache_size: int, cache_dtype: str, wid
 
     def prefill(params, images, text, mask_input, mask, tables=None, cstate=None):
         logits, cache, valid, pos = module.apply(
-            {"params": params}, images, text, mask_input, cache_size, dtype,
+            {"params": params}, images, text, mask_input, cache_size, dtype, form,
             method=PaliGemma.prefill,
         )  # fmt: skip
         return top(logits, mask, jnp.int32(0), tables, cstate), cache, valid, pos
@@ -665,7 +698,7 @@ def beam_search(
     cache_size = bucket_cache(n_img, tt, max_new_tokens)
     cache_dt = jnp.dtype(cache_dtype or jnp.float32).name
     width = min(2 * n, config.llm.vocab_size)  # candidates kept per beam and step
-    prefill, step = _beam_jitted(config, cache_size, cache_dt, width)
+    prefill, step = _beam_jitted(config, cache_size, cache_dt, width, cache_form(params))
     # Always a mask (all True by default): one compiled search serves masked and free calls.
     v = config.llm.vocab_size
     mask = jnp.ones(v, bool) if logit_mask is None else jnp.asarray(logit_mask, bool)

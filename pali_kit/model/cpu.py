@@ -18,11 +18,20 @@ slow on that form, and this module (only) works around them, for inference:
    when ``in`` is at most ~3000. For half-precision weights the LLM matrices are
    therefore copied once as ``(out, in)`` blocks of at most ``BLOCK`` columns
    (``out_in``), and the products of the blocks summed.
+4. The attention products read a layer's keys as ``[B, K, S, H]`` and its
+   values as ``[B, K, H, S]``; from the official ``[B, S, K, H]`` cache XLA:CPU
+   copies every layer's whole cache into that order on every decode step.
+   ``HeadMajorCache`` stores the cache in the products' order instead (axes of
+   size 1 left out); its ``read`` hands the Attention the official order as a
+   transpose, which XLA folds into the products (``cache_form`` picks it for
+   the CPU layout). With ``cache_dtype="bfloat16"`` XLA still copies each
+   layer's cache once before converting it to float32.
 
 The numbers come out as the official tree's (the same products, in the same
 numerics policy, see ``common.py``), up to float32 summation order.
-``cpu_layout(params) -> run tree`` is the whole interface; ``inference_params``
-applies it only when the arrays live on one CPU.
+``cpu_layout(params) -> run tree`` is the interface, with ``cache_form(run)``
+for the KV cache that goes with it; ``inference_params`` applies the layout
+only when the arrays live on one CPU.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ from .common import (
     to_device,
 )
 from .common import policy_matmul as matmul
+from .gemma import KVCache
 
 
 @jax.tree_util.register_pytree_node_class
@@ -137,6 +147,109 @@ class Matrix:
         # Summing behind a barrier keeps each product a separate matmul kernel
         # (an add fused into it would make XLA:CPU convert the block first).
         return sum(jax.lax.optimization_barrier(tuple(parts)))
+
+
+# --- the KV cache in the attention products' order --------------------------------------
+
+
+def _head_major(batch: int, kv_heads: int, *tail: int) -> tuple[int, ...]:
+    """The stored shape: [B, K, *tail] without the batch/head axes of size 1.
+
+    XLA:CPU drops those axes from the attention products' operands; an array
+    stored with them reaches the product through a reshape, and XLA then fuses a
+    second copy of the cache update into the product, copying the whole cache.
+    """
+    return (*(d for d in (batch, kv_heads) if d > 1), *tail)
+
+
+@jax.tree_util.register_pytree_node_class
+class HeadMajorLayer:
+    """One layer's cache stored in the order the attention products read it:
+    keys as [B, K, S, H], values as [B, K, H, S] (axes of size 1 among B and K
+    left out, see ``_head_major``). ``write`` and ``read`` speak the official
+    [B, T|S, K, H], so the Attention cannot tell it from a LayerCache."""
+
+    def __init__(self, k, v, batch: int, kv_heads: int):
+        self.k, self.v, self.batch, self.kv_heads = k, v, batch, kv_heads
+
+    def tree_flatten(self):
+        return (self.k, self.v), (self.batch, self.kv_heads)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    def write(self, k, v, slot) -> HeadMajorLayer:
+        """Keys and values float[B, T, K, H] written at slots ``slot .. slot+T-1``."""
+        b, t, kv, h = k.shape
+        k = k.astype(self.k.dtype).transpose(0, 2, 1, 3).reshape(_head_major(b, kv, t, h))
+        v = v.astype(self.v.dtype).transpose(0, 2, 3, 1).reshape(_head_major(b, kv, h, t))
+        lead = (0,) * (self.k.ndim - 2)
+        update = jax.lax.dynamic_update_slice
+        k, v = update(self.k, k, (*lead, slot, 0)), update(self.v, v, (*lead, 0, slot))
+        return HeadMajorLayer(k, v, self.batch, self.kv_heads)
+
+    def read(self):
+        """All slots: (keys, values) float32[B, S, K, H], transposes of the stored arrays
+        (XLA folds them into the products' dimension numbers: nothing is copied)."""
+        b, kv = self.batch, self.kv_heads
+        k = self.k.astype(jnp.float32).reshape(b, kv, *self.k.shape[-2:]).transpose(0, 2, 1, 3)
+        v = self.v.astype(jnp.float32).reshape(b, kv, *self.v.shape[-2:]).transpose(0, 3, 1, 2)
+        return k, v
+
+
+@jax.tree_util.register_pytree_node_class
+class HeadMajorCache:
+    """The KV cache for the CPU layout: per layer keys float[B, K, S, H] and
+    values float[B, K, H, S] (axes of size 1 among B and K left out), the
+    order XLA:CPU's attention products read, so a decode step copies no cache.
+    Same interface as ``gemma.KVCache`` (``zeros``, ``layer``, ``of_layers``,
+    ``take``); ``k``, ``v``: tuples of L arrays."""
+
+    def __init__(self, k: tuple, v: tuple, batch: int, kv_heads: int):
+        self.k, self.v, self.batch, self.kv_heads = tuple(k), tuple(v), batch, kv_heads
+
+    def tree_flatten(self):
+        return (self.k, self.v), (self.batch, self.kv_heads)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(*children, *aux)
+
+    @classmethod
+    def zeros(cls, config, batch: int, size: int, dtype=jnp.float32) -> HeadMajorCache:
+        kv, h = config.num_kv_heads, config.head_dim
+        k = tuple(jnp.zeros(_head_major(batch, kv, size, h), dtype) for _ in range(config.depth))
+        v = tuple(jnp.zeros(_head_major(batch, kv, h, size), dtype) for _ in range(config.depth))
+        return cls(k, v, batch, kv)
+
+    def layer(self, i: int) -> HeadMajorLayer:
+        return HeadMajorLayer(self.k[i], self.v[i], self.batch, self.kv_heads)
+
+    def of_layers(self, layers) -> HeadMajorCache:
+        k, v = tuple(layer.k for layer in layers), tuple(layer.v for layer in layers)
+        return HeadMajorCache(k, v, self.batch, self.kv_heads)
+
+    def take(self, rows) -> HeadMajorCache:
+        """Reorder/select batch rows (beam search): every array indexed by ``rows``."""
+        n, kv = rows.shape[0], self.kv_heads
+
+        def pick(a):
+            full = a.reshape(self.batch, kv, *a.shape[-2:])
+            return jnp.take(full, rows, axis=0).reshape(_head_major(n, kv, *a.shape[-2:]))
+
+        return HeadMajorCache(tuple(map(pick, self.k)), tuple(map(pick, self.v)), n, kv)
+
+
+def cache_form(run) -> type:
+    """The KV cache class for a run tree: ``HeadMajorCache`` for the CPU layout
+    (``cpu_layout`` / ``abstract_layout``: its token table is a Matrix or a
+    quantized CPU form), else the official ``gemma.KVCache``."""
+    try:
+        table = run["llm"]["embedder"]["input_embedding"]
+    except (KeyError, TypeError):
+        return KVCache
+    return HeadMajorCache if isinstance(table, (Matrix, quant.CpuQArray)) else KVCache
 
 
 # --- building the layout ---------------------------------------------------------------

@@ -51,12 +51,38 @@ from .common import (
 BIG_NEG = -2.3819763e38
 
 
+class LayerCache(NamedTuple):
+    """One layer's keys and values: k, v float[B, S, K, H] (S = cache slots).
+
+    The Attention only calls ``write`` and ``read``: a cache stored in another
+    order (``model.cpu.HeadMajorCache``) hands it layers with those two methods.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+    def write(self, k, v, slot) -> LayerCache:
+        """Keys and values float[B, T, K, H] written at slots ``slot .. slot+T-1``."""
+        start = (0, slot, 0, 0)
+        update = jax.lax.dynamic_update_slice
+        return LayerCache(
+            update(self.k, k.astype(self.k.dtype), start),
+            update(self.v, v.astype(self.v.dtype), start),
+        )
+
+    def read(self):
+        """All slots: (keys, values) float32[B, S, K, H]."""
+        return self.k.astype(jnp.float32), self.v.astype(jnp.float32)
+
+
 class KVCache(NamedTuple):
     """Keys and values of every layer, written in place as decoding advances.
 
     k, v: tuples of L arrays float[B, S, K, H] (S = cache slots: prompt slots,
     then one per new token). One array per layer, so writing a layer's new
-    entries never copies the other layers' entries.
+    entries never copies the other layers' entries. The model reads and writes
+    it through ``layer(i)`` (a LayerCache) and ``of_layers``; another storage
+    order is another class with those methods, ``zeros`` and ``take``.
     """
 
     k: tuple
@@ -67,6 +93,13 @@ class KVCache(NamedTuple):
         shape = (batch, size, config.num_kv_heads, config.head_dim)
         zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.depth))
         return cls(zeros(), zeros())
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.k[i], self.v[i])
+
+    def of_layers(self, layers) -> KVCache:
+        """This cache with every layer replaced by ``layers`` (LayerCaches, in order)."""
+        return KVCache(tuple(layer.k for layer in layers), tuple(layer.v for layer in layers))
 
     def take(self, rows) -> KVCache:
         """Reorder/select batch rows (beam search): every array indexed by ``rows``."""
@@ -123,9 +156,9 @@ class Attention(nn.Module):
         """One attention layer.
 
         x: float[B, T, W]; positions: int32[B, T]; mask: bool[B, T, S].
-        Without a cache S == T. With ``cache=(k, v)``, this layer's arrays of shape
-        [B, S, K, H], the new keys/values are written at slots ``slot .. slot+T-1``
-        and attention reads all S slots. Returns (float[B, T, W], cache).
+        Without a cache S == T. With ``cache``, this layer's LayerCache, the new
+        keys/values are written at slots ``slot .. slot+T-1`` and attention reads
+        all S slots. Returns (float[B, T, W], cache).
         """
         cfg = self.config
         w_q = Einsum((cfg.num_heads, cfg.width, cfg.head_dim), name="q_einsum")()
@@ -138,12 +171,8 @@ class Attention(nn.Module):
         k = apply_rope(k, positions, cfg.rope_base)
 
         if cache is not None:
-            k_cache, v_cache = cache
-            start = (0, slot, 0, 0)
-            k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
-            v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
-            cache = (k_cache, v_cache)
-            k, v = k_cache.astype(jnp.float32), v_cache.astype(jnp.float32)
+            cache = cache.write(k, v, slot)
+            k, v = cache.read()  # [B, S, K, H] each
 
         b, t = x.shape[:2]
         groups = cfg.num_heads // cfg.num_kv_heads  # query heads per kv head
@@ -230,13 +259,12 @@ class Gemma(nn.Module):
             x = run_stack(apply_layer, self.layers, x, scan=scan, remat=remat)
             return self.final_norm(x), None
 
-        new_k, new_v = [], []
-        for i, (k, v) in enumerate(zip(cache.k, cache.v)):
+        new = []
+        for i in range(len(cache.k)):
             params = layer_slice(self.layers, i)
-            x, (k, v) = block.apply({"params": params}, x, positions, mask, (k, v), slot)
-            new_k.append(k)
-            new_v.append(v)
-        return self.final_norm(x), KVCache(tuple(new_k), tuple(new_v))
+            x, layer = block.apply({"params": params}, x, positions, mask, cache.layer(i), slot)
+            new.append(layer)
+        return self.final_norm(x), cache.of_layers(new)
 
     def logits(self, pre_logits):
         """float[..., W] -> float32[..., V]: tied output projection + optional final softcap."""

@@ -83,12 +83,14 @@ class PaliGemma(nn.Module):
         )
         return self.llm.logits(pre_logits[:, zimg.shape[1] :])
 
-    def prefill(self, images, text, mask_input, cache_size: int, cache_dtype=jnp.float32):
+    def prefill(self, images, text, mask_input, cache_size: int, cache_dtype=jnp.float32,
+                cache_form=KVCache):  # fmt: skip
         """Encode image + prompt into a fresh KV cache.
 
         images: float[B, H, W, 3]; text: int32[B, T] right-padded prompts, all
         prefix (full attention); mask_input: bool[B, T]. The cache has
         ``cache_size >= N + T`` slots; prompt token j sits in slot N + j.
+        ``cache_form``: KVCache or a subclass storing another order (``model.cpu``).
 
         Returns (logits of each row's last real token float32[B, V], cache,
         valid bool[B, cache_size] slots that hold real tokens, next position int32[B]).
@@ -99,7 +101,7 @@ class PaliGemma(nn.Module):
         input_mask, _ = _with_image_masks(zimg.shape[1], text, jnp.zeros_like(text), mask_input)
         valid = jnp.zeros((b, cache_size), bool).at[:, :s].set(input_mask)
         mask = jnp.logical_and(input_mask[:, :, None], valid[:, None, :])
-        cache = KVCache.zeros(self.config.llm, b, cache_size, cache_dtype)
+        cache = cache_form.zeros(self.config.llm, b, cache_size, cache_dtype)
         positions = positions_from_mask(input_mask)
         pre_logits, cache = self.llm(x, positions, mask, cache, 0)
         last = jnp.sum(input_mask, axis=1) - 1  # index of each row's last real token
