@@ -74,19 +74,25 @@ def main(argv=None) -> None:
         mask[decode.EOS_ID] = False  # never stop early
         return pixels, mask
 
-    def tokens_by_loop(model, form, n):
-        """``decode.iter_tokens`` as it was: a step call, then a sampler call, per token."""
+    def prefilled(model, form, n):
+        """The prefill of the prompt (cache form ``form``, room for ``n`` tokens), and the
+        step: ``(step, logits, cache, valid, pos, first slot, mask)``."""
         cfg = model.config
         pixels, mask = inputs(model)
         tt = decode.bucket_length(enc["text"].shape[1])
         size = decode.bucket_cache(cfg.vision.num_tokens, tt, n)
         prefill, step, _ = decode._jitted(cfg, size, "float32", form)
-        choose = decode._sampler_fn(decode.parse_sampler("greedy"))
         text = np.pad(enc["text"], ((0, 0), (0, tt - enc["text"].shape[1])))
         m = np.pad(enc["mask_input"], ((0, 0), (0, tt - enc["text"].shape[1])))
-        rng, done, jmask = jax.random.key(0), np.zeros(1, bool), jnp.asarray(mask)
         logits, cache, valid, pos = prefill(model.run_params, pixels, text, m)
-        slot, stamps, tokens, tok_ = cfg.vision.num_tokens + tt, [], [], None
+        return step, logits, cache, valid, pos, cfg.vision.num_tokens + tt, mask
+
+    def tokens_by_loop(model, form, n):
+        """``decode.iter_tokens`` as it was: a step call, then a sampler call, per token."""
+        step, logits, cache, valid, pos, slot, mask = prefilled(model, form, n)
+        choose = decode._sampler_fn(decode.parse_sampler("greedy"))
+        rng, done, jmask = jax.random.key(0), np.zeros(1, bool), jnp.asarray(mask)
+        stamps, tokens, tok_ = [], [], None
         for i in range(n):
             if i > 0:
                 logits, cache, valid = step(model.run_params, tok_, cache, valid, pos + (i - 1),
@@ -110,15 +116,8 @@ def main(argv=None) -> None:
 
     def parts(model, form, n):
         """The compiled step alone and the sampler alone, s per call (medians)."""
-        cfg = model.config
-        pixels, mask = inputs(model)
-        tt = decode.bucket_length(enc["text"].shape[1])
-        size = decode.bucket_cache(cfg.vision.num_tokens, tt, n)
-        prefill, step, _ = decode._jitted(cfg, size, "float32", form)
-        text = np.pad(enc["text"], ((0, 0), (0, tt - enc["text"].shape[1])))
-        m = np.pad(enc["mask_input"], ((0, 0), (0, tt - enc["text"].shape[1])))
-        logits, cache, valid, pos = prefill(model.run_params, pixels, text, m)
-        slot, tok_ = cfg.vision.num_tokens + tt, jnp.zeros((1,), jnp.int32)
+        step, logits, cache, valid, pos, slot, mask = prefilled(model, form, n)
+        tok_ = jnp.zeros((1,), jnp.int32)
         step_t = []
         for i in range(n):
             t = time.perf_counter()

@@ -112,6 +112,20 @@ def tiny_config(gemma2: bool = True, vocab_size: int = 2176, image_size: int = 2
     return base.replace(**fields)
 
 
+def tiny_bf16_model(seed: int = 3):
+    """``(config, params)``: a tiny PaliGemma 2 in bfloat16 whose MLP down-projection
+    spans two CPU-layout column blocks (``model.cpu.BLOCK``); every other LLM matrix
+    one block or more."""
+    import jax
+    import jax.numpy as jnp
+
+    import pali_kit as pk
+    from pali_kit.model.cpu import BLOCK
+
+    config = tiny_config(llm_mlp_dim=BLOCK + 64)
+    return config, jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, seed))
+
+
 @pytest.fixture(scope="session")
 def demo_tokenizer():
     from pali_kit.tokenizer import Tokenizer

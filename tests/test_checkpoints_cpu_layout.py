@@ -18,19 +18,16 @@ import pali_kit as pk
 from pali_kit import checkpoints
 from pali_kit.checkpoints import CheckpointError, load_cpu_inference, load_params, save_params
 from pali_kit.model import cpu_layout
-from pali_kit.model.cpu import BLOCK, official_params
+from pali_kit.model.cpu import official_params
 
-from .conftest import assert_generates_like_the_official_tree, tiny_config
+from .conftest import assert_generates_like_the_official_tree, tiny_bf16_model
 
 LINEAR = "llm/layers/mlp/linear"
 
 
 @pytest.fixture(scope="module")
 def bf16():
-    # the down-projection's in axis needs 2 blocks; every other LLM matrix one or more groups
-    config = tiny_config(llm_mlp_dim=BLOCK + 64)
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 3))
-    return config, params
+    return tiny_bf16_model()
 
 
 @pytest.fixture

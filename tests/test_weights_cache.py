@@ -2,6 +2,7 @@
 layout from disk instead of reading the .npz, with the same bits; a stale, broken or
 unwritable cache is never trusted and never fails a load."""
 
+# ruff: noqa: F811
 from __future__ import annotations
 
 import contextlib
@@ -22,23 +23,14 @@ import pali_kit as pk
 from pali_kit import checkpoints, weights_cache
 from pali_kit.checkpoints import load_cpu_inference, save_params
 from pali_kit.errors import ArgumentTypeError
-from pali_kit.model.cpu import BLOCK, Matrix
+from pali_kit.model.cpu import Matrix
 from pali_kit.weights_cache import CacheWarning, cache_file, resolve_dir
 
-from .conftest import assert_generates_like_the_official_tree, tiny_config
+from .conftest import assert_generates_like_the_official_tree
 
-
-@pytest.fixture(scope="module")
-def bf16():
-    # the down-projection's in axis needs 2 blocks; every other LLM matrix one or more groups
-    config = tiny_config(llm_mlp_dim=BLOCK + 64)
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), pk.init_params(config, 3))
-    return config, params
-
-
-@pytest.fixture
-def saved(tmp_path, bf16):
-    return save_params(bf16[1], tmp_path / "m.npz")
+# the fixtures of the same tiny bfloat16 model and its .npz (ruff reads test arguments named
+# like them as redefinitions)
+from .test_checkpoints_cpu_layout import bf16, saved  # noqa: F401
 
 
 @pytest.fixture
