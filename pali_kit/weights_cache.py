@@ -26,6 +26,7 @@ copy-on-write: nothing the process does to its arrays reaches the file.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -41,8 +42,8 @@ from .atomic import atomic_write
 from .errors import ArgumentTypeError
 from .model import cpu
 
-try:  # ISA-L's CRC-32: the same values as zlib's, several times faster
-    from isal.isal_zlib import crc32
+try:  # ISA-L's CRC-32: the same values as zlib's, several times faster (as checkpoints.py;
+    from isal.isal_zlib import crc32  # not imported from there: checkpoints imports this module)
 except ImportError:
     from zlib import crc32
 
@@ -108,8 +109,6 @@ def resolve_dir(weights_cache, where: str = "pk.load") -> Path | None:
 
 def cache_file(folder: Path, source) -> Path:
     """Where the cache of the checkpoint ``source`` lives in ``folder``."""
-    import hashlib
-
     resolved = Path(source).resolve()
     tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
     return Path(folder) / f"{resolved.stem}-{tag}.weights"
@@ -219,7 +218,7 @@ def _arrays(mapping: mmap.mmap, manifest: dict, start: int) -> dict:
 
 def _verify(arrays: dict, manifest: dict) -> None:
     want = {e["key"]: e["crc32"] for e in manifest["arrays"]}
-    got = dict(zip(arrays, cpu.thread_pool().map(lambda a: crc32(_bytes(a)), arrays.values())))
+    got = _crcs(arrays)
     bad = [k for k in arrays if got[k] != want[k]]
     if bad:
         raise _Stale(f"CRC-32 mismatch in {bad[:3]}{' ...' if len(bad) > 3 else ''} (corrupt data)")
@@ -227,6 +226,11 @@ def _verify(arrays: dict, manifest: dict) -> None:
 
 def _bytes(a: np.ndarray):
     return a.reshape(-1).view(np.uint8)
+
+
+def _crcs(arrays: dict) -> dict:
+    """``{key: CRC-32 of the array's bytes}``, the arrays shared between threads."""
+    return dict(zip(arrays, cpu.thread_pool().map(lambda a: crc32(_bytes(a)), arrays.values())))
 
 
 def _warn(message: str) -> None:
@@ -246,7 +250,7 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype) -> Path | None:
     """
     path = cache_file(folder, source)
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
-    crcs = dict(zip(arrays, cpu.thread_pool().map(lambda a: crc32(_bytes(a)), arrays.values())))
+    crcs = _crcs(arrays)
     entries, data_bytes = [], 0
     for key, a in arrays.items():
         entries.append({"key": key, "shape": list(a.shape), "dtype": a.dtype.name,

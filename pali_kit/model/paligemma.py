@@ -90,7 +90,8 @@ class PaliGemma(nn.Module):
         images: float[B, H, W, 3]; text: int32[B, T] right-padded prompts, all
         prefix (full attention); mask_input: bool[B, T]. The cache has
         ``cache_size >= N + T`` slots; prompt token j sits in slot N + j.
-        ``cache_form``: KVCache or a subclass storing another order (``model.cpu``).
+        ``cache_form``: KVCache, or a class with its interface that stores another
+        order (``model.cpu.HeadMajorCache``).
 
         Returns (logits of each row's last real token float32[B, V], cache,
         valid bool[B, cache_size] slots that hold real tokens, next position int32[B]).
