@@ -443,7 +443,8 @@ def _compile_stages(stages, inputs, bb, done, key=None):
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if stored else None
             if stored:
                 logits, cache, valid, pos = jax.tree.map(
-                    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), out)
+                    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), out
+                )
             # also the small eager operations of the loop's first steps (compiled once
             # per process: too quick for the persistent cache)
             rng, t = jax.random.key(0), jnp.int32(0)

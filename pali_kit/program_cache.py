@@ -60,6 +60,11 @@ class ProgramCacheWarning(UserWarning):
     """A stored program could not be used (it is traced again) or not be stored."""
 
 
+def available() -> bool:
+    """Whether programs can be stored here (``jax.export`` serialization works)."""
+    return _SERIALIZABLE
+
+
 def folder() -> Path | None:
     """The folder of stored programs, or None when the cache is off."""
     if os.environ.get(ENV, "1") == "0" or not _SERIALIZABLE:
