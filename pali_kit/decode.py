@@ -417,10 +417,10 @@ def _compile_stages(stages, inputs, bb, done, key=None):
     """The thread of ``compile_ahead``: prefill, then sampler, then step, each
     traced from the previous one's output shapes.
 
-    The prefill comes from the program a previous process stored
-    (``program_cache``, for ``key`` and these shapes) where there is one: it is
-    then lowered and compiled (or fetched) without tracing the model; otherwise
-    it is traced, and stored once everything is compiled.
+    The prefill is the program ``program_cache`` holds for ``key`` and these
+    shapes: stored by an earlier process (then lowered and compiled, or fetched,
+    without tracing the model), else exported now and stored. Every process
+    thus compiles the same program. With the program cache off it is traced.
 
     Tracing holds the GIL for seconds; the loading thread meanwhile needs it
     briefly between its reads, and would wait up to a switch interval each time,
@@ -433,7 +433,7 @@ def _compile_stages(stages, inputs, bb, done, key=None):
             prefill, f_prefill = stages[0]
             traced = _stored_prefill(prefill, inputs, key)
             stored = traced is not None
-            if not stored:
+            if not stored:  # the program cache is off (or failed: warned)
                 traced = prefill.jitted.trace(*inputs)
                 traced.lower().compile()
             f_prefill.set_result(None)
@@ -458,8 +458,6 @@ def _compile_stages(stages, inputs, bb, done, key=None):
                 step.jitted.trace(_step_params(inputs[0]), tok, cache, valid, pos, t, rng, t,
                                   done_rows, None).lower().compile()  # fmt: skip
                 f_step.set_result(None)
-            if not stored and key is not None:  # after the first call's compiles: off its path
-                program_cache.store("prefill", key, prefill.jitted, inputs)
             done.set_result(None)
         except BaseException as e:  # handed to each function's first call, which warns
             for _, future in stages:
@@ -471,10 +469,11 @@ def _compile_stages(stages, inputs, bb, done, key=None):
 
 
 def _stored_prefill(prefill: _Counted, inputs, key):
-    """The prefill from a stored program, traced (a call of it), lowered and
-    compiled, and registered with ``prefill`` for ``inputs``' signature; None
-    where none is stored (or it is unusable: warned)."""
-    exported = None if key is None else program_cache.load("prefill", key, inputs)
+    """The prefill from ``program_cache`` (stored, else exported and stored): a
+    call of it traced, lowered and compiled, and registered with ``prefill`` for
+    ``inputs``' signature; None where the program cache is off (or failed: warned)."""
+    exported = None if key is None else program_cache.program("prefill", key, prefill.jitted,
+                                                               inputs)  # fmt: skip
     if exported is None:
         return None
     try:

@@ -9,8 +9,8 @@ traced program as a ``jax.export`` serialization (StableHLO, no Python objects)
 the first time, and hands it back to later processes, which then only lower a
 call to it:
 
-    exported = load("prefill", key, args)     # None: not stored (or unusable)
-    ...  trace as usual, then  store("prefill", key, jitted, args)
+    exported = program("prefill", key, jitted, args)   # stored, else exported and stored
+    fn = callable_of(exported, "stored_prefill")        # jax.jit of exported.call
 
 ``key`` is a JSON-able value naming what the program depends on besides the
 arguments' tree and shapes (config, cache size...); ``program_key`` adds the
@@ -127,24 +127,49 @@ def load(name: str, key, args):
     return exported
 
 
-def store(name: str, key, jitted, args) -> Path | None:
-    """Export ``jitted`` for ``args`` (a tree of arrays or ``jax.ShapeDtypeStruct``)
-    and write it for later processes. After ``jitted.trace(*args)`` this does not
-    trace again (JAX keeps the trace); it lowers once more. Returns the path, or
-    None (cache off, or the program could not be exported: warned)."""
-    digest = program_key(name, key, args)
-    path = path_of(name, digest)
-    if path is None:
+def program(name: str, key, jitted, args):
+    """The program of ``jitted`` (named ``name``) for ``key`` and ``args`` (a tree of
+    arrays or ``jax.ShapeDtypeStruct``) as a ``jax.export.Exported``: the stored one,
+    else exported now (a trace and a lowering) and stored for later processes.
+    None when the cache is off or ``jitted`` cannot be exported (warned)."""
+    if folder() is None:
         return None
+    exported = load(name, key, args)
+    if exported is None:
+        exported = _export(name, jitted, args)
+        if exported is not None:
+            _write(name, key, args, exported)
+    return exported
+
+
+def store(name: str, key, jitted, args) -> Path | None:
+    """Export ``jitted`` for ``args`` and write it; the path, or None (off, or failed: warned)."""
+    if folder() is None:
+        return None
+    exported = _export(name, jitted, args)
+    return None if exported is None else _write(name, key, args, exported)
+
+
+def _export(name: str, jitted, args):
     try:
         from jax import export
 
-        payload = bytes(export.export(jitted)(*args).serialize())
+        return export.export(jitted)(*args)
+    except Exception as e:  # noqa: BLE001 - the caller traces as usual
+        _warn(f"could not export the {name} program ({type(e).__name__}: {e})")
+        return None
+
+
+def _write(name: str, key, args, exported) -> Path | None:
+    digest = program_key(name, key, args)
+    path = path_of(name, digest)
+    try:
+        payload = bytes(exported.serialize())
         head = json.dumps({"key": digest, "sha256": hashlib.sha256(payload).hexdigest()})
         path.parent.mkdir(parents=True, exist_ok=True)
         return atomic.write_bytes(path, MAGIC + head.encode() + b"\n" + payload)
     except Exception as e:  # noqa: BLE001 - storing is an optimization only
-        _warn(f"could not store the {name} program ({type(e).__name__}: {e})")
+        _warn(f"could not store the {name} program in {path.parent} ({type(e).__name__}: {e})")
         return None
 
 
