@@ -386,6 +386,9 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
     first call warns with it and compiles as usual. Returns a Future (result None)
     done once everything is compiled. (``pk.load`` leaves the step out: on a
     CPU with few cores it would take CPU time from the load and the first token.)
+    The prefill runs as the program ``program_cache`` keeps for these shapes
+    (stored by an earlier process, or exported and stored now), so a later
+    process lowers a call of it instead of tracing the model.
     """
     sampler = parse_sampler(sampler, config.llm.vocab_size)
     bb, tt = bucket_batch(batch), bucket_length(text_len)
