@@ -1,10 +1,10 @@
 """Traced programs kept across processes, so that a cold process skips tracing.
 
 JAX's persistent compilation cache keeps compiled executables, but a new
-process still traces and lowers a function before it can look one up: for the
-unrolled prefill of a 3B model that is ~0.5 s of Python alone, and several
-seconds while it shares the interpreter with a load reading the weights
-(``decode.compile_ahead`` runs beside ``pk.load``). This module stores the
+process still traces and lowers a function before it can look one up. For the
+unrolled prefill of a 3B model that is Python work that, beside ``pk.load``
+(``decode.compile_ahead``), shares the interpreter with the thread reading the
+weights and slows both (bench/README.md, the cold start). This module stores the
 traced program as a ``jax.export`` serialization (StableHLO, no Python objects)
 the first time, and hands it back to later processes, which then only lower a
 call to it:
