@@ -779,7 +779,9 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     On CPU, while a large float ``.npz`` is read, a background thread compiles (or
     fetches from the persistent compilation cache) what a first ``generate`` with
     one image and one prompt needs, for the weights' shapes read from the file's
-    headers (``decode.compile_ahead``); that first call then waits for it.
+    headers (``decode.compile_ahead``); that first call then waits for it. The
+    prefill's program is kept beside the compilation cache (``pali_kit.program_cache``;
+    ``PALI_KIT_PROGRAM_CACHE=0`` turns it off), so later processes do not trace it.
     """
     dtype = _check_load_args(source, dtype, verbose)
     quant.check_scheme(quantize)

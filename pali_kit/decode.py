@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import constrain
+from . import constrain, program_cache
 from .configs import PaliGemmaConfig
 from .errors import (
     ArgumentError,
@@ -336,14 +336,23 @@ class _Counted:
     def __init__(self, jitted, name: str):
         self.jitted, self.name = jitted, name
         self.pending: concurrent.futures.Future | None = None
+        # arguments' signature -> the same function from a stored program (program_cache)
+        self.programs: dict = {}
 
     def __call__(self, *args):
         if self.pending is not None:
             _await(self)
-        before = self.jitted._cache_size()
-        out = self.jitted(*args)
-        COMPILES[self.name] += self.jitted._cache_size() - before
+        fn = self.programs.get(signature(args), self.jitted) if self.programs else self.jitted
+        before = fn._cache_size()
+        out = fn(*args)
+        COMPILES[self.name] += fn._cache_size() - before
         return out
+
+
+def signature(args) -> tuple:
+    """The tree, shapes and dtypes of ``args`` (arrays or ``jax.ShapeDtypeStruct``)."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    return tree, tuple((tuple(np.shape(x)), str(getattr(x, "dtype", type(x)))) for x in leaves)
 
 
 def count_traces(fn, name):
@@ -377,12 +386,16 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
     first call warns with it and compiles as usual. Returns a Future (result None)
     done once everything is compiled. (``pk.load`` leaves the step out: on a
     CPU with few cores it would take CPU time from the load and the first token.)
+    The prefill runs as the program ``program_cache`` keeps for these shapes
+    (stored by an earlier process, or exported and stored now), so a later
+    process lowers a call of it instead of tracing the model.
     """
     sampler = parse_sampler(sampler, config.llm.vocab_size)
     bb, tt = bucket_batch(batch), bucket_length(text_len)
     cache_size = bucket_cache(config.vision.num_tokens, tt, max_new_tokens)
     dtype = jnp.dtype(cache_dtype or jnp.float32).name
-    prefill, _, step_and_sample = _jitted(config, cache_size, dtype, cache_form(params))
+    form = cache_form(params)
+    prefill, _, step_and_sample = _jitted(config, cache_size, dtype, form)
     step_fn = step_and_sample(sampler)
     choose = _sampler_fn(sampler)
     fns = (prefill, choose, step_fn) if step else (prefill, choose)
@@ -394,7 +407,8 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
     inputs = (params, jax.ShapeDtypeStruct((bb, r, r, 3), jnp.float32),
               jax.ShapeDtypeStruct((bb, tt), jnp.int32), jax.ShapeDtypeStruct((bb, tt), bool))  # fmt: skip
     # not a daemon: a process that ends meanwhile waits for it rather than killing it mid-compile
-    threading.Thread(target=_compile_stages, args=(stages, inputs, bb, done),
+    key = [repr(config), cache_size, dtype, f"{form.__module__}.{form.__qualname__}"]
+    threading.Thread(target=_compile_stages, args=(stages, inputs, bb, done, key),
                      name="pali_kit compile ahead").start()  # fmt: skip
     return done
 
@@ -402,9 +416,14 @@ def compile_ahead(config: PaliGemmaConfig, params, *, batch: int = 1, text_len: 
 AHEAD_SWITCH_S = 5e-4  # the interpreter's switch interval while compiling ahead (default 5 ms)
 
 
-def _compile_stages(stages, inputs, bb, done):
+def _compile_stages(stages, inputs, bb, done, key=None):
     """The thread of ``compile_ahead``: prefill, then sampler, then step, each
     traced from the previous one's output shapes.
+
+    The prefill is the program ``program_cache`` holds for ``key`` and these
+    shapes: stored by an earlier process (then lowered and compiled, or fetched,
+    without tracing the model), else exported now and stored. Every process
+    thus compiles the same program. With the program cache off it is traced.
 
     Tracing holds the GIL for seconds; the loading thread meanwhile needs it
     briefly between its reads, and would wait up to a switch interval each time,
@@ -415,14 +434,24 @@ def _compile_stages(stages, inputs, bb, done):
         sys.setswitchinterval(min(switch, AHEAD_SWITCH_S))
         try:
             prefill, f_prefill = stages[0]
-            traced = prefill.jitted.trace(*inputs)
-            traced.lower().compile()
+            traced = _stored_prefill(prefill, inputs, key)
+            stored = traced is not None
+            if not stored:  # the program cache is off (or failed: warned)
+                traced = prefill.jitted.trace(*inputs)
+                traced.lower().compile()
             f_prefill.set_result(None)
-            logits, cache, valid, pos = traced.out_info
+            logits, cache, valid, pos = out = traced.out_info
+            # a stored program's results are committed to their device (an argument of
+            # another signature to what they feed): so are the shapes traced from them
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0]) if stored else None
+            if stored:
+                logits, cache, valid, pos = jax.tree.map(
+                    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), out
+                )
             # also the small eager operations of the loop's first steps (compiled once
             # per process: too quick for the persistent cache)
             rng, t = jax.random.key(0), jnp.int32(0)
-            jax.device_put(np.zeros(bb, np.int32)) + 0
+            jax.device_put(np.zeros(bb, np.int32), device) + 0
             choose, f_choose = stages[1]
             traced = choose.jitted.trace(logits, rng, t, np.zeros(bb, bool), None)
             traced.lower().compile()
@@ -440,6 +469,26 @@ def _compile_stages(stages, inputs, bb, done):
             done.set_exception(e)
         finally:
             sys.setswitchinterval(switch)
+
+
+def _stored_prefill(prefill: _Counted, inputs, key):
+    """The prefill from ``program_cache`` (stored, else exported and stored): a
+    call of it traced, lowered and compiled, and registered with ``prefill`` for
+    ``inputs``' signature; None where the program cache is off (or failed: warned)."""
+    exported = None if key is None else program_cache.program("prefill", key, prefill.jitted,
+                                                               inputs)  # fmt: skip
+    if exported is None:
+        return None
+    try:
+        fn = program_cache.callable_of(exported, "stored_prefill")
+        traced = fn.trace(*inputs)
+        traced.lower().compile()
+    except Exception as e:  # noqa: BLE001 - trace the model instead
+        warnings.warn(f"pali_kit: the stored prefill program failed ({type(e).__name__}: {e}); "
+                      "tracing it again", program_cache.ProgramCacheWarning, stacklevel=2)  # fmt: skip
+        return None
+    prefill.programs[signature(inputs)] = fn
+    return traced
 
 
 def _await(fn: _Counted) -> None:
