@@ -9,7 +9,11 @@ child loads them (one model in the process). Per token (medians over the rounds)
 - ``call``: the compiled step-and-sample call until it returns (dispatch, and
   the run itself where XLA:CPU runs it in the calling thread);
 - ``wait``: from there until the token is on the host;
-- ``step``: the compiled step alone, back to back (``block_until_ready``);
+- ``step``: the compiled step alone (``block_until_ready``), its calls alternating
+  token by token with those of the loop's call (``call`` and ``wait``);
+- ``same, jnp.argmax``: call + wait of the same call compiled with greedy's token
+  taken by ``jnp.argmax`` (as ``decode.sample`` did before ``decode.first_max``), its
+  calls alternating with the others;
 - ``flatten``: flattening the step's arguments (``jax.tree.flatten``), and
   ``leaves``: how many arrays the step takes.
 """
@@ -66,7 +70,8 @@ def main(argv=None) -> None:
         return list(np.diff(stamps))
 
     def split():
-        """The loop of iter_tokens, timed in parts."""
+        """The loop of iter_tokens, timed in parts; its calls alternate, token by token,
+        with calls of the step alone (the same cache), so that both see the same machine."""
         tt = decode.bucket_length(enc["text"].shape[1])
         size = decode.bucket_cache(cfg.vision.num_tokens, tt, n)
         prefill, step, sas = decode._jitted(cfg, size, "float32", decode.cache_form(run))
@@ -78,31 +83,51 @@ def main(argv=None) -> None:
         choose, fn = decode._sampler_fn(sampler), sas(sampler)
         rng, done, jm = jax.random.key(0), np.zeros(1, bool), jnp.asarray(mask)
         t_, logp, done = choose(logits, rng, jnp.int32(0), done, jm)
-        calls, waits = [], []
-        for i in range(1, n):
+        calls, waits, steps, before = [], [], [], []
+        for i in range(1, n):  # n - 1 slots: the cache holds n new tokens
             a = time.perf_counter()
-            t_, logp, done, cache, valid = fn(llm, t_, cache, valid, pos + (i - 1),
-                                              jnp.int32(slot + i - 1), rng, jnp.int32(i),
-                                              done, jm)  # fmt: skip
-            b = time.perf_counter()
-            np.asarray(t_), np.asarray(logp), bool(np.all(np.asarray(done)))
-            c = time.perf_counter()
-            calls.append(b - a)
-            waits.append(c - b)
-        steps = []
-        t_ = jnp.zeros((1,), jnp.int32)
-        for i in range(n):
-            a = time.perf_counter()
-            logits, cache, valid = step(llm, t_, cache, valid, pos + i, jnp.int32(slot + i))
-            logits.block_until_ready()
-            steps.append(time.perf_counter() - a)
+            if i % 3 == 0:  # the same call, greedy by jnp.argmax (as before decode.first_max)
+                t_, logp, done, cache, valid = with_argmax(llm, t_, cache, valid, pos + (i - 1),
+                                                          jnp.int32(slot + i - 1), rng,
+                                                          jnp.int32(i), done, jm)  # fmt: skip
+                np.asarray(t_), np.asarray(logp), bool(np.all(np.asarray(done)))
+                before.append(time.perf_counter() - a)
+            elif i % 3 == 1:
+                t_, logp, done, cache, valid = fn(llm, t_, cache, valid, pos + (i - 1),
+                                                  jnp.int32(slot + i - 1), rng, jnp.int32(i),
+                                                  done, jm)  # fmt: skip
+                b = time.perf_counter()
+                np.asarray(t_), np.asarray(logp), bool(np.all(np.asarray(done)))
+                calls.append(b - a)
+                waits.append(time.perf_counter() - b)
+            else:
+                logits, cache, valid = step(llm, t_, cache, valid, pos + (i - 1),
+                                            jnp.int32(slot + i - 1))  # fmt: skip
+                logits.block_until_ready()
+                steps.append(time.perf_counter() - a)
         fl = []
         for _ in range(20):
             a = time.perf_counter()
             jax.tree.flatten(llm)
             fl.append(time.perf_counter() - a)
         return statistics.median(calls), statistics.median(waits), statistics.median(steps), \
-            statistics.median(fl)  # fmt: skip
+            statistics.median(fl), statistics.median(before)  # fmt: skip
+
+    # the step-and-sample call compiled afresh with greedy = jnp.argmax (decode.sample before)
+    tt = decode.bucket_length(enc["text"].shape[1])
+    size = decode.bucket_cache(cfg.vision.num_tokens, tt, n)
+    fresh = decode._jitted.__wrapped__(cfg, size, "float32", decode.cache_form(run))[2]
+    argmax_fn = fresh(decode.parse_sampler("greedy")).jitted
+
+    def with_argmax(*call_args):
+        if argmax_fn._cache_size():
+            return argmax_fn(*call_args)
+        first_max = decode.first_max  # traced (on the first call) with jnp.argmax instead
+        decode.first_max = lambda logits: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        try:
+            return argmax_fn(*call_args)
+        finally:
+            decode.first_max = first_max
 
     tokens, parts = [], []
     for r in range(args.rounds + 1):  # round 0 compiles
@@ -110,9 +135,11 @@ def main(argv=None) -> None:
         if r:
             tokens += dts
             parts.append(p)
-    call, wait, step, flat = (statistics.median(p[k] for p in parts) for k in range(4))
+    call, wait, step, flat, old = (statistics.median(p[k] for p in parts) for k in range(5))
     table([{"weights": args.dtype, "token ms": f"{1e3 * statistics.median(tokens):.1f}",
             "call ms": f"{1e3 * call:.2f}", "wait ms": f"{1e3 * wait:.1f}",
+            "call+wait ms": f"{1e3 * (call + wait):.1f}",
+            "same, jnp.argmax ms": f"{1e3 * old:.1f}",
             "step ms": f"{1e3 * step:.1f}", "flatten ms": f"{1e3 * flat:.2f}",
             "leaves": len(jax.tree.leaves(llm))}])  # fmt: skip
 
