@@ -214,11 +214,26 @@ def check_logit_mask(logit_mask, vocab_size: int, where: str) -> np.ndarray:
     return mask.astype(bool)
 
 
+def first_max(logits):
+    """float[B, V] -> int32[B]: the index of each row's largest value, the first of equal
+    ones, or of its first NaN: ``jnp.argmax``'s answer.
+
+    As a max, then the smallest index that holds it: XLA:CPU runs ``argmax`` (one
+    reduction of value-index pairs) element by element, these two reductions
+    vectorized; once per generated token over the 257152-token vocabulary, that is
+    1.5 ms per token of a 3B int4 model (``bench/decode_loop.py``).
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)  # NaN where the row holds one
+    hit = (logits == top) | jnp.isnan(logits)
+    index = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1).astype(jnp.int32)
+
+
 def sample(logits, rng, sampler: Sampler):
     """float32[B, V] logits -> int32[B] tokens (jit-friendly; ``sampler`` static)."""
     name, args = sampler.name, sampler.args
     if name == "greedy" or name == "beam":
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return first_max(logits)
     if name == "temperature":
         return jax.random.categorical(rng, logits / args[0]).astype(jnp.int32)
     if name == "nucleus":

@@ -62,3 +62,26 @@ def test_one_call_per_token_samples_like_two(sampler, layout):
     assert not (want[0] == decode.EOS_ID).any()
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], rtol=0, atol=1e-4 * max(1.0, np.abs(want[1]).max()))
+
+
+def test_first_max_is_argmax_with_ties_infinities_and_nans():
+    """``decode.first_max`` (greedy's token) answers as ``jnp.argmax`` and ``np.argmax``:
+    the first of equal maxima, the first NaN of a row that holds one, index 0 of a
+    row of -inf; compared exactly (indices), on small integers (many ties) and on a
+    row of the 257152-token vocabulary."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 4, (8, 50)).astype(np.float32)  # ties in every row
+    x[1, :] = -np.inf
+    x[2, [7, 30]] = np.nan
+    x[3, [5, 9]] = np.inf
+    x[4, 11] = np.nan
+    x[4, 3] = np.inf
+    x[5, :] = -np.inf
+    x[5, 40] = -1e30
+    big = rng.standard_normal((2, 257152)).astype(np.float32)
+    big[1, [1000, 200000]] = 9.0  # a tie far apart
+    for logits in (x, big):
+        got = np.asarray(jax.jit(decode.first_max)(logits))
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(logits, axis=-1)))
