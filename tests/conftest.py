@@ -203,3 +203,34 @@ def pytest_terminal_summary(terminalreporter):
         f"PyTorch VAE ({', '.join(where)}): torch/transformers are not installed.\n"
         f"To run them: {PARITY_INSTALL}"
     )
+
+
+# A child process of the compile-ahead tests (tests/test_cold_start.py, test_program_cache.py):
+# argv = [checkpoint path, "1" to compile ahead (else off)]; it prints one JSON line with the
+# compile events while loading and while generating, the tokens, log-probs and whether a
+# weights cache was mapped.
+COMPILE_AHEAD_CHILD = """
+import json, sys, threading, warnings
+import numpy as np
+from jax import monitoring
+import pali_kit as pk
+from pali_kit import api
+
+warnings.simplefilter("error", RuntimeWarning)  # a failed or mispredicted compile ahead
+EVENTS = []
+monitoring.register_event_duration_secs_listener(
+    lambda event, secs, fun_name=None, **kw: EVENTS.append(
+        (event.rsplit("/", 1)[-1], fun_name, threading.current_thread().name)))
+path, ahead = sys.argv[1], sys.argv[2] == "1"
+api.COMPILE_AHEAD_MIN_BYTES = 0 if ahead else 1 << 62
+model = pk.load(path, verbose=False, tokenizer=pk.Tokenizer.demo())
+if ahead:
+    model._compiled_ahead.result()
+loading = list(EVENTS)
+EVENTS.clear()
+image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+[out] = model.generate(image, "caption en", max_new_tokens=6)
+maps = open("/proc/self/maps").read() if sys.platform == "linux" else ""
+print(json.dumps(dict(loading=loading, generating=EVENTS, tokens=out.tokens.tolist(),
+                      logprobs=out.logprobs.tolist(), mapped=".weights" in maps)))
+"""

@@ -17,6 +17,8 @@ from pali_kit.api import CACHE_MIN_COMPILE_S, demo_config
 from pali_kit.model import cpu, inference_params, param_shapes
 from pali_kit.model.common import aligned_empty, to_device
 
+from .conftest import COMPILE_AHEAD_CHILD
+
 CODE = """
 import sys, jax
 from pali_kit import api
@@ -52,39 +54,13 @@ def test_a_users_own_minimum_compile_time_is_kept(tmp_path):
 
 # --- compiling the first generation while the weights load --------------------------------
 
-AHEAD = """
-import json, sys, threading, warnings
-import numpy as np
-from jax import monitoring
-import pali_kit as pk
-from pali_kit import api
-
-warnings.simplefilter("error", RuntimeWarning)  # a failed or mispredicted compile ahead
-EVENTS = []
-monitoring.register_event_duration_secs_listener(
-    lambda event, secs, fun_name=None, **kw: EVENTS.append(
-        (event.rsplit("/", 1)[-1], fun_name, threading.current_thread().name)))
-path, ahead = sys.argv[1], sys.argv[2] == "1"
-api.COMPILE_AHEAD_MIN_BYTES = 0 if ahead else 1 << 62
-model = pk.load(path, verbose=False, tokenizer=pk.Tokenizer.demo())
-if ahead:
-    model._compiled_ahead.result()
-loading = list(EVENTS)
-EVENTS.clear()
-image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
-[out] = model.generate(image, "caption en", max_new_tokens=6)
-maps = open("/proc/self/maps").read() if sys.platform == "linux" else ""
-print(json.dumps(dict(loading=loading, generating=EVENTS, tokens=out.tokens.tolist(),
-                      logprobs=out.logprobs.tolist(), mapped=".weights" in maps)))
-"""
-
 
 def _run_ahead(path, ahead: bool, cache, weights_cache=None) -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "PALI_KIT_"))}
     env = {**base, "PALI_KIT_COMPILATION_CACHE": "1", "JAX_COMPILATION_CACHE_DIR": str(cache)}
     if weights_cache is not None:
         env["PALI_KIT_WEIGHTS_CACHE"] = str(weights_cache)
-    out = subprocess.run([sys.executable, "-c", AHEAD, str(path), "1" if ahead else "0"],
+    out = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_CHILD, str(path), "1" if ahead else "0"],
                          env=env, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.splitlines()[-1])

@@ -16,6 +16,8 @@ import pali_kit as pk
 from pali_kit import program_cache
 from pali_kit.model.cpu import HeadMajorCache, Matrix
 
+from .conftest import COMPILE_AHEAD_CHILD
+
 pytestmark = pytest.mark.skipif(not program_cache.available(),
                                 reason="jax.export serialization unavailable (flatbuffers)")  # fmt: skip
 
@@ -112,34 +114,11 @@ def test_the_key_follows_the_kits_source_and_the_xla_flags(monkeypatch):
 
 # --- across processes: pk.load's compile ahead ----------------------------------------------
 
-CHILD = """
-import json, sys, threading, warnings
-import numpy as np
-from jax import monitoring
-import pali_kit as pk
-from pali_kit import api
-
-warnings.simplefilter("error", RuntimeWarning)  # a failed or mispredicted compile ahead
-EVENTS = []
-monitoring.register_event_duration_secs_listener(
-    lambda event, secs, fun_name=None, **kw: EVENTS.append(
-        (event.rsplit("/", 1)[-1], fun_name, threading.current_thread().name)))
-api.COMPILE_AHEAD_MIN_BYTES = 0
-model = pk.load(sys.argv[1], verbose=False, tokenizer=pk.Tokenizer.demo())
-model._compiled_ahead.result()
-loading = list(EVENTS)
-EVENTS.clear()
-image = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
-[out] = model.generate(image, "caption en", max_new_tokens=6)
-print(json.dumps(dict(loading=loading, generating=EVENTS, tokens=out.tokens.tolist(),
-                      logprobs=out.logprobs.tolist())))
-"""
-
 
 def _run(path, cache, **env) -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "PALI_KIT_"))}
     env = {**base, "JAX_COMPILATION_CACHE_DIR": str(cache), **env}
-    out = subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_CHILD, str(path), "1"], env=env, capture_output=True,
                          text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return {**json.loads(out.stdout.splitlines()[-1]), "stderr": out.stderr}
