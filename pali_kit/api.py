@@ -53,7 +53,7 @@ from .errors import (
 )
 from .images import preprocess
 from .model import PaliGemma, accel, count_params, inference_params, init_params, param_shapes
-from .model.cpu import IN_PLACE_LEAVES, abstract_layout, official_params
+from .model.cpu import IN_PLACE_LEAVES, abstract_layout, limit_heap_arenas, official_params
 from .tokenizer import Tokenizer, find_tokenizer
 from .weights_cache import resolve_dir as weights_cache_dir
 
@@ -785,6 +785,8 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     quant.check_scheme(quantize)
     cache_dir = weights_cache_dir(weights_cache)
     enable_compilation_cache()
+    if jax.default_backend() == "cpu":  # before the load's and the compiles' threads allocate
+        limit_heap_arenas()
     if source == "demo":
         model = _demo(dtype, overrides, quantize)
     else:

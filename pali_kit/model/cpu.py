@@ -475,6 +475,34 @@ def thread_pool() -> concurrent.futures.ThreadPoolExecutor:
     return _POOL
 
 
+HEAP_ARENAS = 2  # the C heap's arenas while the kit runs on CPU (``limit_heap_arenas``)
+_M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
+
+
+def limit_heap_arenas(n: int = HEAP_ARENAS) -> bool:
+    """Cap the C heap (glibc malloc) at ``n`` arenas; True where the cap was set.
+
+    glibc gives each thread that allocates its own arena, up to 8 per core, and
+    memory freed into one arena serves only the threads of that arena. XLA
+    compiles and runs programs on several threads, and the loader and the
+    compile ahead run on threads of their own: what one thread's compile frees
+    stays resident while the next compile or run, on another thread, takes new
+    memory. With the arenas capped, a bfloat16 3B model's load + generate peaks
+    ~0.1-0.2 GB lower (``bench/results/rss_phases.log``). Takes effect for
+    arenas created afterwards, so ``pk.load`` calls it before loading. Left alone
+    where ``MALLOC_ARENA_MAX`` is set (the user's choice) or where the C library
+    has no glibc ``mallopt`` (False then).
+    """
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not a glibc-like C library (e.g. macOS)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(_M_ARENA_MAX, n) == 1
+
+
 def _writable(w):
     """A writable flat numpy view of a CPU array's buffer, or None if there is none."""
     host = np.asarray(w)
