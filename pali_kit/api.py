@@ -784,9 +784,8 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     dtype = _check_load_args(source, dtype, verbose)
     quant.check_scheme(quantize)
     cache_dir = weights_cache_dir(weights_cache)
+    limit_heap_arenas()  # first: before the backend's, the load's and the compiles' threads allocate
     enable_compilation_cache()
-    if jax.default_backend() == "cpu":  # before the load's and the compiles' threads allocate
-        limit_heap_arenas()
     if source == "demo":
         model = _demo(dtype, overrides, quantize)
     else:
