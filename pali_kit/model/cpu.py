@@ -475,7 +475,7 @@ def thread_pool() -> concurrent.futures.ThreadPoolExecutor:
     return _POOL
 
 
-HEAP_ARENAS = 2  # the C heap's arenas while the kit runs on CPU (``limit_heap_arenas``)
+HEAP_ARENAS = 2  # the C heap's arenas once pk.load has run (``limit_heap_arenas``)
 _M_ARENA_MAX = -8  # glibc's mallopt parameter number (malloc.h)
 
 
@@ -487,11 +487,13 @@ def limit_heap_arenas(n: int = HEAP_ARENAS) -> bool:
     compiles and runs programs on several threads, and the loader and the
     compile ahead run on threads of their own: what one thread's compile frees
     stays resident while the next compile or run, on another thread, takes new
-    memory. With the arenas capped, a bfloat16 3B model's load + generate peaks
-    ~0.1-0.2 GB lower (``bench/results/rss_phases.log``). Takes effect for
-    arenas created afterwards, so ``pk.load`` calls it before loading. Left alone
-    where ``MALLOC_ARENA_MAX`` is set (the user's choice) or where the C library
-    has no glibc ``mallopt`` (False then).
+    memory. With the arenas capped, load + generate of PaliGemma 2 3B in
+    bfloat16 (empty compilation cache) peaked at 1.128-1.130x the weights
+    against 1.151-1.166x (``bench/rss_phases.py``). The cap only stops new
+    arenas; those made before it stay in use, so ``pk.load`` calls this first,
+    before the backend starts its threads (called after, it measured no effect). It concerns host memory on any
+    backend. Left alone where ``MALLOC_ARENA_MAX`` is set (the user's choice) or
+    where the C library has no ``mallopt`` (False then).
     """
     if os.environ.get("MALLOC_ARENA_MAX"):
         return False
