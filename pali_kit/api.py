@@ -53,7 +53,7 @@ from .errors import (
 )
 from .images import preprocess
 from .model import PaliGemma, accel, count_params, inference_params, init_params, param_shapes
-from .model.cpu import IN_PLACE_LEAVES, abstract_layout, official_params
+from .model.cpu import IN_PLACE_LEAVES, abstract_layout, limit_heap_arenas, official_params
 from .tokenizer import Tokenizer, find_tokenizer
 from .weights_cache import resolve_dir as weights_cache_dir
 
@@ -786,6 +786,7 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     dtype = _check_load_args(source, dtype, verbose)
     quant.check_scheme(quantize)
     cache_dir = weights_cache_dir(weights_cache)
+    limit_heap_arenas()  # first: before the backend's, the load's and the compiles' threads allocate
     enable_compilation_cache()
     if source == "demo":
         model = _demo(dtype, overrides, quantize)
