@@ -782,6 +782,11 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     headers (``decode.compile_ahead``); that first call then waits for it. The
     prefill's program is kept beside the compilation cache (``pali_kit.program_cache``;
     ``PALI_KIT_PROGRAM_CACHE=0`` turns it off), so later processes do not trace it.
+
+    The first call also caps glibc's malloc at two heap arenas for the whole process
+    (``model.cpu.limit_heap_arenas``: memory one thread's compile frees then serves
+    the next; it keeps the bf16 peak of load + generate near the weights' size).
+    Set ``MALLOC_ARENA_MAX`` before starting Python to choose otherwise.
     """
     dtype = _check_load_args(source, dtype, verbose)
     quant.check_scheme(quantize)
