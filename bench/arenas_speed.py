@@ -13,27 +13,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import random_checkpoint, table, warm_page_cache  # noqa: E402
+from common import BF16_PROMPT_SETUP, child_result, random_checkpoint, table, warm_page_cache  # noqa: E402
 
-CHILD = r"""
+CHILD = (
+    r"""
 import json, statistics, sys, time
 import numpy as np
 import pali_kit as pk
 from pali_kit import decode
-model = pk.load({path!r}, dtype="bfloat16", verbose=False)
-tok = pk.Tokenizer.demo()
-res = model.resolution
-pixels = model.preprocess(np.random.default_rng(0).integers(0, 255, (res, res, 3), dtype=np.uint8))
-enc = tok.encode_prompts(["answer en what is in the picture"], bucket=None)
-mask = np.ones(model.config.llm.vocab_size, bool)
-mask[decode.EOS_ID] = False
+"""
+    + BF16_PROMPT_SETUP
+    + """
 prefill, steps = [], []
 for r in range(4):
     t, stamps = time.perf_counter(), []
@@ -46,6 +42,7 @@ for r in range(4):
 print("RESULT " + json.dumps(dict(prefill=statistics.median(prefill),
                                   decode=statistics.median(steps))))
 """
+)
 
 
 def main():
@@ -63,12 +60,7 @@ def main():
         for label, extra in pair[:: 1 if r % 2 == 0 else -1]:  # each goes first in turn
             warm_page_cache(source)
             env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, **extra)
-            out = subprocess.run([sys.executable, "-c", CHILD.format(path=str(source))],
-                                 env=env, capture_output=True, text=True)  # fmt: skip
-            line = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-            if not line:
-                raise RuntimeError(out.stderr[-3000:])
-            res = json.loads(line[0][len("RESULT ") :])
+            res = child_result(CHILD.format(path=str(source)), env)
             rows.append({"round": r + 1, "heap arenas": label, "prefill s": f"{res['prefill']:.3f}",
                          "decode s/token": f"{res['decode']:.4f}"})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)

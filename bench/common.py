@@ -97,6 +97,33 @@ def median_time(fn, repeat: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+# A child process's setup for the bf16 decode benchmarks (``str.format`` with ``path``):
+# the model, one random image, one prompt, and a logit mask without EOS so every run
+# decodes the same number of tokens.
+BF16_PROMPT_SETUP = """
+model = pk.load({path!r}, dtype="bfloat16", verbose=False)
+tok = pk.Tokenizer.demo()
+res = model.resolution
+pixels = model.preprocess(np.random.default_rng(0).integers(0, 255, (res, res, 3), dtype=np.uint8))
+enc = tok.encode_prompts(["answer en what is in the picture"], bucket=None)
+mask = np.ones(model.config.llm.vocab_size, bool)
+mask[decode.EOS_ID] = False
+"""
+
+
+def child_result(code: str, env=None) -> dict:
+    """Run ``python -c code`` and return the JSON of its ``RESULT {...}`` line."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    raise RuntimeError(f"benchmark child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
 def memory_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
     """Read bandwidth measured with a large reduction (what decoding does to weights)."""
     a = np.ones(nbytes // 4, np.float32)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import BENCH_DIR, random_checkpoint, table, warm_page_cache  # noqa: E402
+from common import BENCH_DIR, child_result, random_checkpoint, table, warm_page_cache  # noqa: E402
 
 PROMPT = "answer en what is in the picture"
 NEW_TOKENS = 24
@@ -173,14 +173,6 @@ print("RESULT " + json.dumps(dict(ttft_cold=ttft_cold, ttft=min(ttfts), encode=s
 """
 
 
-def child(code: str, env=None):
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"benchmark child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="paligemma-3b-pt-224")
@@ -225,9 +217,9 @@ def main():
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="pk_cache_"))
         # every cold process reads its weights from the page cache, not the disk
         warm_page_cache(source)
-        kit = child(KIT_CHILD.format(here=str(HERE), args=json.dumps(spec)), env)
+        kit = child_result(KIT_CHILD.format(here=str(HERE), args=json.dumps(spec)), env)
         warm_page_cache(source)
-        warm = child(
+        warm = child_result(
             KIT_CHILD.format(here=str(HERE), args=json.dumps({**spec, "only_cold": 1})), env
         )
         kit["ttft_cold_warm_cache"] = warm["ttft_cold"]
@@ -236,7 +228,7 @@ def main():
             hspec = dict(folder=str(hf_folder), dtype=dtype, prompt_ids=prompt_ids,
                          new_tokens=args.new_tokens)  # fmt: skip
             warm_page_cache(hf_folder)
-            hf = child(HF_CHILD.format(here=str(HERE), args=json.dumps(hspec)))
+            hf = child_result(HF_CHILD.format(here=str(HERE), args=json.dumps(hspec)))
         rows.append(_row(dtype, kit, hf))
         print(json.dumps({"dtype": dtype, "kit": kit, "hf": hf}), flush=True)
     table(rows, f"{args.name} ({'random weights'}), {len(prompt_ids)} prompt tokens, "

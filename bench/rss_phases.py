@@ -18,18 +18,17 @@ default (``MALLOC_ARENA_MAX`` = 8 per core, which ``pk.load`` then leaves alone)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from common import random_checkpoint, table, warm_page_cache  # noqa: E402
+from common import BF16_PROMPT_SETUP, child_result, random_checkpoint, table, warm_page_cache  # noqa: E402
 
-CHILD = r"""
+CHILD = (
+    r"""
 import ctypes, gc, json, sys, threading, time
 T0 = time.perf_counter()
 samples, phase, stop = [], ["import"], threading.Event()
@@ -54,13 +53,9 @@ import pali_kit as pk
 from pali_kit import decode
 
 phase[0] = "load"
-model = pk.load({path!r}, dtype="bfloat16", verbose=False)
-tok = pk.Tokenizer.demo()
-res = model.resolution
-pixels = model.preprocess(np.random.default_rng(0).integers(0, 255, (res, res, 3), dtype=np.uint8))
-enc = tok.encode_prompts(["answer en what is in the picture"], bucket=None)
-mask = np.ones(model.config.llm.vocab_size, bool)
-mask[decode.EOS_ID] = False
+"""
+    + BF16_PROMPT_SETUP
+    + """
 for run in (1, 2, 3):
     phase[0] = f"prefill {{run}}"
     it = decode.iter_tokens(model.config, model.run_params, pixels, enc["text"], enc["mask_input"],
@@ -91,15 +86,7 @@ for p, d in samples:
 print("RESULT " + json.dumps(dict(rows=rows, hwm=status()["VmHWM"], weights=model.num_params() * 2,
                                   programs=before - status()["RssAnon"])))
 """
-
-
-def child(path: Path, env) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD.format(path=str(path))], env=env,
-                         capture_output=True, text=True)  # fmt: skip
-    for line in out.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"child failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+)
 
 
 def main():
@@ -116,7 +103,7 @@ def main():
             env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="pk_cache_"),
                        **extra)  # fmt: skip
             warm_page_cache(source)
-            res = child(source, env)
+            res = child_result(CHILD.format(path=str(source)), env)
             rows = [{"phase": p, "max RSS": f"{v['rss']:.3f}", "anon": f"{v['anon']:.3f}",
                      "file": f"{v['file']:.3f}", "peak so far": f"{v['hwm']:.3f}"}
                     for p, v in res["rows"].items()]  # fmt: skip
