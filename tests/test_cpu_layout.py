@@ -31,7 +31,6 @@ from jax import export
 import pali_kit as pk
 from pali_kit import decode
 from pali_kit.model import PaliGemma, cpu_layout, inference_params
-from pali_kit.model import cpu
 from pali_kit.model.cpu import BLOCK, Matrix
 
 from .conftest import assert_generates_like_the_official_tree, tiny_config
@@ -150,47 +149,6 @@ def test_out_in_blocks_multiply_like_the_plain_matrix(rows, dtype):
     np.testing.assert_allclose(
         np.asarray(got), np.asarray(want), rtol=0, atol=1e-4 * np.abs(want).max()
     )
-
-
-@pytest.mark.parametrize("rows", [1, 5])
-@pytest.mark.parametrize("in_place", [False, True])
-def test_groups_of_one_block_are_one_product(rows, in_place):
-    """q's heads (and key/value, gate/up) whose (out, in) blocks are one each become
-    one (groups * out, in) matrix: one product per layer instead of one per head
-    (XLA:CPU builds each product's kernel on a program's first run), on the same
-    memory when written in place, and the same numbers as the official einsum."""
-    from pali_kit.model.cpu import _out_in_matrix
-
-    rng = np.random.default_rng(1)
-    heads, width, head_dim = 4, 96, 16
-    w = jnp.asarray(rng.standard_normal((heads, width, head_dim)), jnp.bfloat16)  # (N, W, H)
-    official = np.asarray(w)
-    m = _out_in_matrix(jnp.array(w), 1, in_place)
-    assert m.merged and len(m.groups) == 1 and len(m.groups[0]) == 1
-    block = m.groups[0][0]
-    assert block.shape == (heads * head_dim, width)
-    # head n's rows are its (out, in) matrix, i.e. the official (in, out) one transposed
-    for n in range(heads):
-        np.testing.assert_array_equal(
-            np.asarray(block[n * head_dim : (n + 1) * head_dim]).view(np.uint16),
-            official[n].T.view(np.uint16),
-        )
-    x = jnp.asarray(rng.standard_normal((1, rows, width)), jnp.float32)
-
-    def project(x, w):
-        return pk.model.common.mm("BTD,NDH->BTNH", x, w)
-
-    lowered = jax.jit(project).lower(x, m).as_text()
-    assert lowered.count("stablehlo.dot_general") == 1
-    got, want = jax.jit(project)(x, m), jax.jit(project)(x, w)
-    assert got.shape == (1, rows, heads, head_dim)
-    # the same rounded operands, the same 96-term float32 sums
-    np.testing.assert_allclose(
-        np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * np.abs(want).max()
-    )
-    # the abstract layout (what compile ahead traces with) has the same form
-    (shape,) = jax.tree.leaves(cpu._abstract_out_in(_spec(w.shape, w.dtype), 1))
-    assert shape.shape == block.shape
 
 
 def test_loaded_bf16_model_keeps_one_copy_and_still_gives_the_official_tree(tmp_path):

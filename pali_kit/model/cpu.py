@@ -17,12 +17,7 @@ slow on that form, and this module (only) works around them, for inference:
    a slow generic kernel, but reads an ``(out, in)`` one at full memory speed
    when ``in`` is at most ~3000. For half-precision weights the LLM matrices are
    therefore copied once as ``(out, in)`` blocks of at most ``BLOCK`` columns
-   (``out_in``), and the products of the blocks summed. Where every group is
-   one block (q's heads, key/value, gate/up: ``in`` at most ``BLOCK``), the
-   groups' blocks lie one after another and form a single ``(groups * out, in)``
-   matrix: one product instead of one per group. (XLA:CPU builds each product's
-   kernel on a program's first run, so fewer products make the first call
-   faster; ``bench/first_run.py`` counts them and times that call.)
+   (``out_in``), and the products of the blocks summed.
 4. The attention products read a layer's keys as ``[B, K, S, H]`` and its
    values as ``[B, K, H, S]``; from the official ``[B, S, K, H]`` cache XLA:CPU
    copies every layer's whole cache into that order on every decode step.
@@ -74,21 +69,17 @@ class Matrix:
         (a view on CPU), reshaped to ``(in, out)`` inside the compiled code;
       - ``transposed=True``: ``(out, in_block)`` copies covering ``in`` in order
         (``fshape`` is then the ``out`` shape, ``shape`` the official array's).
-    ``merged``: one group holding one ``(groups * out, in)`` block, the groups'
-    ``(out, in)`` matrices one after another (``transposed`` only).
     """
 
-    def __init__(self, groups, gshape=(), transposed=False, fshape=None, shape=None,
-                 merged=False):  # fmt: skip
+    def __init__(self, groups, gshape=(), transposed=False, fshape=None, shape=None):
         self.groups = tuple(tuple(g) for g in groups)
         self.gshape = tuple(gshape)
         self.transposed = transposed
         self.fshape = None if fshape is None else tuple(fshape)
         self.shape = None if shape is None else tuple(shape)  # the official array's shape
-        self.merged = merged  # one (groups * out, in) block holds every group
 
     def tree_flatten(self):
-        return self.groups, (self.gshape, self.transposed, self.fshape, self.shape, self.merged)
+        return self.groups, (self.gshape, self.transposed, self.fshape, self.shape)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -127,15 +118,11 @@ class Matrix:
         # A barrier per group gives each product its own copy of the input as far
         # as XLA can tell; otherwise the dot merger concatenates the weights that
         # share it (heads, gate and up) on every call.
-        if self.merged:  # one product for every group: [M, G * F] -> [G, M, F]
-            y = self._product(jax.lax.optimization_barrier(x2), self.groups[0], compute_dtype)
-            y = jnp.moveaxis(y.reshape(y.shape[0], math.prod(self.gshape), -1), 1, 0)
-        else:
-            ys = [
-                self._product(jax.lax.optimization_barrier(x2), group, compute_dtype)
-                for group in self.groups
-            ]
-            y = jnp.stack(ys) if len(ys) > 1 else ys[0]  # [G, M, F] or [M, F]
+        ys = [
+            self._product(jax.lax.optimization_barrier(x2), group, compute_dtype)
+            for group in self.groups
+        ]
+        y = jnp.stack(ys) if len(ys) > 1 else ys[0]  # [G, M, F] or [M, F]
         y = y if scale is None else y * scale
         fshape = self.fshape or self.groups[0][0].shape[len(c_labels) :]
         y = y.reshape(*self.gshape, *lead, *fshape)
@@ -414,12 +401,6 @@ def _out_in_matrix(w, n_group: int, in_place: bool | str = False):
                 blocks.append(_alias(view))
                 offset += size
         groups.append(blocks)
-    if len(groups) > 1 and all(len(g) == 1 for g in groups):
-        if target is None and not written:  # separate copies: one copy of them all instead
-            merged = to_device(np.concatenate([np.asarray(g[0]) for g in groups]))
-        else:  # the groups' blocks lie one after another in w's buffer
-            merged = _alias(host.reshape(-1)[:offset].reshape(-1, flat.shape[1]))
-        return Matrix([[merged]], gshape, True, host.shape[-1:], host.shape, merged=True)
     return Matrix(groups, gshape, True, host.shape[-1:], host.shape)
 
 
@@ -563,9 +544,6 @@ def official_params(run, skeleton):
 
 def _unblock(m: Matrix) -> np.ndarray:
     """(out, in) blocks -> the official (groups..., in..., out) array of one layer."""
-    if m.merged:  # (G * out, in) -> (G, in, out)
-        block = np.asarray(m.groups[0][0])
-        return block.reshape(-1, m.fshape[0], block.shape[1]).transpose(0, 2, 1).reshape(m.shape)
     groups = [np.concatenate([np.asarray(b).T for b in blocks]) for blocks in m.groups]
     return np.stack(groups).reshape(m.shape)
 
@@ -712,8 +690,4 @@ def _abstract_out_in(w, n_group: int):
     n = -(-rows // BLOCK)
     sizes = [rows // n + (i < rows % n) for i in range(n)]  # as np.array_split
     blocks = [jax.ShapeDtypeStruct((out, size), w.dtype) for size in sizes]
-    g = math.prod(gshape)
-    if g > 1 and n == 1:  # as _out_in_matrix: one block for every group
-        block = jax.ShapeDtypeStruct((g * out, rows), w.dtype)
-        return Matrix([[block]], gshape, True, w.shape[-1:], w.shape, merged=True)
-    return Matrix([blocks] * g, gshape, True, w.shape[-1:], w.shape)
+    return Matrix([blocks] * math.prod(gshape), gshape, True, w.shape[-1:], w.shape)
