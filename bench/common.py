@@ -111,13 +111,15 @@ mask[decode.EOS_ID] = False
 """
 
 
-def child_result(code: str, env=None) -> dict:
-    """Run ``python -c code`` and return the JSON of its ``RESULT {...}`` line."""
+def child_result(code: str, env=None, cwd=None) -> dict:
+    """Run ``python -c code`` (in ``cwd``: first on its path) and return the JSON of
+    its ``RESULT {...}`` line."""
     import json
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=cwd)  # fmt: skip
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
