@@ -917,32 +917,34 @@ def quantize_rows_of(rows: Iterable, shape, dtype, scheme: str, in_axes) -> QArr
 
     values = scales = in_shape = None
     pool = _pool()
-    pending = collections.deque()  # (start, n, future), in order
+    pending = collections.deque()  # futures of the slices in flight, in order
 
-    def place(start, n, future):
-        nonlocal values, scales, in_shape
-        q = future.result()
-        in_shape = q.in_shape
-        if values is None:
-            values = aligned_empty((shape[0], *q.values.shape[1:]), np.int8)
-            scales = aligned_empty((shape[0], *q.scales.shape[1:]), np.float32)
-        values[start : start + n] = q.values
-        scales[start : start + n] = q.scales
+    def quantize_into(start, part):  # on a thread: it also writes (first touches) the result
+        q = quantize(part, scheme, in_axes)
+        values[start : start + len(part)] = q.values
+        scales[start : start + len(part)] = q.scales
 
     try:
         for start, part in rows:
             part = np.asarray(part)
-            if start == 0 and len(part) == shape[0]:  # one slice: the whole array
+            if values is None:  # the first slice here: it gives the result's shapes
                 q = quantize(part, scheme, in_axes)
-                return QArray(q.values, q.scales, scheme, in_axes, q.in_shape, dtype)
-            pending.append((start, len(part), pool.submit(quantize, part, scheme, in_axes)))
+                if len(part) == shape[0]:  # one slice: the whole array
+                    return QArray(q.values, q.scales, scheme, in_axes, q.in_shape, dtype)
+                in_shape = q.in_shape
+                values = aligned_empty((shape[0], *q.values.shape[1:]), np.int8)
+                scales = aligned_empty((shape[0], *q.scales.shape[1:]), np.float32)
+                values[: len(part)], scales[: len(part)] = q.values, q.scales
+                del q
+                continue
+            pending.append(pool.submit(quantize_into, start, part))
             del part
             while len(pending) > pool._max_workers:
-                place(*pending.popleft())
+                pending.popleft().result()
         while pending:
-            place(*pending.popleft())
+            pending.popleft().result()
     finally:
-        for *_, future in pending:  # the reader failed, or a slice did: drop the rest
+        for future in pending:  # the reader failed, or a slice did: drop the rest
             future.cancel()
     return QArray(values, scales, scheme, in_axes, in_shape, dtype)
 
