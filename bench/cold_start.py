@@ -1,6 +1,6 @@
 """Where a cold process spends its time before the first token, phase by phase.
 
-    python bench/cold_start.py [--name paligemma-3b-pt-224] [--dtype bfloat16]
+    python bench/cold_start.py [--name paligemma-3b-pt-224] [--dtype bfloat16] [--quantize int4]
 
 Two fresh processes share one new persistent compilation cache: the first
 starts with it empty, the second finds it warm. Each prints the wall time at
@@ -73,7 +73,8 @@ def mark(name):
 import pali_kit as pk
 from pali_kit import decode
 mark("import")
-model = pk.load({path!r}, dtype={dtype!r}, verbose=False, weights_cache={weights_cache!r})
+model = pk.load({path!r}, dtype={dtype!r}, quantize={quantize!r}, verbose=False,
+                weights_cache={weights_cache!r})
 mark("load")
 run = model.run_params
 mark("layout")
@@ -157,6 +158,12 @@ def _seconds(fn, data) -> float:
     return time.perf_counter() - t
 
 
+def child_code(path: Path, args, weights_cache) -> str:
+    """The kit's cold process for ``path`` with the command line's dtype and quantization."""
+    return CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT,
+                        quantize=args.quantize, weights_cache=weights_cache)  # fmt: skip
+
+
 def run_child(code: str, path: Path, env: dict, cwd=None, also_warm=()) -> dict:
     for p in (path, *also_warm):
         warm_page_cache(p)  # the files from the page cache in every process
@@ -217,6 +224,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--name", default="paligemma-3b-pt-224")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantize", choices=["int8", "int4"], help="pk.load(..., quantize=)")
     ap.add_argument("--trees", nargs=2, help="compare two source trees (OLD NEW)")
     ap.add_argument("--rounds", type=int, default=2, help="warm rounds with --trees")
     ap.add_argument("--hf", action="store_true", help="a transformers cold process per round")
@@ -229,8 +237,7 @@ def main():
         return
     path = random_checkpoint(args.name, "bfloat16")
     print(json.dumps({"crc32 GB/s": crc_rates()}), flush=True)
-    code = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT,
-                        weights_cache=False)  # fmt: skip
+    code = child_code(path, args, weights_cache=False)
     hf_code = _hf_child(path, args.dtype) if args.hf else None
     if args.weights_cache:
         return weights_cache_rounds(args, path, hf_code)
@@ -250,14 +257,16 @@ def main():
                 print(json.dumps({"tree": "transformers", **res}), flush=True)
         cols = {c: None for r in rows for c in r}  # transformers' rows have fewer phases
         rows = [{c: r.get(c, "-") for c in cols} for r in rows]
-        table(rows, f"{args.name}, {args.dtype}: seconds per phase of a cold process, two trees")
+        table(rows, f"{args.name}, {args.dtype}{', ' + args.quantize if args.quantize else ''}: "
+              "seconds per phase of a cold process, two trees")  # fmt: skip
         return
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="pk_cache_"))
     for cache in ("empty", "warm"):
         res = run_child(code, path, env)
         rows.append(row_of(res, cache=cache))
         print(json.dumps({"cache": cache, **res}), flush=True)
-    table(rows, f"{args.name}, {args.dtype}: seconds per phase of a cold process")
+    table(rows, f"{args.name}, {args.dtype}{', ' + args.quantize if args.quantize else ''}: "
+          "seconds per phase of a cold process")  # fmt: skip
 
 
 def weights_cache_rounds(args, path: Path, hf_code: str | None) -> None:
@@ -269,10 +278,8 @@ def weights_cache_rounds(args, path: Path, hf_code: str | None) -> None:
     folder = Path(tempfile.mkdtemp(prefix="weights_cache_", dir=path.parent))
     env = {k: v for k, v in os.environ.items() if k != weights_cache.ENV}
     env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pk_cache_")
-    plain = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT,
-                         weights_cache=False)  # fmt: skip
-    cached = CHILD.format(here=str(HERE), path=str(path), dtype=args.dtype, prompt=PROMPT,
-                          weights_cache=str(folder))  # fmt: skip
+    plain = child_code(path, args, weights_cache=False)
+    cached = child_code(path, args, weights_cache=str(folder))
     file = weights_cache.cache_file(folder, path)
     plan = [("kit", "empty", "-", plain), ("kit", "warm", "written", cached)]
     for r in range(1, args.rounds + 1):

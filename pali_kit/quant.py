@@ -52,7 +52,10 @@ C++ compiler; ``NATIVE_INT4 = False`` or ``PALI_KIT_NATIVE=0`` turn it off).
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 
@@ -904,23 +907,58 @@ def quantize_rows_of(rows: Iterable, shape, dtype, scheme: str, in_axes) -> QArr
 
     Axis 0 must not be contracted unless there is a single slice. Returns a
     QArray of numpy arrays (page-aligned, so JAX can adopt them without a copy).
+    Slices are quantized on a few threads (numpy lets go of the interpreter while
+    it computes) while the next one is read: one slice per thread in memory, and
+    the one being read.
+    The result does not depend on the threads: each slice is quantized alone.
+    A slice must not change after it is yielded (it may be quantized later).
     """
     from .model.common import aligned_empty
 
     values = scales = in_shape = None
-    for start, part in rows:
-        q = quantize(np.asarray(part), scheme, in_axes)
-        in_shape = q.in_shape
-        if q.shape == tuple(shape):  # one slice: the whole array
-            values, scales = q.values, q.scales
-            break
-        if values is None:
-            values = aligned_empty((shape[0], *q.values.shape[1:]), np.int8)
-            scales = aligned_empty((shape[0], *q.scales.shape[1:]), np.float32)
+    pool = _pool()
+    pending = collections.deque()  # futures of the slices in flight, in order
+
+    def quantize_into(start, part):  # on a thread: it also writes (first touches) the result
+        q = quantize(part, scheme, in_axes)
         values[start : start + len(part)] = q.values
         scales[start : start + len(part)] = q.scales
-        del q, part
+
+    try:
+        for start, part in rows:
+            part = np.asarray(part)
+            if values is None:  # the first slice here: it gives the result's shapes
+                q = quantize(part, scheme, in_axes)
+                if len(part) == shape[0]:  # one slice: the whole array
+                    return QArray(q.values, q.scales, scheme, in_axes, q.in_shape, dtype)
+                in_shape = q.in_shape
+                values = aligned_empty((shape[0], *q.values.shape[1:]), np.int8)
+                scales = aligned_empty((shape[0], *q.scales.shape[1:]), np.float32)
+                values[: len(part)], scales[: len(part)] = q.values, q.scales
+                del q
+                continue
+            pending.append(pool.submit(quantize_into, start, part))
+            del part
+            while len(pending) > pool._max_workers:
+                pending.popleft().result()
+        while pending:
+            pending.popleft().result()
+    finally:
+        for future in pending:  # the reader failed, or a slice did: drop the rest
+            future.cancel()
     return QArray(values, scales, scheme, in_axes, in_shape, dtype)
+
+
+_POOL = None
+
+
+def _pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that quantize slices while a checkpoint is read."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1),
+                                                      thread_name_prefix="pali_kit quantize")  # fmt: skip
+    return _POOL
 
 
 def abstract_quantize_params(shapes: dict, scheme: str) -> dict:
