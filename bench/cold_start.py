@@ -164,6 +164,11 @@ def child_code(path: Path, args, weights_cache) -> str:
                         quantize=args.quantize, weights_cache=weights_cache)  # fmt: skip
 
 
+def what(args) -> str:
+    """The model and weights a run measures, for its tables' titles."""
+    return ", ".join(x for x in (args.name, args.dtype, args.quantize) if x)
+
+
 def run_child(code: str, path: Path, env: dict, cwd=None, also_warm=()) -> dict:
     for p in (path, *also_warm):
         warm_page_cache(p)  # the files from the page cache in every process
@@ -257,16 +262,14 @@ def main():
                 print(json.dumps({"tree": "transformers", **res}), flush=True)
         cols = {c: None for r in rows for c in r}  # transformers' rows have fewer phases
         rows = [{c: r.get(c, "-") for c in cols} for r in rows]
-        table(rows, f"{args.name}, {args.dtype}{', ' + args.quantize if args.quantize else ''}: "
-              "seconds per phase of a cold process, two trees")  # fmt: skip
+        table(rows, f"{what(args)}: seconds per phase of a cold process, two trees")
         return
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=tempfile.mkdtemp(prefix="pk_cache_"))
     for cache in ("empty", "warm"):
         res = run_child(code, path, env)
         rows.append(row_of(res, cache=cache))
         print(json.dumps({"cache": cache, **res}), flush=True)
-    table(rows, f"{args.name}, {args.dtype}{', ' + args.quantize if args.quantize else ''}: "
-          "seconds per phase of a cold process")  # fmt: skip
+    table(rows, f"{what(args)}: seconds per phase of a cold process")
 
 
 def weights_cache_rounds(args, path: Path, hf_code: str | None) -> None:
@@ -302,7 +305,7 @@ def weights_cache_rounds(args, path: Path, hf_code: str | None) -> None:
         shutil.rmtree(folder, ignore_errors=True)
     cols = {c: None for r in rows for c in r}
     rows = [{c: r.get(c, "-") for c in cols} for r in rows]
-    table(rows, f"{args.name}, {args.dtype}: cold processes with and without the weights cache")
+    table(rows, f"{what(args)}: cold processes with and without the weights cache")
     for who, weights in (("kit", "-"), ("kit", "mapped"), ("transformers", "-")):
         times = [float(r["to 1st token s"]) for r in rows
                  if r["who"] == who and r["weights_cache"] == weights and r["cache"] != "empty"]  # fmt: skip
