@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 
 BENCH_DIR = Path(os.environ.get("PALI_KIT_BENCH_DIR", "/tmp/pali_kit_bench"))
+# The benchmarks measure reading the checkpoint unless one asks for the weights cache
+# (on by default in pk.load; bench/cold_start.py --weights-cache measures it).
+os.environ.setdefault("PALI_KIT_WEIGHTS_CACHE", "0")
 
 
 def random_leaf(rng: np.random.Generator, key: str, shape, dtype) -> np.ndarray:

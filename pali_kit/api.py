@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import checkpoints, decode, quant
+from . import weights_cache as _weights_cache
 from .assets import asset_dir
 from .configs import (
     CHECKPOINTS,
@@ -55,7 +56,6 @@ from .images import preprocess
 from .model import PaliGemma, accel, count_params, inference_params, init_params, param_shapes
 from .model.cpu import IN_PLACE_LEAVES, abstract_layout, limit_heap_arenas, official_params
 from .tokenizer import Tokenizer, find_tokenizer
-from .weights_cache import resolve_dir as weights_cache_dir
 
 
 @dataclass
@@ -767,10 +767,12 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     weights_cache: keep a copy of the weights in the CPU inference layout on disk, so
       that later processes map it (page cache, no new memory) instead of reading the
       ``.npz`` (``pali_kit.weights_cache``); it costs a second copy of the weights on
-      disk (5.85 GB for a 3B bfloat16 checkpoint), written by the first load. True: in
+      disk (5.85 GB for a 3B bfloat16 checkpoint), written by the first load on a
+      background thread (the process waits for it before exiting). True: in
       ``$XDG_CACHE_HOME/pali_kit/weights`` (``~/.cache/pali_kit/weights``); a path:
       in that folder; False: off; None (default): the ``PALI_KIT_WEIGHTS_CACHE``
-      variable decides (unset or ``0``: off, ``1``: the default folder, else a folder).
+      variable decides (``0``: off, ``1``: the default folder, else a folder); unset,
+      the default folder, written only where it takes at most half the free disk.
       Used only where the ``.npz`` is read straight into the CPU layout: on CPU, an
       uncompressed bfloat16/float16 ``.npz``, no cast to another dtype, no
       ``quantize``; ignored elsewhere (``"demo"``, transformers folders, GPU/TPU).
@@ -790,7 +792,9 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
     """
     dtype = _check_load_args(source, dtype, verbose)
     quant.check_scheme(quantize)
-    cache_dir = weights_cache_dir(weights_cache)
+    cache_dir = _weights_cache.resolve_dir(weights_cache)
+    write_cache = functools.partial(_weights_cache.write_in_background, verbose=verbose,
+                                    automatic=_weights_cache.is_automatic(weights_cache))  # fmt: skip
     limit_heap_arenas()  # first: before the backend's, the load's and the compiles' threads allocate
     enable_compilation_cache()
     if source == "demo":
@@ -816,7 +820,8 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
             ahead = _compile_while_loading(path, header, dtype, quantize, config, text_len)
             # on CPU, half precision: straight into the inference layout (Model.run_params)
             loaded = (None if quantize
-                      else checkpoints.load_cpu_inference(path, dtype, cache=cache_dir))  # fmt: skip
+                      else checkpoints.load_cpu_inference(path, dtype, cache=cache_dir,
+                                                          write_cache=write_cache))  # fmt: skip
             if loaded is None:
                 params = checkpoints.load_params(path, dtype, quantize=quantize)
             else:

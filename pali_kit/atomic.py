@@ -23,12 +23,17 @@ from typing import IO
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode: str = "wb", *, encoding: str | None = None) -> Iterator[IO]:
+def atomic_write(path, mode: str = "wb", *, encoding: str | None = None,
+                 durable: bool = True) -> Iterator[IO]:  # fmt: skip
     """Open ``path`` for writing under a temporary name; rename it into place on success.
 
     Args:
       path: the destination; its folder must exist.
       mode: ``"wb"`` (default) or ``"w"`` (text, ``encoding`` default utf-8).
+      durable: flush the file and its folder to disk before returning (default). False
+        skips those waits, for files whose reader detects a cut or lost write itself
+        (the weights cache checks sizes and CRC-32s): a crash of the machine may then lose
+        or damage the file; an interrupted process still leaves none under ``path``.
     """
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write: mode={mode!r}; use 'wb' or 'w'")
@@ -40,10 +45,12 @@ def atomic_write(path, mode: str = "wb", *, encoding: str | None = None) -> Iter
         with os.fdopen(fd, mode, encoding=encoding) as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give the usual mode
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -359,7 +359,8 @@ def iter_arrays(
 # --- reading straight into the CPU inference layout -----------------------------------
 
 
-def load_cpu_inference(path, dtype=None, *, progress: bool | None = None, cache=None):
+def load_cpu_inference(path, dtype=None, *, progress: bool | None = None, cache=None,
+                       write_cache=None):  # fmt: skip
     """Read a .npz straight into the CPU inference layout: ``(skeleton, run)``, or None.
 
     ``run`` is what ``model.cpu_layout(params, in_place=True)`` makes of the
@@ -378,10 +379,12 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None, cache=
     matrices are stored uncompressed in C order as bfloat16 or float16 like the
     final norm, and ``dtype`` is None or that dtype.
 
-    ``cache``: a folder for the opt-in weights cache (``pali_kit.weights_cache``):
+    ``cache``: a folder for the weights cache (``pali_kit.weights_cache``), or None:
     when it holds a valid cache of this file, its arrays are mapped instead of
     reading the file (no new memory); otherwise, after reading, the filled arrays
-    are written there for the next process.
+    are written there for the next process, by ``write_cache(cache, path, {key: numpy
+    array}, dtype)`` (default ``weights_cache.write``; ``pk.load`` writes in the
+    background).
     """
     from . import weights_cache
     from .model import cpu
@@ -438,7 +441,7 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None, cache=
             bar.close()
     done = _run_tree(flat, blocked)
     if done is not None and cache is not None:  # the next process maps these instead
-        weights_cache.write(cache, path, host, flat["llm/final_norm/scale"].dtype)
+        (write_cache or weights_cache.write)(cache, path, host, flat["llm/final_norm/scale"].dtype)
     return done
 
 

@@ -261,8 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weights-cache", nargs="?", const=True, default=None, metavar="DIR",
                    help="map the weights from a CPU-layout copy on disk (written by the first "
                         "run: a second copy of the weights), in DIR or ~/.cache/pali_kit/weights "
-                        "(default: the PALI_KIT_WEIGHTS_CACHE variable decides; put it after IMAGE "
-                        "and PROMPT, or write --weights-cache=DIR)")  # fmt: skip
+                        "(default: the PALI_KIT_WEIGHTS_CACHE variable decides, 0 turns it off; "
+                        "unset, the default folder where the copy takes at most half the free "
+                        "disk; put it after IMAGE and PROMPT, or write --weights-cache=DIR)")  # fmt: skip
+    g.add_argument("--no-weights-cache", dest="weights_cache", action="store_const", const=False,
+                   help="neither map nor write the weights cache")  # fmt: skip
     g.add_argument("--sampler", default="greedy")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-new-tokens", type=int, default=64)

@@ -1,14 +1,24 @@
-"""An opt-in on-disk copy of a checkpoint's weights in the CPU inference layout.
+"""An on-disk copy of a checkpoint's weights in the CPU inference layout.
 
-    model = pk.load("paligemma-3b-pt-224.bf16.npz", weights_cache=True)   # or PALI_KIT_WEIGHTS_CACHE=1
+    model = pk.load("paligemma-3b-pt-224.bf16.npz")                        # on by default
+    model = pk.load("paligemma-3b-pt-224.bf16.npz", weights_cache=False)   # or PALI_KIT_WEIGHTS_CACHE=0
 
 A half-precision ``.npz`` is read on CPU straight into the CPU inference layout
 (``checkpoints.load_cpu_inference``): every array is new memory, filled from the
 file. With the cache on, the first load also writes those filled arrays to one
 file (a second copy of the weights on disk, e.g. 5.85 GB for PaliGemma 3B in
-bfloat16); every later process maps that file instead of reading the ``.npz``:
-its arrays reach JAX without a copy, served from the page cache, and several
-processes share those pages.
+bfloat16), on a background thread at the lowest CPU priority once the load is
+done (``write_in_background``; the process waits for it before it exits); every
+later process maps that file instead of reading the ``.npz``: its arrays reach
+JAX without a copy, served from the page cache, and several processes share
+those pages.
+
+On by default, like JAX's compilation cache, in ``~/.cache/pali_kit/weights``;
+that default cache is written only where it takes at most half of the disk's
+free space (``AUTO_SHARE``), and says so in one line instead of a warning when
+it is not. ``weights_cache=False`` or ``PALI_KIT_WEIGHTS_CACHE=0`` turns it off.
+Writing a cache also removes, from its folder, caches whose checkpoint file is
+gone and temporary files that an interrupted write left (``prune``).
 
 One file per checkpoint (named after the checkpoint's resolved path), laid out as
 
@@ -26,13 +36,18 @@ copy-on-write: nothing the process does to its arrays reaches the file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
 import os
 import shutil
 import struct
+import sys
+import threading
+import time
 import warnings
+import zipfile
 from pathlib import Path
 
 import ml_dtypes
@@ -50,7 +65,7 @@ except ImportError:
 ENV = "PALI_KIT_WEIGHTS_CACHE"
 MAGIC = b"PKWCACHE"
 ALIGN = 4096  # bytes: every array starts on a page (JAX adopts >= 64-byte-aligned memory)
-FORMAT = 1  # of the file itself
+FORMAT = 2  # of the file itself (2: the source identity holds a digest of the zip directory)
 # What the stored bytes mean: bump VERSION whenever the (out, in) block arrangement the
 # .npz reader writes (``cpu.out_in_blocks``) changes in a way these constants don't show.
 LAYOUT = {
@@ -60,6 +75,10 @@ LAYOUT = {
     "blocked": ["/".join(p) for p in cpu.IN_PLACE_LEAVES],
 }
 DISK_MARGIN = 1 << 28  # bytes left free on the disk after writing a cache
+# The default cache (no argument, no variable) takes at most this share of the free disk:
+# nobody asked for it, so it never fills a disk that the user may need.
+AUTO_SHARE = 0.5
+STALE_TEMP_S = 3600  # a write's temporary file untouched this long was left by an interrupted write
 # Check every array's CRC-32 when mapping. With ISA-L this pass also faults the whole
 # mapping in from the page cache: 0.23 s for PaliGemma 3B bfloat16 (5.85 GB), 0.06 s
 # without it (the pages then come during the first forward pass). MAP_POPULATE is not
@@ -87,14 +106,14 @@ def resolve_dir(weights_cache, where: str = "pk.load") -> Path | None:
     """``pk.load``'s ``weights_cache=`` -> the cache folder, or None (off).
 
     None: the environment variable ``PALI_KIT_WEIGHTS_CACHE`` decides (unset, empty
-    or ``"0"``: off; ``"1"``: ``default_dir()``; anything else: that folder).
+    or ``"1"``: ``default_dir()``; ``"0"``: off; anything else: that folder).
     True: ``default_dir()``. False: off. A str or path: that folder.
     """
     if weights_cache is None:
         value = os.environ.get(ENV, "")
-        if value in ("", "0"):
+        if value == "0":
             return None
-        return default_dir() if value == "1" else Path(value).expanduser()
+        return default_dir() if value in ("", "1") else Path(value).expanduser()
     if weights_cache is True:
         return default_dir()
     if weights_cache is False:
@@ -107,6 +126,12 @@ def resolve_dir(weights_cache, where: str = "pk.load") -> Path | None:
     )
 
 
+def is_automatic(weights_cache) -> bool:
+    """Whether ``weights_cache=`` leaves the cache at its default: neither the argument
+    nor ``PALI_KIT_WEIGHTS_CACHE`` chose it (then ``AUTO_SHARE`` bounds what it takes)."""
+    return weights_cache is None and os.environ.get(ENV, "") == ""
+
+
 def cache_file(folder: Path, source) -> Path:
     """Where the cache of the checkpoint ``source`` lives in ``folder``."""
     resolved = Path(source).resolve()
@@ -115,12 +140,20 @@ def cache_file(folder: Path, source) -> Path:
 
 
 def _identity(source) -> dict:
+    """What must match between a checkpoint and its cache: its path and file stat, and a
+    digest of its zip directory (each member's name, size and CRC-32), which changes
+    with the weights even where a rewrite brings back the size, mtime and inode."""
     st = Path(source).stat()
+    digest = hashlib.sha256()
+    with zipfile.ZipFile(source) as zf:
+        for info in zf.infolist():
+            digest.update(f"{info.filename}\0{info.file_size}\0{info.CRC}\n".encode())
     return {
         "path": str(Path(source).resolve()),
         "size": st.st_size,
         "mtime_ns": st.st_mtime_ns,
         "inode": st.st_ino,
+        "members": digest.hexdigest(),
     }
 
 
@@ -144,6 +177,13 @@ def read(folder: Path, source, dtype: np.dtype | None):
     as stored); a cache of another dtype is not used.
     """
     path = cache_file(folder, source)
+    wait(path)  # this process's own write of it, if one is under way
+    if not path.exists():
+        return None
+    try:
+        identity = _identity(source)
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return None  # reading the checkpoint itself will say what is wrong with it
     try:
         f = open(path, "rb")
     except FileNotFoundError:
@@ -157,7 +197,7 @@ def read(folder: Path, source, dtype: np.dtype | None):
             if dtype is not None and manifest.get("dtype") != np.dtype(dtype).name:
                 return None  # a cast was asked for: the .npz is read (and not cached)
             size = _data_start(f.tell() - len(MAGIC) - 8) + manifest["data_bytes"]
-            _check(manifest, source, dtype, os.fstat(f.fileno()).st_size, size)
+            _check(manifest, identity, os.fstat(f.fileno()).st_size, size)
             mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # copy-on-write
         arrays = _arrays(mapping, manifest, size - manifest["data_bytes"])
         if VERIFY:
@@ -191,8 +231,8 @@ def _read_manifest(f, path) -> dict:
     return manifest
 
 
-def _check(manifest: dict, source, dtype, file_size: int, size: int) -> None:
-    if manifest.get("source") != _identity(source):
+def _check(manifest: dict, identity: dict, file_size: int, size: int) -> None:
+    if manifest.get("source") != identity:
         raise _Stale(
             f"the checkpoint changed since the cache was written (was {manifest.get('source')})"
         )
@@ -240,13 +280,17 @@ def _warn(message: str) -> None:
 # --- writing ---------------------------------------------------------------------------
 
 
-def write(folder: Path, source, arrays: dict, dtype: np.dtype) -> Path | None:
+def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: bool = False,
+          verbose: bool = False) -> Path | None:  # fmt: skip
     """Write ``{key: numpy array}`` (C-contiguous) as the cache of ``source``, atomically.
 
     ``dtype``: the weights' float dtype (what ``read`` matches a ``dtype=`` against).
-    Skipped with a ``CacheWarning`` (and None returned) when the folder cannot be
-    made or the disk lacks the room (the file's size plus ``DISK_MARGIN``); a failed
-    write leaves no file behind (nor touches an older cache of that name).
+    Skipped (None returned) when the folder cannot be made or the disk lacks the
+    room: the file's size plus ``DISK_MARGIN``, or for the default cache
+    (``automatic``) at most ``AUTO_SHARE`` of the free space. A failed write leaves
+    no file behind (nor touches an older cache of that name). Skips and failures
+    are ``CacheWarning`` s, or for the default cache one line on stderr when
+    ``verbose``. The folder is pruned first (``prune``).
     """
     path = cache_file(folder, source)
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
@@ -261,19 +305,35 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype) -> Path | None:
     text = json.dumps(manifest).encode("utf-8")
     start = _data_start(len(text))
     size = start + data_bytes
+    off = "weights_cache=False or PALI_KIT_WEIGHTS_CACHE=0 turns the cache off"
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
+        prune(folder, keep=path)
         free = shutil.disk_usage(folder).free
     except OSError as e:
-        _warn(f"cannot use the weights cache folder {folder} ({e}); no cache written")
+        _report(f"cannot use the weights cache folder {folder} ({e}); no cache written"
+                + (f" ({off})" if automatic else ""), automatic, verbose)  # fmt: skip
+        return None
+    if automatic and size > AUTO_SHARE * (free - DISK_MARGIN):
+        _report(f"no weights cache written: it would take {size / 1e9:.2f} GB of the "
+                f"{free / 1e9:.2f} GB free in {folder} (the default cache takes at most "
+                f"{AUTO_SHARE:.0%} of it; weights_cache=DIR chooses another folder, "
+                "weights_cache=True insists)", automatic, verbose)  # fmt: skip
         return None
     if free < size + DISK_MARGIN:
-        _warn(f"not enough free disk for the weights cache in {folder}: it needs "
-              f"{(size + DISK_MARGIN) / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; no cache "
-              "written (free some space, or choose another folder with weights_cache=)")  # fmt: skip
+        _report(f"not enough free disk for the weights cache in {folder}: it needs "
+                f"{(size + DISK_MARGIN) / 1e9:.2f} GB, {free / 1e9:.2f} GB are free; no cache "
+                "written (free some space, or choose another folder with weights_cache=)",
+                automatic, verbose)  # fmt: skip
         return None
+    if verbose:
+        print(f"pali_kit: writing the weights in the CPU layout to {path} ({size / 1e9:.2f} GB"
+              f"); later processes map it instead of reading {Path(source).name} ({off})",
+              file=sys.stderr)  # fmt: skip
     try:
-        with atomic_write(path) as out:
+        # no fsync: a cache lost or cut by a crash fails its size or CRC-32 check and is
+        # written again
+        with atomic_write(path, durable=False) as out:
             head = MAGIC + struct.pack("<Q", len(text)) + text
             out.write(head + b"\0" * (start - len(head)))
             at = 0
@@ -283,9 +343,80 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype) -> Path | None:
                 at = e["offset"] + e["nbytes"]
             out.write(b"\0" * (data_bytes - at))
     except OSError as e:
-        _warn(f"could not write the weights cache {path} ({e}); no cache written")
+        _report(f"could not write the weights cache {path} ({e}); no cache written",
+                automatic, verbose)  # fmt: skip
         return None
     return path
+
+
+_writers: dict[Path, threading.Thread] = {}  # cache file -> this process's thread writing it
+_writers_lock = threading.Lock()
+
+
+def write_in_background(folder: Path, source, arrays: dict, dtype: np.dtype, **kw):
+    """``write(...)`` on a new thread at the lowest CPU priority (Linux), so that the
+    caller's first forward pass is not kept waiting; the thread is not a daemon, so
+    the process finishes the write before it exits. ``read`` of that cache (and
+    ``wait``) wait for it. Returns the thread."""
+    path = cache_file(folder, source)
+    wait(path)
+
+    def run():
+        if sys.platform.startswith("linux"):  # (elsewhere setpriority would nice the process)
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        write(folder, source, arrays, dtype, **kw)
+
+    thread = threading.Thread(target=run, name=f"pali_kit weights cache {path.name}")
+    with _writers_lock:
+        _writers[path] = thread
+    thread.start()
+    return thread
+
+
+def wait(path: Path | None = None) -> None:
+    """Wait until this process's background write of the cache file ``path`` (None:
+    of every cache file) is done."""
+    with _writers_lock:
+        threads = [t for p, t in _writers.items() if path is None or p == Path(path)]
+    for thread in threads:
+        thread.join()
+    with _writers_lock:
+        for p in [p for p, t in _writers.items() if not t.is_alive()]:
+            del _writers[p]
+
+
+def prune(folder: Path, keep: Path | None = None) -> list[Path]:
+    """Remove from ``folder`` the weights caches whose checkpoint file no longer
+    exists and the temporary files of writes interrupted over ``STALE_TEMP_S`` ago
+    (never ``keep``, nor a file this module did not write). Returns what it removed."""
+    removed = []
+    for file in Path(folder).glob("*.weights"):
+        if keep is not None and file == Path(keep):
+            continue
+        try:
+            with open(file, "rb") as f:
+                source = _read_manifest(f, file).get("source", {}).get("path")
+        except (OSError, _Stale, AttributeError):
+            continue  # unreadable here, or not ours: left alone
+        if isinstance(source, str) and source and not Path(source).exists():
+            with contextlib.suppress(OSError):
+                file.unlink()
+                removed.append(file)
+    now = time.time()
+    for tmp in Path(folder).glob(".*.weights.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+def _report(message: str, automatic: bool, verbose: bool) -> None:
+    if not automatic:
+        _warn(message)
+    elif verbose:
+        print(f"pali_kit: {message}", file=sys.stderr)
 
 
 def _data_start(manifest_bytes: int) -> int:

@@ -13,6 +13,9 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "--xla_backend_optimization_level" not in _flags:
     os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=0".strip()
 os.environ.setdefault("PALI_KIT_COMPILATION_CACHE", "0")
+# The weights cache (on by default) would write half-precision test checkpoints into
+# ~/.cache; its tests choose their folder explicitly.
+os.environ.setdefault("PALI_KIT_WEIGHTS_CACHE", "0")
 
 import numpy as np  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402

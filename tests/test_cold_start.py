@@ -58,8 +58,8 @@ def test_a_users_own_minimum_compile_time_is_kept(tmp_path):
 def _run_ahead(path, ahead: bool, cache, weights_cache=None) -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "PALI_KIT_"))}
     env = {**base, "PALI_KIT_COMPILATION_CACHE": "1", "JAX_COMPILATION_CACHE_DIR": str(cache)}
-    if weights_cache is not None:
-        env["PALI_KIT_WEIGHTS_CACHE"] = str(weights_cache)
+    # (no weights cache in ~/.cache: "0" unless the test gives a folder)
+    env["PALI_KIT_WEIGHTS_CACHE"] = "0" if weights_cache is None else str(weights_cache)
     out = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_CHILD, str(path), "1" if ahead else "0"],
                          env=env, capture_output=True, text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -117,7 +117,7 @@ def test_the_key_follows_the_kits_source_and_the_xla_flags(monkeypatch):
 
 def _run(path, cache, **env) -> dict:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "PALI_KIT_"))}
-    env = {**base, "JAX_COMPILATION_CACHE_DIR": str(cache), **env}
+    env = {**base, "JAX_COMPILATION_CACHE_DIR": str(cache), "PALI_KIT_WEIGHTS_CACHE": "0", **env}
     out = subprocess.run([sys.executable, "-c", COMPILE_AHEAD_CHILD, str(path), "1"], env=env, capture_output=True,
                          text=True)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

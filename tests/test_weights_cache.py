@@ -1,6 +1,8 @@
-"""The opt-in weights cache (``pali_kit.weights_cache``): a later load maps the CPU
-layout from disk instead of reading the .npz, with the same bits; a stale, broken or
-unwritable cache is never trusted and never fails a load."""
+"""The weights cache (``pali_kit.weights_cache``): a later load maps the CPU layout
+from disk instead of reading the .npz, with the same bits; a stale, broken or
+unwritable cache is never trusted and never fails a load; the default cache never
+takes more than its share of the disk, is written in the background, and prunes
+what is left of gone checkpoints."""
 
 # ruff: noqa: F811
 from __future__ import annotations
@@ -214,6 +216,22 @@ def test_a_touched_checkpoint_invalidates_the_cache(saved, folder, no_npz_reads)
                     "checkpoint changed since")  # fmt: skip
 
 
+def test_other_weights_behind_the_same_file_stat_invalidate_the_cache(
+    saved, folder, bf16, no_npz_reads
+):
+    """Size, mtime and inode can all come back after a rewrite (inodes are reused, clocks
+    are coarse); the digest of the zip directory's CRC-32s cannot."""
+    load_cpu_inference(saved, cache=folder)
+    other = jax.tree.map(lambda a: (a.astype(jnp.float32) + 1).astype(a.dtype), bf16[1])
+    save_params(other, saved)
+    st = saved.stat()
+    # the cache's manifest made to record exactly the new file's stat
+    _edit_manifest(cache_file(folder, saved), lambda m: m["source"].update(
+        size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino))  # fmt: skip
+    _assert_rebuilt(saved, folder, load_cpu_inference(saved), no_npz_reads,
+                    "checkpoint changed since")  # fmt: skip
+
+
 def _header_length(path: Path) -> int:
     return struct.unpack("<Q", path.read_bytes()[8:16])[0]
 
@@ -353,13 +371,16 @@ def test_only_where_the_npz_is_read_into_the_cpu_layout(tmp_path, saved, folder,
 def test_the_argument_and_the_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     default = tmp_path / "xdg" / "pali_kit" / "weights"
-    for value, want in [(None, None), ("", None), ("0", None), ("1", default),
-                        (str(tmp_path / "env"), tmp_path / "env")]:  # fmt: skip
+    for value, want, automatic in [(None, default, True), ("", default, True), ("0", None, False),
+                                   ("1", default, False),
+                                   (str(tmp_path / "env"), tmp_path / "env", False)]:  # fmt: skip
         if value is None:
             monkeypatch.delenv(weights_cache.ENV, raising=False)
         else:
             monkeypatch.setenv(weights_cache.ENV, value)
         assert resolve_dir(None) == want, value
+        assert weights_cache.is_automatic(None) is automatic, value
+        assert not weights_cache.is_automatic(True) and not weights_cache.is_automatic(False)
     monkeypatch.setenv(weights_cache.ENV, "1")
     assert resolve_dir(False) is None  # the argument wins over the variable
     assert resolve_dir(True) == default
@@ -367,9 +388,96 @@ def test_the_argument_and_the_environment_variable(tmp_path, monkeypatch):
     assert resolve_dir(str(tmp_path / "arg")) == tmp_path / "arg"
     monkeypatch.delenv(weights_cache.ENV)
     assert resolve_dir(True) == default
+    assert resolve_dir(False) is None
     for bad in (1, "", ["x"]):
         with pytest.raises(ArgumentTypeError, match=r"pk.load: weights_cache=.*pass True"):
             resolve_dir(bad)
+
+
+def test_on_by_default_in_the_default_folder_written_in_the_background(
+    saved, tmp_path, monkeypatch, capsys, no_npz_reads
+):
+    import threading
+
+    monkeypatch.delenv(weights_cache.ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    file = cache_file(weights_cache.default_dir(), saved)
+    # pk.load returns while the write is still held back: it runs on its own thread
+    release, seen = threading.Event(), {}
+    real = weights_cache.write
+
+    def held(*args, **kw):
+        seen["thread"] = threading.current_thread()
+        assert release.wait(60)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(weights_cache, "write", held)
+    with _no_warnings():
+        model = pk.load(saved, verbose=True)
+    assert not file.exists() and seen["thread"] is not threading.main_thread()
+    assert not seen["thread"].daemon  # the process finishes the write before exiting
+    release.set()
+    no_npz_reads()
+    with _no_warnings():  # waits for the write, then maps it
+        again = pk.load(saved, verbose=False)
+    assert file.is_file() and again._run_replaced
+    err = capsys.readouterr().err
+    assert f"writing the weights in the CPU layout to {file}" in err
+    assert "PALI_KIT_WEIGHTS_CACHE=0 turns the cache off" in err
+    np.testing.assert_array_equal(_bits(model.params["llm"]["final_norm"]["scale"]),
+                                  _bits(again.params["llm"]["final_norm"]["scale"]))  # fmt: skip
+
+
+def test_the_default_cache_takes_at_most_half_the_free_disk(
+    saved, folder, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    want = load_cpu_inference(saved, cache=tmp_path / "probe")
+    size = cache_file(tmp_path / "probe", saved).stat().st_size
+    usage = shutil.disk_usage(saved.parent)
+    free = weights_cache.DISK_MARGIN + int(1.5 * size)  # room for it, but not twice
+    monkeypatch.setattr(weights_cache.shutil, "disk_usage", lambda p: usage._replace(free=free))
+    with _no_warnings():  # the default cache: one line, no warning
+        got = load_cpu_inference(saved, cache=folder,
+                                 write_cache=_automatic_writer(verbose=True))  # fmt: skip
+    _assert_trees_equal(got, want)
+    assert not cache_file(folder, saved).exists()
+    assert "no weights cache written: it would take" in capsys.readouterr().err
+    with _no_warnings():  # silent when not verbose
+        load_cpu_inference(saved, cache=folder, write_cache=_automatic_writer(verbose=False))
+    assert capsys.readouterr().err == ""
+    # a cache asked for explicitly only needs the room for itself
+    load_cpu_inference(saved, cache=folder)
+    assert cache_file(folder, saved).is_file()
+
+
+def _automatic_writer(verbose):
+    def write(*args):
+        return weights_cache.write(*args, automatic=True, verbose=verbose)
+
+    return write
+
+
+def test_writing_a_cache_prunes_caches_of_gone_checkpoints_and_stale_temporary_files(
+    saved, folder, bf16, tmp_path
+):
+    other = save_params(bf16[1], tmp_path / "other.npz")
+    load_cpu_inference(other, cache=folder)
+    gone = cache_file(folder, other)
+    stale, fresh = folder / f".{gone.name}.abc.tmp", folder / f".{gone.name}.def.tmp"
+    foreign = folder / "notes.weights"  # not a cache: left alone
+    for f in (stale, fresh, foreign):
+        f.write_bytes(b"x")
+    old = os.stat(stale).st_mtime - weights_cache.STALE_TEMP_S - 10
+    os.utime(stale, (old, old))
+    load_cpu_inference(saved, cache=folder)  # only the stale temporary file goes
+    assert gone.is_file() and not stale.exists() and fresh.exists() and foreign.exists()
+    other.unlink()
+    cache_file(folder, saved).unlink()
+    load_cpu_inference(saved, cache=folder)  # writing: the gone checkpoint's cache goes
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [cache_file(folder, saved).name, fresh.name, foreign.name])  # fmt: skip
 
 
 def test_pk_load_follows_the_environment_variable(saved, tmp_path, monkeypatch):
@@ -377,6 +485,7 @@ def test_pk_load_follows_the_environment_variable(saved, tmp_path, monkeypatch):
     pk.load(saved, verbose=False, weights_cache=False)  # off, whatever the variable says
     assert not (tmp_path / "env").exists()
     pk.load(saved, verbose=False)
+    weights_cache.wait()  # (written in the background)
     assert cache_file(tmp_path / "env", saved).is_file()
     with pytest.raises(ArgumentTypeError, match="weights_cache=3"):
         pk.load(saved, verbose=False, weights_cache=3)
@@ -390,3 +499,20 @@ def test_cli_flag():
     assert parse(["generate", "im.png", "caption en", "--weights-cache"]).weights_cache is True
     args = parse(["generate", "im.png", "caption en", "--weights-cache", "/c"])
     assert args.weights_cache == "/c"
+    assert parse(["generate", "im.png", "caption en", "--no-weights-cache"]).weights_cache is False
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_atomic_write_flushes_to_disk_only_when_durable(tmp_path, monkeypatch, durable):
+    from pali_kit import atomic
+
+    synced = []
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: synced.append(fd))
+    path = tmp_path / "f.bin"
+    with atomic.atomic_write(path, durable=durable) as f:
+        f.write(b"abc")
+    assert path.read_bytes() == b"abc" and bool(synced) is durable
+    with pytest.raises(RuntimeError), atomic.atomic_write(path, durable=durable) as f:
+        f.write(b"partial")
+        raise RuntimeError("interrupted")
+    assert path.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
