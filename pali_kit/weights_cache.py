@@ -79,6 +79,7 @@ DISK_MARGIN = 1 << 28  # bytes left free on the disk after writing a cache
 # nobody asked for it, so it never fills a disk that the user may need.
 AUTO_SHARE = 0.5
 STALE_TEMP_S = 3600  # a write's temporary file untouched this long was left by an interrupted write
+ACTIVE_TEMP_S = 60  # one touched this recently is another process writing the same cache now
 # Check every array's CRC-32 when mapping. With ISA-L this pass also faults the whole
 # mapping in from the page cache: 0.23 s for PaliGemma 3B bfloat16 (5.85 GB), 0.06 s
 # without it (the pages then come during the first forward pass). MAP_POPULATE is not
@@ -290,7 +291,9 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: boo
     (``automatic``) at most ``AUTO_SHARE`` of the free space. A failed write leaves
     no file behind (nor touches an older cache of that name). Skips and failures
     are ``CacheWarning`` s, or for the default cache one line on stderr when
-    ``verbose``. The folder is pruned first (``prune``).
+    ``verbose``. The folder is pruned first (``prune``); nothing is written while
+    another process writes the same cache (its temporary file touched in the last
+    ``ACTIVE_TEMP_S``), e.g. several processes of one job loading one checkpoint.
     """
     path = cache_file(folder, source)
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
@@ -313,6 +316,10 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: boo
     except OSError as e:
         _report(f"cannot use the weights cache folder {folder} ({e}); no cache written"
                 + (f" ({off})" if automatic else ""), automatic, verbose)  # fmt: skip
+        return None
+    if _being_written(path):
+        _report(f"another process is writing the weights cache {path} now; not writing it "
+                "twice", automatic, verbose)  # fmt: skip
         return None
     if automatic and size > AUTO_SHARE * (free - DISK_MARGIN):
         _report(f"no weights cache written: it would take {size / 1e9:.2f} GB of the "
@@ -410,6 +417,16 @@ def prune(folder: Path, keep: Path | None = None) -> list[Path]:
                 tmp.unlink()
                 removed.append(tmp)
     return removed
+
+
+def _being_written(path: Path) -> bool:
+    """Whether a temporary file of ``path`` was written to in the last ``ACTIVE_TEMP_S``."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime < ACTIVE_TEMP_S:
+                return True
+    return False
 
 
 def _report(message: str, automatic: bool, verbose: bool) -> None:

@@ -502,6 +502,21 @@ def test_cli_flag():
     assert parse(["generate", "im.png", "caption en", "--no-weights-cache"]).weights_cache is False
 
 
+def test_no_second_write_while_another_process_writes_the_same_cache(saved, folder):
+    folder.mkdir()
+    name = cache_file(folder, saved).name
+    busy = folder / f".{name}.other.tmp"  # another process's write, under way
+    busy.write_bytes(b"x")
+    with pytest.warns(CacheWarning, match="another process is writing"):
+        load_cpu_inference(saved, cache=folder)
+    assert not cache_file(folder, saved).exists()
+    old = os.stat(busy).st_mtime - weights_cache.ACTIVE_TEMP_S - 10  # that write went quiet
+    os.utime(busy, (old, old))
+    with _no_warnings():
+        load_cpu_inference(saved, cache=folder)
+    assert cache_file(folder, saved).is_file()
+
+
 @pytest.mark.parametrize("durable", [True, False])
 def test_atomic_write_flushes_to_disk_only_when_durable(tmp_path, monkeypatch, durable):
     from pali_kit import atomic
