@@ -110,10 +110,9 @@ def _status(text: str) -> None:
 def _load(source, dtype=None, quantize=None, weights_cache=None):
     import pali_kit as pk
 
-    model = pk.load(source, dtype=dtype, quantize=quantize, verbose=False,
-                    weights_cache=weights_cache)  # fmt: skip
-    _status(f"pali_kit: {model.summary()}")
-    return model
+    # verbose: the model's status line, and what the weights cache does, on stderr
+    return pk.load(source, dtype=dtype, quantize=quantize, verbose=True,
+                   weights_cache=weights_cache)  # fmt: skip
 
 
 def _generate(args) -> int:
@@ -182,6 +181,27 @@ def check_export_folder(folder: Path, force: bool = False) -> None:
         f"{shown}); nothing was written. Choose a new or empty folder, or pass --force to "
         "write config.json and model*.safetensors into it (other files are kept)"
     )
+
+
+def _cache(args) -> int:
+    from pali_kit import weights_cache
+
+    if args.dir is not None:
+        folder = Path(args.dir).expanduser()
+    else:  # where pk.load keeps it (PALI_KIT_WEIGHTS_CACHE may name a folder)
+        folder = weights_cache.resolve_dir(None) or weights_cache.default_dir()
+    found = weights_cache.entries(folder)
+    total = sum(e["bytes"] for e in found)
+    if args.clear:
+        removed = weights_cache.clear(folder)
+        print(f"removed {len(removed)} file(s), {total / 1e9:.2f} GB of weights caches, "
+              f"from {folder}")  # fmt: skip
+        return 0
+    for e in found:
+        gone = "" if e["checkpoint_exists"] else "  (checkpoint gone)"
+        print(f"{e['bytes'] / 1e9:8.2f} GB  {e['file'].name}  <- {e['checkpoint']}{gone}")
+    print(f"{len(found)} weights cache(s), {total / 1e9:.2f} GB, in {folder}")
+    return 0
 
 
 def _is_shard(name: str) -> bool:
@@ -282,6 +302,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--force", action="store_true",
                    help="write into a non-empty folder that is not an earlier export")  # fmt: skip
     e.set_defaults(func=_export)
+
+    c = sub.add_parser("cache", help="list (or --clear) the weights caches")
+    c.add_argument("--dir", default=None,
+                   help="the cache folder (default ~/.cache/pali_kit/weights)")  # fmt: skip
+    c.add_argument("--clear", action="store_true", help="remove every weights cache there")
+    c.set_defaults(func=_cache)
 
     from pali_kit import cli_train  # finetune, eval
 

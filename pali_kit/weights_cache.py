@@ -419,6 +419,35 @@ def prune(folder: Path, keep: Path | None = None) -> list[Path]:
     return removed
 
 
+def entries(folder: Path) -> list[dict]:
+    """The weights caches in ``folder``: per file ``{"file", "bytes", "checkpoint",
+    "checkpoint_exists"}`` (``checkpoint`` None where the file is not a cache this kit
+    can read), sorted by file name."""
+    out = []
+    for file in sorted(Path(folder).glob("*.weights")):
+        try:
+            with open(file, "rb") as f:
+                source = _read_manifest(f, file).get("source", {}).get("path")
+            size = file.stat().st_size
+        except (OSError, _Stale, AttributeError):
+            continue
+        exists = isinstance(source, str) and Path(source).exists()
+        out.append({"file": file, "bytes": size, "checkpoint": source, "checkpoint_exists": exists})
+    return out
+
+
+def clear(folder: Path) -> list[Path]:
+    """Remove every weights cache (and temporary file of one) from ``folder``; files the
+    kit did not write are left. Returns what was removed."""
+    wait()
+    removed = []
+    for file in [e["file"] for e in entries(folder)] + list(Path(folder).glob(".*.weights.*.tmp")):
+        with contextlib.suppress(OSError):
+            file.unlink()
+            removed.append(file)
+    return removed
+
+
 def _being_written(path: Path) -> bool:
     """Whether a temporary file of ``path`` was written to in the last ``ACTIVE_TEMP_S``."""
     now = time.time()

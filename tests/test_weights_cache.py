@@ -531,3 +531,31 @@ def test_atomic_write_flushes_to_disk_only_when_durable(tmp_path, monkeypatch, d
         f.write(b"partial")
         raise RuntimeError("interrupted")
     assert path.read_bytes() == b"abc" and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_cli_generate_says_it_writes_the_cache_and_cache_lists_and_clears_it(
+    saved, tmp_path, capsys
+):
+    import shutil
+
+    from pali_kit.cli import main
+
+    shutil.copy(pk.asset_dir() / "tokenizer.model", saved.parent / "tokenizer.model")
+    image = str(pk.asset_dir() / "images" / "shapes_0.png")
+    folder = tmp_path / "wc"
+    argv = ["generate", image, "caption en", "--model", str(saved), "--max-new-tokens", "2",
+            f"--weights-cache={folder}"]  # fmt: skip
+    assert main(argv) == 0
+    weights_cache.wait()
+    err = capsys.readouterr().err
+    assert f"writing the weights in the CPU layout to {cache_file(folder, saved)}" in err
+    assert main(argv) == 0  # mapped: nothing written
+    assert "writing the weights" not in capsys.readouterr().err
+    (folder / "notes.txt").write_text("mine")
+    assert main(["cache", "--dir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"{cache_file(folder, saved).name}  <- {saved.resolve()}" in out
+    assert "1 weights cache(s)" in out
+    assert main(["cache", "--dir", str(folder), "--clear"]) == 0
+    assert "removed 1 file(s)" in capsys.readouterr().out
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
