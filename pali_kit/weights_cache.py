@@ -19,6 +19,8 @@ free space (``AUTO_SHARE``), and says so in one line instead of a warning when
 it is not. ``weights_cache=False`` or ``PALI_KIT_WEIGHTS_CACHE=0`` turns it off.
 Writing a cache also removes, from its folder, caches whose checkpoint file is
 gone and temporary files that an interrupted write left (``prune``).
+``pali-kit cache`` lists the caches (``entries``), ``pali-kit cache --clear``
+removes them (``clear``).
 
 One file per checkpoint (named after the checkpoint's resolved path), laid out as
 
