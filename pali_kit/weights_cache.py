@@ -272,8 +272,14 @@ def _bytes(a: np.ndarray):
 
 
 def _crcs(arrays: dict) -> dict:
-    """``{key: CRC-32 of the array's bytes}``, the arrays shared between threads."""
-    return dict(zip(arrays, cpu.thread_pool().map(lambda a: crc32(_bytes(a)), arrays.values())))
+    """``{key: CRC-32 of the array's bytes}``, the arrays shared between threads (one
+    by one in the calling thread once the interpreter is shutting down: a background
+    write that outlives the main thread, whose pools then take no new work)."""
+    try:
+        crcs = cpu.thread_pool().map(lambda a: crc32(_bytes(a)), arrays.values())
+        return dict(zip(arrays, crcs))
+    except RuntimeError:  # "cannot schedule new futures after (interpreter) shutdown"
+        return {key: crc32(_bytes(a)) for key, a in arrays.items()}
 
 
 def _warn(message: str) -> None:

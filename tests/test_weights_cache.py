@@ -559,3 +559,29 @@ def test_cli_generate_says_it_writes_the_cache_and_cache_lists_and_clears_it(
     assert main(["cache", "--dir", str(folder), "--clear"]) == 0
     assert "removed 1 file(s)" in capsys.readouterr().out
     assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+
+
+WRITE_AFTER_EXIT = """
+import sys, time
+import pali_kit as pk
+from pali_kit import weights_cache
+real = weights_cache.write
+
+def late(*args, **kw):  # the write starts after the main thread has finished
+    time.sleep(1.0)
+    return real(*args, **kw)
+
+weights_cache.write = late
+pk.load(sys.argv[1], verbose=False, weights_cache=sys.argv[2])
+"""
+
+
+def test_a_process_that_ends_right_after_loading_still_writes_a_whole_cache(saved, folder):
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", WRITE_AFTER_EXIT, str(saved), str(folder)],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    with _no_warnings():
+        arrays = weights_cache.read(folder, saved, None)  # whole: sizes and CRC-32s check out
+    assert arrays is not None and "llm/final_norm/scale" in arrays
