@@ -53,9 +53,7 @@ C++ compiler; ``NATIVE_INT4 = False`` or ``PALI_KIT_NATIVE=0`` turn it off).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import math
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 
@@ -913,10 +911,10 @@ def quantize_rows_of(rows: Iterable, shape, dtype, scheme: str, in_axes) -> QArr
     The result does not depend on the threads: each slice is quantized alone.
     A slice must not change after it is yielded (it may be quantized later).
     """
-    from .model.common import aligned_empty
+    from .model.common import aligned_empty, thread_pool
 
     values = scales = in_shape = None
-    pool = _pool()
+    pool = thread_pool()
     pending = collections.deque()  # futures of the slices in flight, in order
 
     def quantize_into(start, part):  # on a thread: it also writes (first touches) the result
@@ -947,18 +945,6 @@ def quantize_rows_of(rows: Iterable, shape, dtype, scheme: str, in_axes) -> QArr
         for future in pending:  # the reader failed, or a slice did: drop the rest
             future.cancel()
     return QArray(values, scales, scheme, in_axes, in_shape, dtype)
-
-
-_POOL = None
-
-
-def _pool() -> concurrent.futures.ThreadPoolExecutor:
-    """The threads that quantize slices while a checkpoint is read."""
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1),
-                                                      thread_name_prefix="pali_kit quantize")  # fmt: skip
-    return _POOL
 
 
 def abstract_quantize_params(shapes: dict, scheme: str) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pali_kit import quant
+from pali_kit.model.common import thread_pool
 
 EPS32 = np.finfo(np.float32).eps
 
@@ -427,7 +428,7 @@ def test_quantized_loading_peaks_near_the_quantized_size(tmp_path):
     for scheme in ("int8", "int4"):
         size = quant.tree_nbytes(trees[scheme])
         assert size < {"int8": 0.26, "int4": 0.15}[scheme] * float_bytes
-        threads = quant._pool()._max_workers * 6 * checkpoints.QUANT_CHUNK_BYTES
+        threads = thread_pool()._max_workers * 6 * checkpoints.QUANT_CHUNK_BYTES
         assert peaks[scheme] < size + 40e6 + threads, (scheme, peaks[scheme], size)
         table = trees[scheme]["llm"]["embedder"]["input_embedding"]
         assert isinstance(table, quant.QArray) and table.shape == (16000, 1024)

@@ -55,7 +55,9 @@ product, and ``layer_slice`` indexes whatever it is given.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -302,6 +304,20 @@ def policy_matmul(x, w, compute_dtype=None, contract_rhs: int = 0):
     return jax.lax.dot_general(
         x.astype(dtype), w.astype(dtype), dims, preferred_element_type=jnp.float32
     )
+
+
+_POOL = None
+
+
+def thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The kit's host threads, min(4, CPUs) of them, for numpy and file work that lets go
+    of the interpreter while loading: transposing (out, in) blocks, CRC-32s, quantizing
+    slices. Work run on it must not wait for other work on it."""
+    global _POOL
+    if _POOL is None:
+        _POOL = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1),
+                                                      thread_name_prefix="pali_kit host")  # fmt: skip
+    return _POOL
 
 
 def aligned_empty(shape, dtype) -> np.ndarray:

@@ -36,7 +36,6 @@ only when the arrays live on one CPU.
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
 import math
 import os
@@ -53,6 +52,7 @@ from .common import (
     expand_ellipsis,
     narrow_range,
     scale_rows,
+    thread_pool,
     to_device,
 )
 from .common import policy_matmul as matmul
@@ -463,16 +463,6 @@ def transpose_into(part: np.ndarray, out: np.ndarray, checksum=None) -> list:
     pool = thread_pool()
     step = -(-rows // (pool._max_workers * STRIPE)) * STRIPE  # a multiple of STRIPE
     return list(pool.map(lambda lo: stripes(lo, min(lo + step, rows)), range(0, rows, step)))
-
-
-_POOL = None
-
-
-def thread_pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = concurrent.futures.ThreadPoolExecutor(min(4, os.cpu_count() or 1))
-    return _POOL
 
 
 HEAP_ARENAS = 2  # the C heap's arenas once pk.load has run (``limit_heap_arenas``)
