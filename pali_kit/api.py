@@ -773,9 +773,10 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
       in that folder; False: off; None (default): the ``PALI_KIT_WEIGHTS_CACHE``
       variable decides (``0``: off, ``1``: the default folder, else a folder); unset,
       the default folder, written only where it takes at most half the free disk.
-      Used only where the ``.npz`` is read straight into the CPU layout: on CPU, an
-      uncompressed bfloat16/float16 ``.npz``, no cast to another dtype, no
-      ``quantize``; ignored elsewhere (``"demo"``, transformers folders, GPU/TPU).
+      Used on CPU where the ``.npz`` is read straight into the CPU layout (an
+      uncompressed bfloat16/float16 ``.npz``, no cast to another dtype) and for
+      ``quantize`` (the quantized arrays: later loads neither read nor quantize);
+      ignored elsewhere (``"demo"``, transformers folders, GPU/TPU).
     overrides: config fields by their big_vision names, e.g. ``final_logits_softcap=0.0``.
 
     On CPU, while a large float ``.npz`` is read, a background thread compiles (or
@@ -822,8 +823,11 @@ def load(source, *, dtype=None, quantize=None, tokenizer=None, verbose: bool = T
             loaded = (None if quantize
                       else checkpoints.load_cpu_inference(path, dtype, cache=cache_dir,
                                                           write_cache=write_cache))  # fmt: skip
-            if loaded is None:
-                params = checkpoints.load_params(path, dtype, quantize=quantize)
+            if loaded is None and quantize:  # through the weights cache too
+                params = checkpoints.load_quantized(path, dtype, quantize, cache=cache_dir,
+                                                    write_cache=write_cache)  # fmt: skip
+            elif loaded is None:
+                params = checkpoints.load_params(path, dtype)
             else:
                 params = loaded[0]
             _check_overrides_fit(params, config, overrides, f"pk.load({str(source)!r})",

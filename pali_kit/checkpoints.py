@@ -60,7 +60,7 @@ OUT_IN_CHUNK_BYTES = 1 << 24  # rows read at a time when transposing while readi
 
 # --- dtypes ----------------------------------------------------------------------
 
-_DTYPES = {
+DTYPES = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -75,9 +75,9 @@ def as_dtype(dtype) -> np.dtype | None:
                "fp32": "float32", "half": "float16"}  # fmt: skip
     if isinstance(dtype, str):
         dtype = aliases.get(dtype, dtype)
-        if dtype not in _DTYPES:
+        if dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: use float32, bfloat16 or float16")
-        return _DTYPES[dtype]
+        return DTYPES[dtype]
     return np.dtype(dtype)
 
 
@@ -443,6 +443,62 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None, cache=
     if done is not None and cache is not None:  # the next process maps these instead
         (write_cache or weights_cache.write)(cache, path, host, flat["llm/final_norm/scale"].dtype)
     return done
+
+
+def load_quantized(path, dtype, quantize: str, *, cache=None, write_cache=None) -> dict:
+    """``load_params(path, dtype, quantize=quantize)``, through the weights cache on CPU.
+
+    ``cache``: a folder (``pali_kit.weights_cache``) or None. When it holds this
+    file's cache for the same scheme and dtype, its arrays are mapped (the
+    ``QArray`` children as they were quantized: no reading, no quantizing, no new
+    memory); otherwise the file is read and quantized, and the result written there
+    by ``write_cache`` (as in ``load_cpu_inference``) for the next process.
+    """
+    from . import quant, weights_cache
+
+    if cache is None or jax.default_backend() != "cpu":
+        return load_params(path, dtype, quantize=quantize)
+    variant = f"{quantize}-{as_dtype(dtype).name if dtype is not None else 'stored'}"
+    found = weights_cache.read_variant(cache, path, None, variant)
+    if found is not None:
+        arrays, manifest = found
+        try:
+            return _quantized_tree(arrays, manifest["quantized"], path)
+        except (KeyError, TypeError, ValueError) as e:
+            weights_cache.unusable(cache, path, e, variant)
+    params = load_params(path, dtype, quantize=quantize)
+    flat, meta = {}, {}
+    for key, leaf in flatten(params).items():
+        if isinstance(leaf, quant.QArray):
+            flat[f"{key}#values"], flat[f"{key}#scales"] = (
+                np.asarray(leaf.values),
+                np.asarray(leaf.scales),
+            )
+            meta[key] = {"scheme": leaf.scheme, "in_axes": list(leaf.in_axes),
+                         "in_shape": list(leaf.in_shape), "dtype": leaf.dtype.name}  # fmt: skip
+        else:
+            flat[key] = np.asarray(leaf)
+    float_dtype = params["llm"]["final_norm"]["scale"].dtype
+    (write_cache or weights_cache.write)(cache, path, flat, float_dtype, variant=variant,
+                                         quantized=meta)  # fmt: skip
+    return params
+
+
+def _quantized_tree(arrays: dict, meta: dict, path) -> dict:
+    """The tree ``load_params(..., quantize=)`` gives, from a cache's mapped arrays."""
+    from . import quant
+
+    arrays, flat = dict(arrays), {}
+    for key, m in meta.items():
+        values, scales = arrays.pop(f"{key}#values"), arrays.pop(f"{key}#scales")
+        flat[key] = quant.QArray(to_device(values), to_device(scales), m["scheme"],
+                                 m["in_axes"], m["in_shape"], as_dtype(m["dtype"]))  # fmt: skip
+    flat.update({key: to_device(a) for key, a in arrays.items()})
+    want = {k for k in checkpoint_keys(path) if k.startswith(("img/", "llm/"))}
+    have = {k for k in flat if k.startswith(("img/", "llm/"))}
+    if have != want:
+        raise ValueError(f"arrays differ from the checkpoint's: {sorted(have ^ want)[:3]}")
+    return unflatten(flat)
 
 
 def _check_same_arrays(arrays: dict, path) -> None:

@@ -11,7 +11,10 @@ bfloat16), on a background thread at the lowest CPU priority once the load is
 done (``write_in_background``; the process waits for it before it exits); every
 later process maps that file instead of reading the ``.npz``: its arrays reach
 JAX without a copy, served from the page cache, and several processes share
-those pages.
+those pages. A quantized load (``pk.load(..., quantize="int8" | "int4")``) keeps
+its own file per scheme and dtype (a ``variant``: the ``QArray`` children as
+quantized, ``checkpoints.load_quantized``), so a later one neither reads nor
+quantizes the ``.npz``.
 
 On by default, like JAX's compilation cache, in ``~/.cache/pali_kit/weights``;
 that default cache is written only where it takes at most half of the disk's
@@ -22,13 +25,14 @@ gone and temporary files that an interrupted write left (``prune``).
 ``pali-kit cache`` lists the caches (``entries``), ``pali-kit cache --clear``
 removes them (``clear``).
 
-One file per checkpoint (named after the checkpoint's resolved path), laid out as
+One file per checkpoint and variant (named after the checkpoint's resolved path),
+laid out as
 
     b"PKWCACHE" | u64 little-endian n | n bytes of JSON manifest | zeros up to the next
     multiple of ALIGN bytes | the arrays, each at a multiple of ALIGN bytes
 
 The manifest records the checkpoint the arrays came from (resolved path, size,
-mtime_ns, inode), the layout (``LAYOUT``: a version and the CPU layout's
+mtime_ns, inode, a digest of its zip directory), the variant, the layout (``LAYOUT``: a version and the CPU layout's
 constants), and per array its key, shape, dtype, offset, byte count and CRC-32.
 A cache whose checkpoint or layout changed, or that is truncated, unreadable or
 fails a CRC-32, is ignored with a warning and written again; it is never
@@ -55,6 +59,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from . import quant
 from .atomic import atomic_write
 from .errors import ArgumentTypeError
 from .model import cpu
@@ -68,11 +73,13 @@ ENV = "PALI_KIT_WEIGHTS_CACHE"
 MAGIC = b"PKWCACHE"
 ALIGN = 4096  # bytes: every array starts on a page (JAX adopts >= 64-byte-aligned memory)
 FORMAT = 2  # of the file itself (2: the source identity holds a digest of the zip directory)
-# What the stored bytes mean: bump VERSION whenever the (out, in) block arrangement the
-# .npz reader writes (``cpu.out_in_blocks``) changes in a way these constants don't show.
+# What the stored bytes mean: bump "version" whenever the (out, in) block arrangement the
+# .npz reader writes (``cpu.out_in_blocks``), or the ``quant.QArray`` children a quantized
+# load's cache (a ``variant``) holds, change in a way these constants don't show.
 LAYOUT = {
     "version": 1,
     "block": cpu.BLOCK,
+    "quant_group_size": quant.GROUP_SIZE,
     "group_axes": dict(cpu.GROUP_AXES),
     "blocked": ["/".join(p) for p in cpu.IN_PLACE_LEAVES],
 }
@@ -135,11 +142,12 @@ def is_automatic(weights_cache) -> bool:
     return weights_cache is None and os.environ.get(ENV, "") == ""
 
 
-def cache_file(folder: Path, source) -> Path:
-    """Where the cache of the checkpoint ``source`` lives in ``folder``."""
+def cache_file(folder: Path, source, variant: str = "") -> Path:
+    """Where the cache of the checkpoint ``source`` lives in ``folder`` (``variant``:
+    e.g. ``"int8-stored"`` for a quantized load's, beside the plain one)."""
     resolved = Path(source).resolve()
     tag = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
-    return Path(folder) / f"{resolved.stem}-{tag}.weights"
+    return Path(folder) / f"{resolved.stem}-{tag}{'.' + variant if variant else ''}.weights"
 
 
 def _identity(source) -> dict:
@@ -179,7 +187,15 @@ def read(folder: Path, source, dtype: np.dtype | None):
     unusable one (with a ``CacheWarning``). ``dtype``: the dtype asked for (None:
     as stored); a cache of another dtype is not used.
     """
-    path = cache_file(folder, source)
+    found = read_variant(folder, source, dtype, "")
+    return None if found is None else found[0]
+
+
+def read_variant(folder: Path, source, dtype: np.dtype | None, variant: str):
+    """``read`` for the cache ``variant`` (whose name says its dtype: ``dtype`` is then
+    not matched): ``(arrays, manifest)`` or None; ``manifest["quantized"]`` says which
+    arrays are ``QArray`` children (see ``checkpoints.load_quantized``)."""
+    path = cache_file(folder, source, variant)
     wait(path)  # this process's own write of it, if one is under way
     if not path.exists():
         return None
@@ -197,15 +213,18 @@ def read(folder: Path, source, dtype: np.dtype | None):
     try:
         with f:
             manifest = _read_manifest(f, path)
-            if dtype is not None and manifest.get("dtype") != np.dtype(dtype).name:
+            if (not variant and dtype is not None
+                    and manifest.get("dtype") != np.dtype(dtype).name):  # fmt: skip
                 return None  # a cast was asked for: the .npz is read (and not cached)
+            if manifest.get("variant", "") != variant:
+                raise _Stale(f"written as {manifest.get('variant')!r}, not {variant!r}")
             size = _data_start(f.tell() - len(MAGIC) - 8) + manifest["data_bytes"]
             _check(manifest, identity, os.fstat(f.fileno()).st_size, size)
             mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)  # copy-on-write
         arrays = _arrays(mapping, manifest, size - manifest["data_bytes"])
         if VERIFY:
             _verify(arrays, manifest)
-        return arrays
+        return arrays, manifest
     except _Stale as e:
         _warn(f"weights cache {path}: {e}; reading {source} and writing the cache again")
     except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as e:
@@ -290,7 +309,7 @@ def _warn(message: str) -> None:
 
 
 def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: bool = False,
-          verbose: bool = False) -> Path | None:  # fmt: skip
+          verbose: bool = False, variant: str = "", quantized: dict | None = None) -> Path | None:  # fmt: skip
     """Write ``{key: numpy array}`` (C-contiguous) as the cache of ``source``, atomically.
 
     ``dtype``: the weights' float dtype (what ``read`` matches a ``dtype=`` against).
@@ -299,11 +318,12 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: boo
     (``automatic``) at most ``AUTO_SHARE`` of the free space. A failed write leaves
     no file behind (nor touches an older cache of that name). Skips and failures
     are ``CacheWarning`` s, or for the default cache one line on stderr when
-    ``verbose``. The folder is pruned first (``prune``); nothing is written while
+    ``verbose``. ``variant`` and ``quantized`` (JSON): see ``read_variant``.
+    The folder is pruned first (``prune``); nothing is written while
     another process writes the same cache (its temporary file touched in the last
     ``ACTIVE_TEMP_S``), e.g. several processes of one job loading one checkpoint.
     """
-    path = cache_file(folder, source)
+    path = cache_file(folder, source, variant)
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
     crcs = _crcs(arrays)
     entries, data_bytes = [], 0
@@ -312,7 +332,8 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: boo
                         "offset": data_bytes, "nbytes": a.nbytes, "crc32": crcs[key]})  # fmt: skip
         data_bytes = _round_up(data_bytes + a.nbytes)
     manifest = {"format": FORMAT, "source": _identity(source), "layout": LAYOUT,
-                "dtype": np.dtype(dtype).name, "arrays": entries, "data_bytes": data_bytes}  # fmt: skip
+                "dtype": np.dtype(dtype).name, "arrays": entries, "data_bytes": data_bytes,
+                "variant": variant, "quantized": quantized or {}}  # fmt: skip
     text = json.dumps(manifest).encode("utf-8")
     start = _data_start(len(text))
     size = start + data_bytes
@@ -342,7 +363,10 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: boo
                 automatic, verbose)  # fmt: skip
         return None
     if verbose:
-        print(f"pali_kit: writing the weights in the CPU layout to {path} ({size / 1e9:.2f} GB"
+        what = (
+            f"the {variant.split('-')[0]} weights" if variant else "the weights in the CPU layout"
+        )
+        print(f"pali_kit: writing {what} to {path} ({size / 1e9:.2f} GB"
               f"); later processes map it instead of reading {Path(source).name} ({off})",
               file=sys.stderr)  # fmt: skip
     try:
@@ -373,7 +397,7 @@ def write_in_background(folder: Path, source, arrays: dict, dtype: np.dtype, **k
     caller's first forward pass is not kept waiting; the thread is not a daemon, so
     the process finishes the write before it exits. ``read`` of that cache (and
     ``wait``) wait for it. Returns the thread."""
-    path = cache_file(folder, source)
+    path = cache_file(folder, source, kw.get("variant", ""))
     wait(path)
 
     def run():
@@ -478,7 +502,7 @@ def _data_start(manifest_bytes: int) -> int:
     return _round_up(len(MAGIC) + 8 + manifest_bytes)
 
 
-def unusable(folder: Path, source, error: Exception) -> None:
+def unusable(folder: Path, source, error: Exception, variant: str = "") -> None:
     """Warn that a cache that mapped fine does not make a run tree (it is written again)."""
-    _warn(f"weights cache {cache_file(folder, source)} does not fit its checkpoint "
+    _warn(f"weights cache {cache_file(folder, source, variant)} does not fit its checkpoint "
           f"({type(error).__name__}: {error}); reading {source} and writing the cache again")  # fmt: skip

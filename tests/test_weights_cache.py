@@ -352,13 +352,12 @@ def test_too_little_free_disk_writes_no_cache(saved, folder, monkeypatch):
 # --- where the cache applies, and how it is turned on -------------------------------------
 
 
-def test_only_where_the_npz_is_read_into_the_cpu_layout(tmp_path, saved, folder, bf16):
+def test_only_for_a_half_precision_npz_read_as_stored_or_quantized(tmp_path, saved, folder, bf16):
     config, params = bf16
     f32 = save_params(jax.tree.map(lambda a: a.astype(jnp.float32), params), tmp_path / "f.npz")
     with _no_warnings():
         pk.load(f32, verbose=False, weights_cache=folder)  # float32: no CPU-layout read
         pk.load(saved, dtype="float32", verbose=False, weights_cache=folder)  # a cast
-        pk.load(saved, quantize="int8", verbose=False, weights_cache=folder)
         pk.load("demo", verbose=False, weights_cache=folder)
     assert not folder.exists() or list(folder.iterdir()) == []
     # a cache of the stored dtype does not serve a cast either
@@ -585,3 +584,57 @@ def test_a_process_that_ends_right_after_loading_still_writes_a_whole_cache(save
     with _no_warnings():
         arrays = weights_cache.read(folder, saved, None)  # whole: sizes and CRC-32s check out
     assert arrays is not None and "llm/final_norm/scale" in arrays
+
+
+# --- quantized loads --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_quantized_load_maps_its_cache_instead_of_reading_and_quantizing(
+    saved, folder, monkeypatch, no_npz_reads, scheme
+):
+    from pali_kit import quant
+
+    with _no_warnings():
+        first = pk.load(saved, quantize=scheme, verbose=False, weights_cache=folder)
+    file = cache_file(folder, saved, f"{scheme}-stored")
+    weights_cache.wait()
+    assert file.is_file() and not cache_file(folder, saved).exists()  # its own file
+
+    def refuse(*args, **kw):
+        raise AssertionError("quantized again")
+
+    no_npz_reads()
+    monkeypatch.setattr(quant, "quantize_rows_of", refuse)
+    with _no_warnings():
+        again = pk.load(saved, quantize=scheme, verbose=False, weights_cache=folder)
+    is_q = lambda x: isinstance(x, quant.QArray)  # noqa: E731
+    a, b = jax.tree.leaves(first.params, is_leaf=is_q), jax.tree.leaves(again.params, is_leaf=is_q)
+    assert jax.tree.structure(first.params, is_leaf=is_q) == jax.tree.structure(
+        again.params, is_leaf=is_q
+    )
+    assert sum(map(is_q, a)) >= 7  # the LLM's and the encoder's matrices
+    for x, y in zip(a, b, strict=True):
+        if is_q(x):
+            assert (x.scheme, x.in_axes, x.in_shape, x.dtype) == (
+                y.scheme,
+                y.in_axes,
+                y.in_shape,
+                y.dtype,
+            )
+            x, y = (x.values, x.scales), (y.values, y.scales)
+        for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+            assert u.shape == v.shape and u.dtype == v.dtype
+            np.testing.assert_array_equal(_bits(u), _bits(v))
+    # the same program on the same values: the same logits, bit for bit
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (1, 28, 28, 3)).astype(np.float32)
+    text, mask_ar = np.array([[5, 6, 7, 8]], np.int32), np.array([[0, 0, 1, 1]], np.int32)
+    np.testing.assert_array_equal(np.asarray(first.logits(image, text, mask_ar)),
+                                  np.asarray(again.logits(image, text, mask_ar)))  # fmt: skip
+    # another dtype is another cache (read and quantized)
+    monkeypatch.undo()
+    with _no_warnings():
+        pk.load(saved, quantize=scheme, dtype="float32", verbose=False, weights_cache=folder)
+    weights_cache.wait()
+    assert cache_file(folder, saved, f"{scheme}-float32").is_file()
