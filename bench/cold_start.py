@@ -289,7 +289,10 @@ def weights_cache_rounds(args, path: Path, hf_code: str | None) -> None:
     env["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pk_cache_")
     plain = child_code(path, args, weights_cache=False)
     cached = child_code(path, args, weights_cache=str(folder))
-    file = weights_cache.cache_file(folder, path)
+    from pali_kit.checkpoints import quantized_variant
+
+    variant = quantized_variant(args.quantize, args.dtype) if args.quantize else ""
+    file = weights_cache.cache_file(folder, path, variant)
     plan = [("kit", "empty", "-", plain), ("kit", "warm", "written", cached)]
     for r in range(1, args.rounds + 1):
         plan += [("kit", f"warm {r}", "-", plain), ("kit", f"warm {r}", "mapped", cached)]

@@ -445,6 +445,11 @@ def load_cpu_inference(path, dtype=None, *, progress: bool | None = None, cache=
     return done
 
 
+def quantized_variant(quantize: str, dtype=None) -> str:
+    """The weights cache variant of a quantized load, e.g. ``"int8-stored"``, ``"int4-float32"``."""
+    return f"{quantize}-{as_dtype(dtype).name if dtype is not None else 'stored'}"
+
+
 def load_quantized(path, dtype, quantize: str, *, cache=None, write_cache=None) -> dict:
     """``load_params(path, dtype, quantize=quantize)``, through the weights cache on CPU.
 
@@ -458,7 +463,7 @@ def load_quantized(path, dtype, quantize: str, *, cache=None, write_cache=None) 
 
     if cache is None or jax.default_backend() != "cpu":
         return load_params(path, dtype, quantize=quantize)
-    variant = f"{quantize}-{as_dtype(dtype).name if dtype is not None else 'stored'}"
+    variant = quantized_variant(quantize, dtype)
     found = weights_cache.read_variant(cache, path, None, variant)
     if found is not None:
         arrays, manifest = found
