@@ -60,7 +60,7 @@ OUT_IN_CHUNK_BYTES = 1 << 24  # rows read at a time when transposing while readi
 
 # --- dtypes ----------------------------------------------------------------------
 
-DTYPES = {
+_DTYPES = {
     "float32": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -75,9 +75,9 @@ def as_dtype(dtype) -> np.dtype | None:
                "fp32": "float32", "half": "float16"}  # fmt: skip
     if isinstance(dtype, str):
         dtype = aliases.get(dtype, dtype)
-        if dtype not in DTYPES:
+        if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r}: use float32, bfloat16 or float16")
-        return DTYPES[dtype]
+        return _DTYPES[dtype]
     return np.dtype(dtype)
 
 
