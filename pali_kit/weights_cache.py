@@ -430,18 +430,12 @@ def prune(folder: Path, keep: Path | None = None) -> list[Path]:
     exists and the temporary files of writes interrupted over ``STALE_TEMP_S`` ago
     (never ``keep``, nor a file this module did not write). Returns what it removed."""
     removed = []
-    for file in Path(folder).glob("*.weights"):
-        if keep is not None and file == Path(keep):
-            continue
-        try:
-            with open(file, "rb") as f:
-                source = _read_manifest(f, file).get("source", {}).get("path")
-        except (OSError, _Stale, AttributeError):
-            continue  # unreadable here, or not ours: left alone
-        if isinstance(source, str) and source and not Path(source).exists():
+    for e in entries(folder):  # (files not ours, or unreadable here, are left alone)
+        gone = e["checkpoint"] is not None and not e["checkpoint_exists"]
+        if gone and (keep is None or e["file"] != Path(keep)):
             with contextlib.suppress(OSError):
-                file.unlink()
-                removed.append(file)
+                e["file"].unlink()
+                removed.append(e["file"])
     now = time.time()
     for tmp in Path(folder).glob(".*.weights.*.tmp"):
         with contextlib.suppress(OSError):
@@ -452,9 +446,9 @@ def prune(folder: Path, keep: Path | None = None) -> list[Path]:
 
 
 def entries(folder: Path) -> list[dict]:
-    """The weights caches in ``folder``: per file ``{"file", "bytes", "checkpoint",
-    "checkpoint_exists"}`` (``checkpoint`` None where the file is not a cache this kit
-    can read), sorted by file name."""
+    """The weights caches in ``folder``: per file ``{"file", "bytes", "checkpoint" (its
+    path, or None if the manifest names none), "checkpoint_exists"}``, sorted by file
+    name; ``*.weights`` files that are not caches this kit can read are left out."""
     out = []
     for file in sorted(Path(folder).glob("*.weights")):
         try:
@@ -463,7 +457,8 @@ def entries(folder: Path) -> list[dict]:
             size = file.stat().st_size
         except (OSError, _Stale, AttributeError):
             continue
-        exists = isinstance(source, str) and Path(source).exists()
+        source = source if isinstance(source, str) and source else None
+        exists = source is not None and Path(source).exists()
         out.append({"file": file, "bytes": size, "checkpoint": source, "checkpoint_exists": exists})
     return out
 
