@@ -323,20 +323,26 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: boo
     another process writes the same cache (its temporary file touched in the last
     ``ACTIVE_TEMP_S``), e.g. several processes of one job loading one checkpoint.
     """
+    plan = _plan(folder, source, arrays, dtype, automatic=automatic, verbose=verbose,
+                 variant=variant, quantized=quantized)  # fmt: skip
+    return None if plan is None else _commit(plan)
+
+
+def _plan(folder, source, arrays, dtype, *, automatic, verbose, variant, quantized):
+    """``write``'s checks and what it says, in the calling thread: a dict for
+    ``_commit`` (which computes the CRC-32s and writes), or None (skipped)."""
     path = cache_file(folder, source, variant)
     arrays = {k: np.ascontiguousarray(a) for k, a in arrays.items()}
-    crcs = _crcs(arrays)
     entries, data_bytes = [], 0
     for key, a in arrays.items():
         entries.append({"key": key, "shape": list(a.shape), "dtype": a.dtype.name,
-                        "offset": data_bytes, "nbytes": a.nbytes, "crc32": crcs[key]})  # fmt: skip
+                        "offset": data_bytes, "nbytes": a.nbytes, "crc32": 0})  # fmt: skip
         data_bytes = _round_up(data_bytes + a.nbytes)
     manifest = {"format": FORMAT, "source": _identity(source), "layout": LAYOUT,
                 "dtype": np.dtype(dtype).name, "arrays": entries, "data_bytes": data_bytes,
                 "variant": variant, "quantized": quantized or {}}  # fmt: skip
-    text = json.dumps(manifest).encode("utf-8")
-    start = _data_start(len(text))
-    size = start + data_bytes
+    # the size with every CRC-32 at its longest (10 digits): what the disk must hold
+    size = _data_start(len(json.dumps(manifest)) + 9 * len(entries)) + data_bytes
     off = "weights_cache=False or PALI_KIT_WEIGHTS_CACHE=0 turns the cache off"
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -369,6 +375,19 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: boo
         print(f"pali_kit: writing {what} to {path} ({size / 1e9:.2f} GB"
               f"); later processes map it instead of reading {Path(source).name} ({off})",
               file=sys.stderr)  # fmt: skip
+    return {"path": path, "arrays": arrays, "manifest": manifest, "automatic": automatic,
+            "verbose": verbose}  # fmt: skip
+
+
+def _commit(plan: dict) -> Path | None:
+    """The CRC-32s into the manifest, then the file written (atomically): its path, or
+    None (a failed write, reported)."""
+    path, arrays, manifest = plan["path"], plan["arrays"], plan["manifest"]
+    crcs = _crcs(arrays)
+    for e in manifest["arrays"]:
+        e["crc32"] = crcs[e["key"]]
+    text = json.dumps(manifest).encode("utf-8")
+    start, data_bytes = _data_start(len(text)), manifest["data_bytes"]
     try:
         # no fsync: a cache lost or cut by a crash fails its size or CRC-32 check and is
         # written again
@@ -376,14 +395,14 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: boo
             head = MAGIC + struct.pack("<Q", len(text)) + text
             out.write(head + b"\0" * (start - len(head)))
             at = 0
-            for e in entries:
+            for e in manifest["arrays"]:
                 out.write(b"\0" * (e["offset"] - at))
                 out.write(memoryview(_bytes(arrays[e["key"]])))
                 at = e["offset"] + e["nbytes"]
             out.write(b"\0" * (data_bytes - at))
     except OSError as e:
         _report(f"could not write the weights cache {path} ({e}); no cache written",
-                automatic, verbose)  # fmt: skip
+                plan["automatic"], plan["verbose"])  # fmt: skip
         return None
     return path
 
@@ -393,18 +412,23 @@ _writers_lock = threading.Lock()
 
 
 def write_in_background(folder: Path, source, arrays: dict, dtype: np.dtype, **kw):
-    """``write(...)`` on a new thread at the lowest CPU priority (Linux), so that the
-    caller's first forward pass is not kept waiting; the thread is not a daemon, so
-    the process finishes the write before it exits. ``read`` of that cache (and
-    ``wait``) wait for it. Returns the thread."""
+    """``write(...)``, its checks and messages here, its CRC-32s and writing on a new
+    thread at the lowest CPU priority (Linux), so that the caller's first forward pass
+    is not kept waiting; the thread is not a daemon, so the process finishes the write
+    before it exits. ``read`` of that cache (and ``wait``) wait for it. Returns the
+    thread, or None (skipped)."""
     path = cache_file(folder, source, kw.get("variant", ""))
     wait(path)
+    plan = _plan(folder, source, arrays, dtype, **{"automatic": False, "verbose": False,
+                 "variant": "", "quantized": None, **kw})  # fmt: skip
+    if plan is None:  # skipped (and said why, here)
+        return None
 
     def run():
         if sys.platform.startswith("linux"):  # (elsewhere setpriority would nice the process)
             with contextlib.suppress(OSError):
                 os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        write(folder, source, arrays, dtype, **kw)
+        _commit(plan)
 
     thread = threading.Thread(target=run, name=f"pali_kit weights cache {path.name}")
     with _writers_lock:

@@ -402,27 +402,30 @@ def test_on_by_default_in_the_default_folder_written_in_the_background(
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     file = cache_file(weights_cache.default_dir(), saved)
     # pk.load returns while the write is still held back: it runs on its own thread
-    release, seen = threading.Event(), {}
-    real = weights_cache.write
+    started, release, seen = threading.Event(), threading.Event(), {}
+    real = weights_cache._commit  # (the write itself, after the checks)
 
     def held(*args, **kw):
         seen["thread"] = threading.current_thread()
+        started.set()
         assert release.wait(60)
         return real(*args, **kw)
 
-    monkeypatch.setattr(weights_cache, "write", held)
+    monkeypatch.setattr(weights_cache, "_commit", held)
     with _no_warnings():
         model = pk.load(saved, verbose=True)
-    assert not file.exists() and seen["thread"] is not threading.main_thread()
+    # what it does is said before pk.load returns (not later, from the thread)
+    err = capsys.readouterr().err
+    assert f"writing the weights in the CPU layout to {file}" in err
+    assert "PALI_KIT_WEIGHTS_CACHE=0 turns the cache off" in err
+    assert started.wait(60) and not file.exists()
+    assert seen["thread"] is not threading.main_thread()
     assert not seen["thread"].daemon  # the process finishes the write before exiting
     release.set()
     no_npz_reads()
     with _no_warnings():  # waits for the write, then maps it
         again = pk.load(saved, verbose=False)
     assert file.is_file() and again._run_replaced
-    err = capsys.readouterr().err
-    assert f"writing the weights in the CPU layout to {file}" in err
-    assert "PALI_KIT_WEIGHTS_CACHE=0 turns the cache off" in err
     np.testing.assert_array_equal(_bits(model.params["llm"]["final_norm"]["scale"]),
                                   _bits(again.params["llm"]["final_norm"]["scale"]))  # fmt: skip
 
@@ -564,13 +567,13 @@ WRITE_AFTER_EXIT = """
 import sys, time
 import pali_kit as pk
 from pali_kit import weights_cache
-real = weights_cache.write
+real = weights_cache._commit  # (the write itself, after the checks)
 
 def late(*args, **kw):  # the write starts after the main thread has finished
     time.sleep(1.0)
     return real(*args, **kw)
 
-weights_cache.write = late
+weights_cache._commit = late
 pk.load(sys.argv[1], verbose=False, weights_cache=sys.argv[2])
 """
 
