@@ -328,7 +328,8 @@ def write(folder: Path, source, arrays: dict, dtype: np.dtype, *, automatic: boo
     return None if plan is None else _commit(plan)
 
 
-def _plan(folder, source, arrays, dtype, *, automatic, verbose, variant, quantized):
+def _plan(folder, source, arrays, dtype, *, automatic=False, verbose=False, variant="",
+          quantized=None):  # fmt: skip
     """``write``'s checks and what it says, in the calling thread: a dict for
     ``_commit`` (which computes the CRC-32s and writes), or None (skipped)."""
     path = cache_file(folder, source, variant)
@@ -419,8 +420,7 @@ def write_in_background(folder: Path, source, arrays: dict, dtype: np.dtype, **k
     thread, or None (skipped)."""
     path = cache_file(folder, source, kw.get("variant", ""))
     wait(path)
-    plan = _plan(folder, source, arrays, dtype, **{"automatic": False, "verbose": False,
-                 "variant": "", "quantized": None, **kw})  # fmt: skip
+    plan = _plan(folder, source, arrays, dtype, **kw)
     if plan is None:  # skipped (and said why, here)
         return None
 
